@@ -1,0 +1,30 @@
+"""diffsamp: sampling from diffusion and flow models in one σ-space denoiser convention.
+
+x = x0 + σ·ε, a model is a denoiser D(x, σ) ≈ E[x0 | x], grids are decreasing σ's, and every sampler is
+a stateless function ``sampler(model, x, grid, *, generator=None, callback=None, **knobs) -> x``.
+"""
+
+__version__ = "0.1.0"
+
+from diffsamp.models.base import ClampDenoiser, CountingDenoiser, Denoiser  # noqa: E402
+from diffsamp.samplers import (  # noqa: E402
+    Grid,
+    available_samplers,
+    available_schedules,
+    get_sampler,
+    get_schedule,
+)
+from diffsamp.api import GenerateResult, generate  # noqa: E402
+
+__all__ = [
+    "ClampDenoiser",
+    "CountingDenoiser",
+    "Denoiser",
+    "GenerateResult",
+    "Grid",
+    "available_samplers",
+    "available_schedules",
+    "generate",
+    "get_sampler",
+    "get_schedule",
+]

@@ -1,0 +1,32 @@
+"""Registered samplers and σ schedules. Importing this package fills the registry."""
+
+from diffsamp.samplers.grid import (
+    Grid,
+    Schedule,
+    available_schedules,
+    get_schedule,
+    schedule_description,
+)
+from diffsamp.samplers.registry import (
+    SamplerSpec,
+    available_samplers,
+    get_sampler,
+    register_alias,
+    register_sampler,
+)
+from diffsamp.samplers._util import StepInfo
+from diffsamp.samplers import ancestral, ode, sde  # noqa: F401  (registration side effects)
+
+__all__ = [
+    "Grid",
+    "SamplerSpec",
+    "Schedule",
+    "StepInfo",
+    "available_samplers",
+    "available_schedules",
+    "get_sampler",
+    "get_schedule",
+    "register_alias",
+    "register_sampler",
+    "schedule_description",
+]

@@ -1,0 +1,58 @@
+"""Small helpers shared by every sampler: broadcasting, the ε̂ direction, seeded noise, step records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a sampler reports to ``callback`` after interval ``i`` (σ → σ_next)."""
+
+    i: int
+    sigma: float
+    sigma_next: float
+    x: Tensor
+    denoised: Tensor
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so a (B,) tensor broadcasts against a (B, ...) tensor."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def to_d(x: Tensor, sigma: float | Tensor, denoised: Tensor) -> Tensor:
+    """ε̂ = (x − D)/σ, the PF-ODE direction dx/dσ in σ-space (SPEC §4.1, AMED Eq. 6)."""
+    if isinstance(sigma, Tensor):
+        sigma = append_dims(sigma, x.ndim)
+    return (x - denoised) / sigma
+
+
+def sigma_batch(x: Tensor, sigma: float) -> Tensor:
+    """σ as a (B,) tensor on x's device and dtype, as the Denoiser protocol takes it."""
+    return torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
+
+
+def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
+    """Standard normal noise shaped like ``x`` (DESIGN principle 4).
+
+    ``generator`` is None (global RNG), one ``torch.Generator`` (one draw for the whole batch), or one
+    generator per sample: then sample i's noise does not depend on the batch size. Noise is drawn on the
+    generator's device and then moved, so a CPU generator gives the same noise on CPU and GPU.
+    """
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    gens = list(generator)
+    if len(gens) != x.shape[0]:
+        raise ValueError(f"got {len(gens)} generators for a batch of {x.shape[0]}: pass one per sample")
+    return torch.stack(
+        [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in gens]
+    ).to(x.device)

@@ -1,0 +1,258 @@
+"""σ schedules (continuous, u ∈ [0, 1] → σ with u = 0 at σ_max) and grids (their discretisations).
+
+A ``Grid`` is data: a 1-D, strictly decreasing float64 tensor of σ's whose last entry may be 0;
+``len(grid)`` is the number of intervals. Samplers never build grids (DESIGN principle 2).
+Formulas: karras = EDM/AMED polynomial (SPEC §4.3), logsnr and time_uniform (SPEC §6.9),
+ddpm = the model's discrete timesteps with diffusers' spacings (SPEC §2.3, §7.5), rf (SPEC §7.2, §7.5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Decreasing σ's σ_0 > σ_1 > … > σ_K ≥ 0 (float64); ``len`` = K intervals."""
+
+    sigmas: Tensor
+
+    def __post_init__(self) -> None:
+        s = torch.as_tensor(self.sigmas, dtype=torch.float64).detach().cpu()
+        object.__setattr__(self, "sigmas", s)
+        if s.ndim != 1 or s.numel() < 2:
+            raise ValueError(f"a grid needs a 1-D tensor of at least 2 σ's, got shape {tuple(s.shape)}")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"grid σ's must be finite, got {s.tolist()}")
+        if bool((s < 0).any()):
+            raise ValueError(f"grid σ's must be non-negative, got {s.tolist()}")
+        if not bool((s[1:] < s[:-1]).all()):
+            raise ValueError(f"grid σ's must be strictly decreasing, got {s.tolist()}")
+
+    def __len__(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def intervals(self) -> Iterator[tuple[float, float]]:
+        """(σ_i, σ_{i+1}) as Python floats, i = 0 … K−1."""
+        vals = self.sigmas.tolist()
+        return iter(zip(vals[:-1], vals[1:]))
+
+    @property
+    def ends_at_zero(self) -> bool:
+        return float(self.sigmas[-1]) == 0.0
+
+    def __repr__(self) -> str:
+        return f"Grid({len(self)} intervals, σ: {float(self.sigmas[0]):.4g} → {float(self.sigmas[-1]):.4g})"
+
+
+class Schedule:
+    """A continuous schedule u ∈ [0, 1] → σ (u = 0 is σ_max); ``grid`` discretises it.
+
+    ``grid(n, final_zero=True)`` puts n points at u = k/(n−1) and appends σ = 0 (EDM: n intervals);
+    ``grid(n, final_zero=False)`` puts n+1 points at u = k/n (AMED: n intervals ending at σ_min), so a
+    refined grid ``grid(n*(m+1), final_zero=False).sigmas[::m+1]`` equals ``grid(n, final_zero=False)``.
+    """
+
+    def sigma(self, u: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grid(self, n: int, *, final_zero: bool = True) -> Grid:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of steps must be a positive integer, got {n!r}")
+        if final_zero:
+            u = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+            return Grid(torch.cat([self.sigma(u), torch.zeros(1, dtype=torch.float64)]))
+        return Grid(self.sigma(torch.linspace(0, 1, n + 1, dtype=torch.float64)))
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> None:
+    if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+@dataclass(frozen=True)
+class KarrasSchedule(Schedule):
+    """EDM polynomial schedule σ(u) = (σ_max^{1/ρ} + u(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ (Karras et al. 2022)."""
+
+    sigma_min: float
+    sigma_max: float
+    rho: float = 7.0
+
+    def __post_init__(self) -> None:
+        _check_range(self.sigma_min, self.sigma_max)
+        if self.rho <= 0:
+            raise ValueError(f"rho must be positive, got {self.rho}")
+
+    def sigma(self, u: Tensor) -> Tensor:
+        a, b = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
+        return (a + u * (b - a)) ** self.rho
+
+
+@dataclass(frozen=True)
+class LogSNRSchedule(Schedule):
+    """Uniform in λ = −log σ (half log-SNR): the ρ → ∞ limit of the polynomial schedule (AMED §3.3)."""
+
+    sigma_min: float
+    sigma_max: float
+
+    def __post_init__(self) -> None:
+        _check_range(self.sigma_min, self.sigma_max)
+
+    def sigma(self, u: Tensor) -> Tensor:
+        return torch.exp(math.log(self.sigma_max) + u * (math.log(self.sigma_min) - math.log(self.sigma_max)))
+
+
+@dataclass(frozen=True)
+class TimeUniformSchedule(Schedule):
+    """Uniform in VP-SDE time (EDM ``disc='vp'``, AMED ``time_uniform``; SPEC §6.9), ρ=1 by default."""
+
+    sigma_min: float
+    sigma_max: float
+    rho: float = 1.0
+    eps_s: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_range(self.sigma_min, self.sigma_max)
+
+    def sigma(self, u: Tensor) -> Tensor:
+        e = self.eps_s
+        beta_d = 2 * (math.log(self.sigma_min**2 + 1) / e - math.log(self.sigma_max**2 + 1)) / (e - 1)
+        beta_min = math.log(self.sigma_max**2 + 1) - 0.5 * beta_d
+        tau = (1 + u * (e ** (1 / self.rho) - 1)) ** self.rho
+        return torch.sqrt(torch.expm1(0.5 * beta_d * tau**2 + beta_min * tau))
+
+
+def ddpm_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for each discrete DDPM timestep t (SPEC §7.2), float64."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return ((1 - ac) / ac).sqrt()
+
+
+@dataclass(frozen=True)
+class DDPMSchedule(Schedule):
+    """The model's own discrete timesteps, chosen as diffusers does (``timestep_spacing``).
+
+    linspace: round(linspace(0, T−1, n)); leading: (0, c, 2c, …)·, c = T//n, + steps_offset;
+    trailing: round(arange(T, 0, −T/n)) − 1. Then σ = σ(t) and, with final_zero, the step to x0 (σ=0).
+    The continuous form interpolates log σ over t = (T−1)(1−u).
+    """
+
+    alphas_cumprod: Tensor = field(repr=False)
+    spacing: Literal["linspace", "leading", "trailing"] = "leading"
+    steps_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spacing not in ("linspace", "leading", "trailing"):
+            raise ValueError(f"unknown spacing {self.spacing!r}; expected linspace, leading or trailing")
+
+    @property
+    def table(self) -> Tensor:
+        return ddpm_sigmas(self.alphas_cumprod)
+
+    def timesteps(self, n: int) -> np.ndarray:
+        """The n timesteps (descending) diffusers would use for ``num_inference_steps=n``."""
+        T = len(self.alphas_cumprod)
+        if not 1 <= n <= T:
+            raise ValueError(f"the ddpm schedule takes 1 to {T} steps, got {n}")
+        if self.spacing == "linspace":
+            ts = np.linspace(0, T - 1, n).round()[::-1]
+        elif self.spacing == "leading":
+            ts = (np.arange(0, n) * (T // n)).round()[::-1] + self.steps_offset
+        else:
+            ts = np.round(np.arange(T, 0, -T / n)) - 1
+        return ts.astype(np.int64).copy()
+
+    def sigma(self, u: Tensor) -> Tensor:
+        log_table = self.table.log()
+        t = (len(log_table) - 1) * (1 - u)
+        lo = t.floor().long().clamp(0, len(log_table) - 1)
+        hi = (lo + 1).clamp(max=len(log_table) - 1)
+        w = t - lo
+        return torch.exp(log_table[lo] * (1 - w) + log_table[hi] * w)
+
+    def grid(self, n: int, *, final_zero: bool = True) -> Grid:
+        sig = self.table[torch.from_numpy(self.timesteps(n))]
+        if final_zero:
+            sig = torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
+        elif n == 1:
+            raise ValueError("a ddpm grid of 1 step needs final_zero=True")
+        return Grid(sig)
+
+
+@dataclass(frozen=True)
+class RFSchedule(Schedule):
+    """Uniform in rectified-flow time t (t = 0 data, t = 1 noise): σ = t/(1 − t) (SPEC §7.2, §7.5).
+
+    σ = ∞ at t = 1 is not representable; the grid starts just inside at ``t_max`` (1 − 10⁻³, as the RF
+    code does) and, without the final zero, ends at ``t_min``.
+    """
+
+    t_max: float = 1 - 1e-3
+    t_min: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.t_min < self.t_max < 1:
+            raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={self.t_min}, t_max={self.t_max}")
+
+    def sigma(self, u: Tensor) -> Tensor:
+        t = self.t_max + u * (self.t_min - self.t_max)
+        return t / (1 - t)
+
+
+@dataclass(frozen=True)
+class _ScheduleEntry:
+    factory: Callable[..., Schedule]
+    description: str
+    from_model: tuple[str, ...]
+
+
+_SCHEDULES: dict[str, _ScheduleEntry] = {
+    "karras": _ScheduleEntry(KarrasSchedule, "EDM polynomial in σ^(1/ρ), ρ=7 (Karras et al. 2022)", ("sigma_min", "sigma_max")),
+    "logsnr": _ScheduleEntry(LogSNRSchedule, "uniform in log σ (DPM-Solver, AMED logSNR)", ("sigma_min", "sigma_max")),
+    "time_uniform": _ScheduleEntry(TimeUniformSchedule, "uniform in VP-SDE time, ρ=1 (EDM disc='vp', AMED)", ("sigma_min", "sigma_max")),
+    "ddpm": _ScheduleEntry(DDPMSchedule, "the model's discrete DDPM timesteps; spacing linspace/leading/trailing", ("alphas_cumprod",)),
+    "rf": _ScheduleEntry(RFSchedule, "uniform in rectified-flow time t ∈ (0, 1), σ = t/(1−t)", ()),
+}
+
+
+def available_schedules() -> list[str]:
+    """Names of every registered schedule, sorted."""
+    return sorted(_SCHEDULES)
+
+
+def schedule_description(name: str) -> str:
+    """One-line description of a registered schedule."""
+    return _entry(name).description
+
+
+def _entry(name: str) -> _ScheduleEntry:
+    try:
+        return _SCHEDULES[name]
+    except KeyError:
+        raise ValueError(f"unknown schedule {name!r}; available: {', '.join(available_schedules())}") from None
+
+
+def get_schedule(name: str, *, model: Any = None, **params: Any) -> Schedule:
+    """Build schedule ``name``; σ range / ᾱ table default to ``model``'s declared ones.
+
+    Example: ``get_schedule("karras", sigma_min=0.002, sigma_max=80).grid(18)`` (EDM's 18 steps).
+    """
+    entry = _entry(name)
+    kwargs = dict(params)
+    for key in entry.from_model:
+        if key not in kwargs:
+            value = getattr(model, key, None) if model is not None else None
+            if value is None:
+                raise ValueError(f"schedule {name!r} needs {key}: pass it or a model that declares it")
+            kwargs[key] = value
+    try:
+        return entry.factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for schedule {name!r}: {exc}") from None
