@@ -1,0 +1,289 @@
+"""Probability-flow ODE solvers in σ-space: dx/dσ = ε̂(x, σ) = (x − D(x, σ))/σ (SPEC §4.1, §7.1).
+
+Single-step: euler (= DDIM η=0), heun (EDM Alg. 1), dpm2 (generalized DPM-Solver-2, knob r).
+Multistep (one shared loop, ``_multistep``): dpmpp2m / dpmpp3m (DPM-Solver++ in data prediction,
+Lu et al. 2022, SPEC §6.5), ipndm (Adams–Bashforth on ε̂, order ≤ 4, Zhang & Chen 2023).
+Adaptive: rk45 (scipy ``solve_ivp`` on the PF-ODE, Song et al. 2021 §4.3).
+Every step to σ = 0 is the exact limit of its rule there: x = D (one evaluation, no second stage).
+Knob ``final_denoise``: on grids that end above 0, finish with the Tweedie step x = D(x, σ_K) (+1 NFE).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.integrate import solve_ivp
+from torch import Tensor
+
+from diffsamp.models.base import Denoiser
+from diffsamp.samplers._util import Generator, StepInfo, sigma_batch, to_d
+from diffsamp.samplers.grid import Grid
+from diffsamp.samplers.registry import register_sampler
+
+Callback = Callable[[StepInfo], None] | None
+
+
+def _final_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
+    return int(bool(knobs.get("final_denoise")) and not grid.ends_at_zero)
+
+
+def final_denoise_step(model: Denoiser, x: Tensor, grid: Grid, enabled: bool) -> Tensor:
+    """Tweedie's x̂0 = D(x, σ_K) after a grid that ends above 0 (Score-SDE App. G; SPEC §7.4 row 11)."""
+    if enabled and not grid.ends_at_zero:
+        return model(x, sigma_batch(x, float(grid.sigmas[-1])))
+    return x
+
+
+def _two_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
+    return 2 * len(grid) - int(grid.ends_at_zero) + _final_nfe(grid, knobs)
+
+
+def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
+    return len(grid) + _final_nfe(grid, knobs)
+
+
+@register_sampler("euler", kind="ode", nfe=_one_stage_nfe)
+def euler(
+    model: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    generator: Generator = None,
+    callback: Callback = None,
+    final_denoise: bool = False,
+) -> Tensor:
+    """Euler on the PF-ODE, x' = D + (σ'/σ)(x − D) (EDM Euler = DDIM η=0 = DPM-Solver-1; SPEC §7.4 row 1)."""
+    for i, (s, s_next) in enumerate(grid.intervals()):
+        denoised = model(x, sigma_batch(x, s))
+        x = denoised + (s_next / s) * (x - denoised)
+        if callback is not None:
+            callback(StepInfo(i, s, s_next, x, denoised))
+    return final_denoise_step(model, x, grid, final_denoise)
+
+
+@register_sampler("heun", kind="ode", nfe=_two_stage_nfe)
+def heun(
+    model: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    generator: Generator = None,
+    callback: Callback = None,
+    final_denoise: bool = False,
+) -> Tensor:
+    """Heun's 2nd-order method (EDM Algorithm 1, deterministic; SPEC §4.4); Euler on the step to σ=0."""
+    for i, (s, s_next) in enumerate(grid.intervals()):
+        denoised = model(x, sigma_batch(x, s))
+        d = to_d(x, s, denoised)
+        x_pred = x + (s_next - s) * d
+        if s_next > 0:
+            d_next = to_d(x_pred, s_next, model(x_pred, sigma_batch(x, s_next)))
+            x_pred = x + (s_next - s) * (d + d_next) / 2
+        x = x_pred
+        if callback is not None:
+            callback(StepInfo(i, s, s_next, x, denoised))
+    return final_denoise_step(model, x, grid, final_denoise)
+
+
+@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe, r=0.5)
+def dpm2(
+    model: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    generator: Generator = None,
+    callback: Callback = None,
+    r: float = 0.5,
+    final_denoise: bool = False,
+) -> Tensor:
+    """Generalized DPM-Solver-2 (AMED Table 1; SPEC §7.4 row 4): s = σ'^r σ^(1−r); r=½ DPM-Solver-2, r=1 Heun.
+
+    x_s = x + (s − σ)ε̂;  x' = x + (σ' − σ)[ε̂_s/(2r) + (1 − 1/(2r)) ε̂]. Euler on the step to σ = 0.
+    """
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"dpm2 needs r in (0, 1], got {r}")
+    for i, (s, s_next) in enumerate(grid.intervals()):
+        denoised = model(x, sigma_batch(x, s))
+        d = to_d(x, s, denoised)
+        if s_next == 0.0:
+            x = denoised
+        else:
+            s_mid = s_next**r * s ** (1 - r)
+            x_mid = x + (s_mid - s) * d
+            d_mid = to_d(x_mid, s_mid, model(x_mid, sigma_batch(x, s_mid)))
+            x = x + (s_next - s) * (d_mid / (2 * r) + (1 - 1 / (2 * r)) * d)
+        if callback is not None:
+            callback(StepInfo(i, s, s_next, x, denoised))
+    return final_denoise_step(model, x, grid, final_denoise)
+
+
+# --- multistep methods: one loop, one rule per method ----------------------------------------------
+
+History = list[tuple[float, Tensor, Tensor]]  # past (σ_j, x_j, D_j), newest first
+MultistepRule = Callable[[Tensor, Tensor, float, float, History, int], Tensor]
+
+
+def _multistep(
+    model: Denoiser, x: Tensor, grid: Grid, rule: MultistepRule, history_len: int, callback: Callback
+) -> Tensor:
+    """Run ``rule(x, D, σ, σ', history, steps_left)`` over the grid; the step to σ = 0 is x = D."""
+    history: History = []
+    for i, (s, s_next) in enumerate(grid.intervals()):
+        denoised = model(x, sigma_batch(x, s))
+        x_new = denoised if s_next == 0.0 else rule(x, denoised, s, s_next, history, len(grid) - i)
+        history = ([(s, x, denoised)] + history)[:history_len]
+        if callback is not None:
+            callback(StepInfo(i, s, s_next, x_new, denoised))
+        x = x_new
+    return x
+
+
+def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int) -> MultistepRule:
+    """DPM-Solver++ multistep update in σ (λ = −log σ), orders 1–3 (SPEC §6.5; Lu et al. 2022 Alg. 2)."""
+
+    def rule(x: Tensor, m0: Tensor, s: float, s_next: float, hist: History, left: int) -> Tensor:
+        order = min(max_order, len(hist) + 1)
+        if lower_order_final and total < 15:
+            order = min(order, left)
+        lam = -math.log(s)
+        h = -math.log(s_next) - lam
+        phi1 = math.expm1(-h)
+        if order == 1:
+            return (s_next / s) * x - phi1 * m0
+        s1, _, m1 = hist[0]
+        r0 = (lam + math.log(s1)) / h
+        d1_0 = (m0 - m1) / r0
+        if order == 2:
+            return (s_next / s) * x - phi1 * (m0 + 0.5 * d1_0)
+        s2, _, m2 = hist[1]
+        r1 = (math.log(s2) - math.log(s1)) / h
+        d1_1 = (m1 - m2) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi2 = phi1 / h + 1
+        phi3 = phi2 / h - 0.5
+        return (s_next / s) * x - (phi1 * m0 - phi2 * d1 + phi3 * d2)
+
+    return rule
+
+
+@register_sampler("dpmpp2m", kind="ode", nfe=_one_stage_nfe)
+def dpmpp2m(
+    model: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    generator: Generator = None,
+    callback: Callback = None,
+    lower_order_final: bool = True,
+    final_denoise: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M), multistep 2nd order in data prediction (Lu et al. 2022, Alg. 2; SPEC §6.5).
+
+    The first step is 1st order; with ``lower_order_final`` on grids of < 15 steps the last step is too.
+    """
+    x = _multistep(model, x, grid, _dpmpp_rule(2, lower_order_final, len(grid)), 1, callback)
+    return final_denoise_step(model, x, grid, final_denoise)
+
+
+@register_sampler("dpmpp3m", kind="ode", nfe=_one_stage_nfe)
+def dpmpp3m(
+    model: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    generator: Generator = None,
+    callback: Callback = None,
+    lower_order_final: bool = True,
+    final_denoise: bool = False,
+) -> Tensor:
+    """DPM-Solver++(3M), multistep 3rd order in data prediction (Lu et al. 2022; SPEC §6.5 3rd-order rule).
+
+    Orders ramp up 1, 2, 3; with ``lower_order_final`` on grids of < 15 steps they ramp down at the end.
+    """
+    x = _multistep(model, x, grid, _dpmpp_rule(3, lower_order_final, len(grid)), 2, callback)
+    return final_denoise_step(model, x, grid, final_denoise)
+
+
+_AB_COEFFS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def adams_bashforth(ds: list[Tensor]) -> Tensor:
+    """Fixed-coefficient Adams–Bashforth combination of ε̂'s, newest first (iPNDM, SPEC §6.5)."""
+    coeffs = _AB_COEFFS[len(ds)]
+    out = coeffs[0] * ds[0]
+    for c, d in zip(coeffs[1:], ds[1:]):
+        out = out + c * d
+    return out
+
+
+@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe, max_order=4)
+def ipndm(
+    model: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    generator: Generator = None,
+    callback: Callback = None,
+    max_order: int = 4,
+    final_denoise: bool = False,
+) -> Tensor:
+    """Improved PNDM: Adams–Bashforth on ε̂, orders ramping 1 → max_order ≤ 4 (Zhang & Chen 2023; SPEC §6.5)."""
+    if max_order not in _AB_COEFFS:
+        raise ValueError(f"ipndm max_order must be 1 to 4, got {max_order}")
+
+    def rule(x: Tensor, m0: Tensor, s: float, s_next: float, hist: History, left: int) -> Tensor:
+        ds = [to_d(x, s, m0)] + [to_d(xj, sj, mj) for sj, xj, mj in hist]
+        return x + (s_next - s) * adams_bashforth(ds)
+
+    x = _multistep(model, x, grid, rule, max_order - 1, callback)
+    return final_denoise_step(model, x, grid, final_denoise)
+
+
+@register_sampler("rk45", kind="ode", nfe=lambda grid, knobs: None)
+def rk45(
+    model: Denoiser,
+    x: Tensor,
+    grid: Grid,
+    *,
+    generator: Generator = None,
+    callback: Callback = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> Tensor:
+    """Adaptive Dormand–Prince RK45 (scipy ``solve_ivp``) on the PF-ODE (Score-SDE §4.3, RF §5.3).
+
+    Integrates from σ_0 to the last positive σ of the grid (intermediate grid points are not used) and,
+    if the grid ends at 0, takes the final step x = D (one more NFE). NFE is adaptive: count it.
+    """
+    sigmas = grid.sigmas.tolist()
+    s_end = sigmas[-2] if grid.ends_at_zero else sigmas[-1]
+    shape, dtype, device = x.shape, x.dtype, x.device
+
+    def rhs(s: float, y: np.ndarray) -> np.ndarray:
+        xt = torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
+        d = to_d(xt, s, model(xt, sigma_batch(xt, s)))
+        return d.reshape(-1).to(torch.float64).cpu().numpy()
+
+    y0 = x.reshape(-1).to(torch.float64).cpu().numpy()
+    sol = solve_ivp(rhs, (sigmas[0], s_end), y0, method="RK45", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"rk45 failed: {sol.message}")
+    x = torch.from_numpy(sol.y[:, -1].copy()).reshape(shape).to(device=device, dtype=dtype)
+    if grid.ends_at_zero:
+        denoised = model(x, sigma_batch(x, s_end))
+        if callback is not None:
+            callback(StepInfo(0, sigmas[0], 0.0, denoised, denoised))
+        return denoised
+    if callback is not None:
+        callback(StepInfo(0, sigmas[0], s_end, x, x))
+    return x

@@ -1,0 +1,127 @@
+"""Pure conversions between model outputs and the σ-space denoiser, and between σ and native times.
+
+State conventions (SPEC §7.1–7.3): the sampler state is x̄ = x0 + σ·ε. A network is called on its
+native state x = a(σ)·x̄ at its native time t(σ):
+  VP / DDPM:  a = 1/√(1+σ²), ᾱ = 1/(1+σ²)         (x = √ᾱ x0 + √(1−ᾱ) ε)
+  RF (ours):  t = σ/(1+σ), a = 1 − t               (x_t = (1−t) x0 + t ε, t=0 data, t=1 noise)
+Outputs: ε-prediction, x0-prediction, v-prediction v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022), and the
+rectified-flow velocity v = dx_t/dt = ε − x0 (noise minus data, Liu et al. 2023 with t reversed).
+All functions are elementwise and exact in float64; σ broadcasts (pass σ already shaped for x).
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+# --- ε / x0 -----------------------------------------------------------------------------------------
+
+
+def x0_from_eps(xbar: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
+    """D = x̄ − σ ε (SPEC §7.3, ε-prediction row)."""
+    return xbar - sigma * eps
+
+
+def eps_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """ε̂ = (x̄ − D)/σ (SPEC §7.1)."""
+    return (xbar - x0) / sigma
+
+
+# --- VP scaling and v-prediction --------------------------------------------------------------------
+
+
+def vp_scale(sigma: Tensor) -> Tensor:
+    """a(σ) = √ᾱ = 1/√(1+σ²): x_VP = a·x̄ (SPEC §7.2)."""
+    return torch.rsqrt(1 + sigma**2)
+
+
+def x0_from_v(xbar: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = √ᾱ x_t − √(1−ᾱ) v with x_t = √ᾱ x̄ (v-prediction, SPEC §7.3 note)."""
+    a = vp_scale(sigma)
+    return a * (a * xbar) - (sigma * a) * v
+
+
+def v_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """v = √ᾱ ε − √(1−ᾱ) x0, the inverse of ``x0_from_v``."""
+    a = vp_scale(sigma)
+    return a * eps_from_x0(xbar, x0, sigma) - (sigma * a) * x0
+
+
+# --- rectified flow ---------------------------------------------------------------------------------
+
+
+def rf_t_from_sigma(sigma: Tensor) -> Tensor:
+    """t = σ/(1+σ) (RF with t=0 data, t=1 noise; SPEC §7.2 'RF, Su convention')."""
+    return sigma / (1 + sigma)
+
+
+def rf_sigma_from_t(t: Tensor) -> Tensor:
+    """σ = t/(1−t), the inverse of ``rf_t_from_sigma``."""
+    return t / (1 - t)
+
+
+def x0_from_velocity(xbar: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
+    """x̂0 = x_t − t v with x_t = (1−t) x̄ = x̄/(1+σ), v = ε − x0 (SPEC §7.3, RF Su-convention row)."""
+    t = rf_t_from_sigma(sigma)
+    return xbar / (1 + sigma) - t * v
+
+
+def velocity_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """v = ε̂ − x̂0, the inverse of ``x0_from_velocity``."""
+    return eps_from_x0(xbar, x0, sigma) - x0
+
+
+# --- σ ↔ native time --------------------------------------------------------------------------------
+
+
+def vp_sde_sigma(t: Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> Tensor:
+    """σ(t) = √(exp(½β_d t² + β_min t) − 1) for the VP-SDE (Song et al. 2021; SPEC §7.2)."""
+    beta_d = beta_max - beta_min
+    return torch.sqrt(torch.expm1(0.5 * beta_d * t**2 + beta_min * t))
+
+
+def vp_sde_t(sigma: Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> Tensor:
+    """t(σ) = (√(β_min² + 2β_d log(1+σ²)) − β_min)/β_d, the inverse of ``vp_sde_sigma`` (EDM vp_sigma_inv)."""
+    beta_d = beta_max - beta_min
+    return (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
+
+
+def ddpm_alphas_cumprod(beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> Tensor:
+    """ᾱ_t = ∏(1 − β_s) for DDPM's linear β schedule (Ho et al. 2020 §4), float64."""
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def ddpm_timestep_from_sigma(sigma: Tensor, alphas_cumprod: Tensor, *, quantize: bool = False) -> Tensor:
+    """Continuous DDPM timestep for σ by linear interpolation of log σ_t over t (k-diffusion style).
+
+    σ_t = √((1−ᾱ_t)/ᾱ_t) increases with t. σ outside the table is clamped to its ends. With
+    ``quantize`` the nearest integer timestep is returned.
+    """
+    log_table = torch.log(((1 - alphas_cumprod) / alphas_cumprod).sqrt()).to(torch.float64)
+    log_s = torch.log(sigma.to(torch.float64).clamp_min(1e-30)).clamp(log_table[0], log_table[-1])
+    hi = torch.searchsorted(log_table, log_s).clamp(1, len(log_table) - 1)
+    lo = hi - 1
+    w = (log_s - log_table[lo]) / (log_table[hi] - log_table[lo])
+    t = lo.to(torch.float64) + w
+    if quantize:
+        return t.round()
+    near = torch.isclose(t, t.round(), rtol=0.0, atol=1e-6)  # exact table values map to exact integers
+    return torch.where(near, t.round(), t)
+
+
+def sigma_from_ddpm_timestep(t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """σ(t) for a (possibly fractional) DDPM timestep, interpolating log σ_t: inverse of the above."""
+    log_table = torch.log(((1 - alphas_cumprod) / alphas_cumprod).sqrt()).to(torch.float64)
+    t = t.to(torch.float64).clamp(0, len(log_table) - 1)
+    lo = t.floor().long().clamp(max=len(log_table) - 2)
+    w = t - lo
+    return torch.exp(log_table[lo] * (1 - w) + log_table[lo + 1] * w)
+
+
+def rf_model_time(t: Tensor, scale: float = 999.0) -> Tensor:
+    """The time a rectified-flow network is fed: ``scale``·t (the RF code feeds 999·t)."""
+    return t * scale
+
+
