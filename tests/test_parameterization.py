@@ -1,0 +1,57 @@
+"""Every conversion round-trips in float64, and the formulas match their definitions."""
+
+import torch
+
+from diffsamp.models import parameterization as P
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    sigma = torch.exp(torch.empty(64, 1, dtype=torch.float64).uniform_(-5, 5, generator=g))
+    return x0, eps, sigma, x0 + sigma * eps
+
+
+def test_eps_x0_round_trip():
+    x0, eps, sigma, xbar = _data()
+    assert torch.allclose(P.x0_from_eps(xbar, eps, sigma), x0, atol=1e-12 * 150)
+    assert torch.allclose(P.eps_from_x0(xbar, x0, sigma), eps, rtol=1e-9, atol=1e-9)
+
+
+def test_v_prediction_matches_definition_and_round_trips():
+    x0, eps, sigma, xbar = _data(1)
+    a, b = 1 / torch.sqrt(1 + sigma**2), sigma / torch.sqrt(1 + sigma**2)  # √ᾱ, √(1−ᾱ)
+    v_def = a * eps - b * x0
+    assert torch.allclose(P.v_from_x0(xbar, x0, sigma), v_def, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(P.x0_from_v(xbar, v_def, sigma), x0, rtol=1e-9, atol=1e-9)
+
+
+def test_rf_velocity_matches_straight_path_and_round_trips():
+    x0, eps, sigma, xbar = _data(2)
+    t = P.rf_t_from_sigma(sigma)
+    x_t = (1 - t) * x0 + t * eps  # the straight path, t=0 data, t=1 noise
+    assert torch.allclose(xbar / (1 + sigma), x_t, rtol=1e-12, atol=1e-12)
+    v = eps - x0
+    assert torch.allclose(P.velocity_from_x0(xbar, x0, sigma), v, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(P.x0_from_velocity(xbar, v, sigma), x0, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(P.rf_sigma_from_t(t), sigma, rtol=1e-12)
+
+
+def test_vp_sde_sigma_t_round_trip():
+    t = torch.linspace(1e-3, 1, 101, dtype=torch.float64)
+    assert torch.allclose(P.vp_sde_t(P.vp_sde_sigma(t)), t, rtol=1e-12, atol=1e-12)
+    # SPEC §3.5: σ(1) = 152.2 and σ(1e-3) = 0.0105 for β ∈ [0.1, 20]
+    assert abs(float(P.vp_sde_sigma(torch.tensor(1.0, dtype=torch.float64))) - 152.2) < 0.1
+
+
+def test_ddpm_timestep_sigma_round_trip_and_linear_schedule_values():
+    ac = P.ddpm_alphas_cumprod()
+    sig = ((1 - ac) / ac).sqrt()
+    assert abs(float(sig[-1]) - 157.4) < 0.1 and abs(float(sig[0]) - 0.0100) < 1e-4  # SPEC §1.2
+    t = torch.tensor([0.0, 0.5, 17.25, 500.0, 998.9, 999.0], dtype=torch.float64)
+    back = P.ddpm_timestep_from_sigma(P.sigma_from_ddpm_timestep(t, ac), ac)
+    assert torch.allclose(back, t, atol=1e-9)
+    exact = P.ddpm_timestep_from_sigma(sig[[0, 10, 999]], ac)
+    assert exact.tolist() == [0.0, 10.0, 999.0]
+    assert P.ddpm_timestep_from_sigma(sig[[3]] * 1.01, ac, quantize=True).tolist() == [3.0]
