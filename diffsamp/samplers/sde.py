@@ -67,12 +67,13 @@ def langevin_correct(
     snr: float,
     steps: int,
     generator: Generator,
-    norm: Literal["sample", "batch"] = "sample",
+    norm: Literal["sample", "batch"] = "batch",
 ) -> Tensor:
     """Langevin corrector at fixed σ (Score-SDE Alg. 4 in σ-space, α = 1; SPEC §3.6, §7.4 row 10).
 
-    ``norm="batch"`` averages ‖z‖ and ‖s‖ over the batch as the Score-SDE code does; the default
-    ``"sample"`` uses each sample's own norms, so a sample does not depend on its batch-mates.
+    ``norm="batch"`` (default) averages ‖z‖ and ‖s‖ over the batch as the Score-SDE code does: stable,
+    but a sample then depends on its batch-mates. ``"sample"`` uses each sample's own norms: batch-size
+    invariant, fine for images (norms concentrate in high dimension), unstable in very low dimension.
     """
     for _ in range(steps):
         score = (model(x, sigma_batch(x, sigma)) - x) / sigma**2
@@ -103,7 +104,7 @@ def pc(
     snr: float = 0.16,
     corrector_steps: int = 1,
     gamma: float = 1.0,
-    norm: Literal["sample", "batch"] = "sample",
+    norm: Literal["sample", "batch"] = "batch",
     final_denoise: bool = False,
 ) -> Tensor:
     """Predictor–corrector (Song et al. 2021 Alg. 1): Langevin corrector then Euler–Maruyama predictor.
