@@ -21,7 +21,8 @@ def samplers_cmd() -> None:
     for name in names:
         spec = get_sampler(name)
         alias = f" (= {spec.alias_of} {dict(spec.defaults)})" if spec.alias_of else ""
-        click.echo(f"{name:<{width}}  {spec.kind:<3}  {spec.description}{alias}")
+        knobs = f"  [knobs: {', '.join(spec.knobs)}]" if spec.knobs else ""
+        click.echo(f"{name:<{width}}  {spec.kind:<3}  {spec.description}{alias}{knobs}")
 
 
 @main.command("schedules")

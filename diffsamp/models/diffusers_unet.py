@@ -61,6 +61,11 @@ class DiffusersUNetDenoiser:
         return ddpm_timestep_from_sigma(sigma, self._table(sigma.device), quantize=self.quantize)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        cfg = self.network.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"this UNet takes (B, {cfg.in_channels}, H, W) images, got x of shape {tuple(x.shape)}"
+            )
         sig = sigma.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
         x_in = x * vp_scale(sig)
         net_dtype = next(self.network.parameters()).dtype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,7 +40,19 @@ class SamplerSpec:
             raise ValueError(
                 f"sampler {self.name!r} needs at least {self.min_steps} steps, got a grid of {len(grid)}"
             )
+        unknown = set(kwargs) - set(self.knobs) - {"generator", "callback"}
+        if unknown:
+            raise ValueError(
+                f"sampler {self.name!r} has no knob {', '.join(sorted(unknown))}; "
+                f"its knobs: {', '.join(self.knobs) or 'none'}"
+            )
         return self.fn(model, x, grid, **{**self.defaults, **kwargs})
+
+    @property
+    def knobs(self) -> list[str]:
+        """The keyword-only tuning parameters of the sampler (besides generator and callback)."""
+        params = inspect.signature(self.fn).parameters.values()
+        return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback")]
 
     def expected_nfe(self, grid: Grid, **knobs: Any) -> int | None:
         """The declared NFE for ``grid`` and ``knobs`` (None: adaptive)."""
