@@ -1,0 +1,140 @@
+"""``diffsamp train ...``: one subcommand per trainer, sharing the loop options below.
+
+Other trainers add themselves to the group the same way::
+
+    from diffsamp.cli.train import train, loop_options, loop_config
+    @train.command("rf")
+    @loop_options
+    def rf_cmd(**kw): ...
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from diffsamp.cli import main
+
+
+def parse_int_list(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if value.lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 32,64,128, got {value!r}") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    return device
+
+
+def loop_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every trainer shares (the loop's ``TrainConfig`` plus run dir, device, resume)."""
+    opts = [
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory."),
+        click.option("--steps", default=20_000, show_default=True, type=click.IntRange(min=1), help="Optimizer steps in total."),
+        click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
+        click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate."),
+        click.option("--warmup-steps", default=500, show_default=True, type=click.IntRange(min=0)),
+        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0)),
+        click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Max gradient norm (0: off)."),
+        click.option("--ema-decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+        click.option("--ckpt-every", default=1000, show_default=True, type=click.IntRange(min=0), help="Checkpoint every K steps (0: only at the end / on interruption)."),
+        click.option("--sample-every", default=0, show_default=True, type=click.IntRange(min=0), help="Write an EMA sample grid every K steps (0: only at the end)."),
+        click.option("--log-every", default=50, show_default=True, type=click.IntRange(min=1)),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop (with a checkpoint and an exported model) after this wall time; --resume continues."),
+        click.option("--precision", "mixed_precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "no"]), help="auto: bf16 autocast on CUDA, fp32 on CPU."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--resume", is_flag=True, help="Continue the checkpoint in --out exactly where it stopped."),
+        click.option("--no-progress", is_flag=True, help="No progress bar (log lines still go to RUN_DIR/log.jsonl)."),
+    ]
+    return functools.reduce(lambda acc, opt: opt(acc), reversed(opts), f)
+
+
+LOOP_KEYS = (
+    "steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay", "ckpt_every",
+    "sample_every", "log_every", "seed", "max_minutes", "mixed_precision",
+)
+
+
+def loop_config(kw: dict[str, Any]):
+    """Pop the loop's options out of a command's keyword arguments into a ``TrainConfig``."""
+    from diffsamp.training.loop import TrainConfig
+
+    return TrainConfig(**{k: kw.pop(k) for k in LOOP_KEYS})
+
+
+@main.group("train")
+def train() -> None:
+    """Train models (DDPM on MNIST / Fashion-MNIST / CIFAR-10 / an image folder).
+
+    \b
+    Example:
+      diffsamp train ddpm --dataset mnist --data-dir ~/data --out runs/mnist --steps 20000
+      diffsamp train ddpm --dataset mnist --data-dir ~/data --out runs/mnist --resume
+    """
+
+
+@train.command("ddpm")
+@click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10 or a folder of images.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the data set (else $DIFFSAMP_DATA).")
+@click.option("--prediction-type", default="epsilon", show_default=True, type=click.Choice(["epsilon", "v_prediction"]))
+@click.option("--channels", default="32,64,128", show_default=True, help="UNet channels per resolution level.")
+@click.option("--layers-per-block", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--attention-levels", default=None, help="Levels with self-attention, e.g. 2 (default: the lowest resolution); 'none' for none.")
+@click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--random-flip", is_flag=True, help="Mirror training images horizontally at random (not for digits).")
+@click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Pad images to this size.")
+@loop_options
+def ddpm_cmd(**kw: Any) -> None:
+    """Train a DDPM (ε- or v-prediction, linear β 1e-4→0.02, T=1000) saved in diffusers' format.
+
+    \b
+    The run directory ends up loadable by diffsamp.models.load(RUN_DIR), by
+    diffusers' DDPMPipeline.from_pretrained(RUN_DIR) and UNet2DModel.from_pretrained(RUN_DIR/unet).
+    Ctrl-C writes a checkpoint; --resume continues bit for bit.
+    """
+    from diffsamp.data import DataNotFoundError
+    from diffsamp.training.ddpm import DDPMTrainOptions, train_ddpm
+
+    channels = parse_int_list(kw.pop("channels"))
+    if not channels:
+        raise click.BadParameter("at least one level", param_hint="--channels")
+    attention = parse_int_list(kw.pop("attention_levels"))
+    config = loop_config(kw)
+    device = resolve_device(kw.pop("device"))
+    options = DDPMTrainOptions(
+        dataset=kw.pop("dataset"),
+        data_dir=kw.pop("data_dir"),
+        prediction_type=kw.pop("prediction_type"),
+        batch_size=kw.pop("batch_size"),
+        channels=channels,
+        layers_per_block=kw.pop("layers_per_block"),
+        attention_levels=attention,
+        dropout=kw.pop("dropout"),
+        random_flip=kw.pop("random_flip"),
+        sample_size=kw.pop("image_size"),
+    )
+    try:
+        result = train_ddpm(
+            kw.pop("out"), options, config, device=device, resume=kw.pop("resume"), progress=not kw.pop("no_progress")
+        )
+    except (DataNotFoundError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    state = "finished" if result.finished else "stopped (resume with --resume)"
+    loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+    click.echo(f"{state} at step {result.step}; last loss {loss}; {result.seconds:.0f} s of training")

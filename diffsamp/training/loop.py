@@ -1,0 +1,480 @@
+"""The shared training loop: AdamW + EMA + gradient clipping + bf16 autocast on GPU, resumable checkpoints.
+
+Every trainer in diffsamp (DDPM, rectified flow, reflow, distillation) is a model plus a loss
+``loss_fn(model, batch, generator) -> scalar tensor`` plus a batch source; this module runs the rest.
+
+Checkpoints (``<run_dir>/checkpoint.safetensors``) are one safetensors file written atomically (a temporary
+file, then ``os.replace``), so a kill at any moment leaves either the old or the new checkpoint, never half
+of one. It holds, as tensors, the model, the EMA model, the optimizer's state and every random state
+(torch CPU, CUDA, the loss's noise generator, the data-order generator and its current permutation,
+numpy's Mersenne Twister); and, as JSON in the file's metadata, the step, the training config, the
+optimizer's hyper-parameters, Python's ``random`` state and the data position. No pickled code.
+
+``resume=True`` restores all of it, so the resumed run computes bit for bit what the uninterrupted run
+would have (on the same device and software). Ctrl-C or SIGTERM stop the loop at the next step boundary
+and write a checkpoint first, so an interruption loses at most the step in flight; a hard kill (SIGKILL,
+power loss) loses the work since the last periodic checkpoint (``ckpt_every``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+FORMAT_VERSION = 1
+
+LossFn = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
+
+
+class BatchSource(Protocol):
+    """Endless batches whose order is restorable (``diffsamp.data.BatchSampler`` is one)."""
+
+    def next(self) -> Tensor: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of the loop itself (what is trained, and on what, belongs to the caller)."""
+
+    steps: int = 10_000
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ckpt_every: int = 1000
+    sample_every: int = 0
+    log_every: int = 50
+    seed: int = 0
+    max_minutes: float | None = None
+    mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16"; "no"
+    extra: dict[str, Any] = field(default_factory=dict)  # the caller's own settings, stored with checkpoints
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+@dataclass
+class TrainResult:
+    step: int
+    finished: bool  # reached config.steps (False: stopped by time budget or a signal)
+    last_loss: float | None
+    seconds: float
+    interrupted: bool = False
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied).
+
+    decay_t = min(decay, (1 + t) / (10 + t)): the average is not dominated by the random initialisation
+    early in training. ``shadow`` is a full copy of the model, ready to evaluate or save.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        ema_p = [p for p in self.shadow.parameters()]
+        src_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        for b_ema, b in zip(self.shadow.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant (EMA does the averaging)."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def _rng_tensors_and_meta(loss_gen: torch.Generator, batches: BatchSource) -> tuple[dict[str, Tensor], dict]:
+    t: dict[str, Tensor] = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            t[f"rng.cuda.{i}"] = s
+    t["rng.loss_generator"] = loss_gen.get_state()
+    mt = np.random.get_state()
+    t["rng.numpy_keys"] = torch.from_numpy(np.asarray(mt[1], dtype=np.int64))
+    data_state = batches.state_dict()
+    meta_data: dict[str, Any] = {}
+    for k, v in data_state.items():
+        if isinstance(v, Tensor):
+            t[f"data.{k}"] = v.cpu()
+        else:
+            meta_data[k] = v
+    py = random.getstate()
+    meta = {
+        "numpy": [mt[0], int(mt[2]), int(mt[3]), float(mt[4])],
+        "python": [py[0], list(py[1]), py[2]],
+        "data": meta_data,
+    }
+    return t, meta
+
+
+def _restore_rng(tensors: dict[str, Tensor], meta: dict, loss_gen: torch.Generator, batches: BatchSource) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    loss_gen.set_state(tensors["rng.loss_generator"])
+    n = meta["numpy"]
+    np.random.set_state((n[0], tensors["rng.numpy_keys"].numpy().astype(np.uint32), n[1], n[2], n[3]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    data_state: dict[str, Any] = dict(meta["data"])
+    for k, v in tensors.items():
+        if k.startswith("data."):
+            data_state[k[len("data.") :]] = v
+    batches.load_state_dict(data_state)
+
+
+def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_join(tensors: dict[str, Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, sc in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(sc)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _prefixed(prefix: str, module: nn.Module) -> dict[str, Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file so a reader sees the old file or the complete new one (tmp + os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # safetensors refuses tensors sharing memory; clone any views to be safe
+    save_file({k: v.clone() if not v.is_contiguous() else v for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    step: int,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    loss_gen: torch.Generator,
+    batches: BatchSource,
+    config: TrainConfig,
+    elapsed: float,
+) -> None:
+    tensors = {**_prefixed("model", model), **_prefixed("ema", ema.shadow)}
+    opt_t, opt_meta = _optimizer_split(optimizer)
+    rng_t, rng_meta = _rng_tensors_and_meta(loss_gen, batches)
+    tensors.update(opt_t)
+    tensors.update(rng_t)
+    state = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "elapsed_seconds": elapsed,
+        "config": config.to_json(),
+        "optimizer": opt_meta,
+        "rng": rng_meta,
+    }
+    atomic_save_safetensors(tensors, path, {"diffsamp_state": json.dumps(state)})
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, state) of a checkpoint; ``state['config']`` is the TrainConfig as a dict."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "diffsamp_state" not in meta:
+        raise ValueError(f"{path} is not a diffsamp training checkpoint")
+    return load_file(str(path)), json.loads(meta["diffsamp_state"])
+
+
+def load_checkpoint_into(
+    path: Path,
+    *,
+    model: nn.Module,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    loss_gen: torch.Generator,
+    batches: BatchSource,
+) -> dict:
+    tensors, state = read_checkpoint(path)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
+    model.load_state_dict(_unprefixed("model", tensors))
+    ema.shadow.load_state_dict(_unprefixed("ema", tensors))
+    opt_state = _optimizer_join(tensors, state["optimizer"])
+    optimizer.load_state_dict(opt_state)
+    _restore_rng(tensors, state["rng"], loss_gen, batches)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- loop
+class _StopFlag:
+    """First Ctrl-C / SIGTERM asks the loop to stop at the next step boundary; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not in the main thread: signals stay with their default handlers
+            self._old.clear()
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _autocast(device: torch.device, mode: str):
+    if mode not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {mode!r}")
+    use = (mode == "bf16") or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def train_loop(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: BatchSource,
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    sample_fn: Callable[[nn.Module, int, Path], None] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> tuple[TrainResult, EMA]:
+    """Train ``model`` in place on ``batches`` until ``config.steps`` (or the time budget, or a signal).
+
+    ``sample_fn(ema_model, step, run_dir)`` is called every ``config.sample_every`` steps and at the end.
+    ``stop_after`` stops (with a checkpoint) after that many steps of this call, as an interruption would:
+    the tests use it to simulate a killed run. Returns the result and the EMA (``ema.shadow`` is the model
+    to ship).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    ckpt_path = run_dir / CHECKPOINT
+
+    set_seed(config.seed)
+    model.to(device).train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    ema = EMA(model, config.ema_decay)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=lr_at(0, config),
+        betas=tuple(config.adam_betas),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        fused=fused or None,
+    )
+    loss_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+
+    step = 0
+    elapsed_before = 0.0
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint_into(
+            ckpt_path, model=model, ema=ema, optimizer=optimizer, loss_gen=loss_gen, batches=batches
+        )
+        step = int(state["step"])
+        elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        _log_line(run_dir, {"event": "resume", "step": step})
+    elif resume:
+        print(f"no checkpoint in {run_dir}: starting from scratch", file=sys.stderr)
+    elif ckpt_path.is_file():
+        raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) to continue it, or use a new run dir")
+    if step == 0:
+        (run_dir / "train_config.json").write_text(json.dumps(config.to_json(), indent=2))
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            step=step,
+            model=model,
+            ema=ema,
+            optimizer=optimizer,
+            loss_gen=loss_gen,
+            batches=batches,
+            config=config,
+            elapsed=elapsed_before + (time.perf_counter() - t_start),
+        )
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, dynamic_ncols=True, desc="train", smoothing=0.05)
+    t_start = time.perf_counter()
+    deadline = t_start + 60.0 * config.max_minutes if config.max_minutes else math.inf
+    window_loss = torch.zeros((), device=device)
+    window_n = 0
+    window_t = time.perf_counter()
+    window_imgs = 0
+    last_loss: float | None = None
+    steps_this_call = 0
+    stop_reason: str | None = None
+    with _StopFlag() as stop:
+        while step < config.steps:
+            batch = batches.next()
+            if batch.device != device:
+                batch = batch.to(device, non_blocking=True)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, config)
+            with _autocast(device, config.mixed_precision):
+                loss = loss_fn(model, batch, loss_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip and config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            ema.update(model, step)
+            step += 1
+            steps_this_call += 1
+            window_loss += loss.detach().float()
+            window_n += 1
+            window_imgs += batch.shape[0]
+
+            if step % config.log_every == 0 or step == config.steps:
+                last_loss = float(window_loss) / window_n
+                now = time.perf_counter()
+                ips = window_imgs / max(now - window_t, 1e-9)
+                _log_line(run_dir, {
+                    "step": step, "loss": last_loss, "lr": lr_at(step - 1, config), "img_per_s": round(ips, 1),
+                    "elapsed_s": round(elapsed_before + now - t_start, 2),
+                })
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
+                else:
+                    print(f"step {step}: loss {last_loss:.4f}, {ips:.0f} img/s, "
+                          f"{elapsed_before + now - t_start:.0f} s", flush=True)
+                window_loss.zero_()
+                window_n, window_imgs, window_t = 0, 0, now
+            if bar is not None:
+                bar.update(1)
+            if config.sample_every and step % config.sample_every == 0 and sample_fn is not None and step < config.steps:
+                _safe_sample(sample_fn, ema.shadow, step, run_dir)
+            if stop.requested:
+                stop_reason = stop.requested
+            elif stop_after is not None and steps_this_call >= stop_after:
+                stop_reason = "stop_after"
+            elif time.perf_counter() >= deadline:
+                stop_reason = "time budget"
+            if stop_reason or (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
+                checkpoint()
+            if stop_reason:
+                break
+    if bar is not None:
+        bar.close()
+    if window_n:
+        last_loss = float(window_loss) / window_n
+    seconds = time.perf_counter() - t_start
+    finished = step >= config.steps
+    if stop_reason:
+        print(f"stopped at step {step} ({stop_reason}); checkpoint written to {ckpt_path}", file=sys.stderr)
+        _log_line(run_dir, {"event": "stop", "step": step, "reason": stop_reason})
+    if (finished or stop_reason == "time budget") and sample_fn is not None:
+        _safe_sample(sample_fn, ema.shadow, step, run_dir)
+    result = TrainResult(
+        step=step,
+        finished=finished,
+        last_loss=last_loss,
+        seconds=elapsed_before + seconds,
+        interrupted=stop_reason in ("SIGINT", "SIGTERM"),
+    )
+    return result, ema
+
+
+def _safe_sample(sample_fn: Callable[[nn.Module, int, Path], None], model: nn.Module, step: int, run_dir: Path) -> None:
+    """Sample grids are a convenience: a failure there is reported, never fatal to the training run."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            sample_fn(model, step, run_dir)
+    except Exception as exc:  # noqa: BLE001 - deliberately broad, see docstring
+        print(f"warning: sample grid at step {step} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        model.train(was_training)
+
+
+def _log_line(run_dir: Path, record: dict) -> None:
+    with open(run_dir / LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict]:
+    """The run's ``log.jsonl`` records (step, loss, lr, img_per_s, elapsed_s; and resume/stop events)."""
+    p = Path(run_dir) / LOG
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
