@@ -1,0 +1,35 @@
+"""Image-quality metrics: the FID feature network, feature statistics, Fréchet distance and KID.
+
+``diffsamp.fid`` puts these together (images → features → statistics → distances, reference caches);
+this package holds the pieces, one concern per module.
+"""
+
+from diffsamp.metrics.distances import frechet_distance, kernel_inception_distance
+from diffsamp.metrics.inception import (
+    FeatureExtractor,
+    WeightsNotFoundError,
+    cache_dir,
+    download_weights,
+    find_weights,
+    load_extractor,
+)
+from diffsamp.metrics.resize import resize_tf1_bilinear, tf1_bilinear_matrix
+from diffsamp.metrics.stats import FIDStats, StreamingMoments, load_stats, preprocessing_mismatches, save_stats
+
+__all__ = [
+    "FIDStats",
+    "FeatureExtractor",
+    "StreamingMoments",
+    "WeightsNotFoundError",
+    "cache_dir",
+    "download_weights",
+    "find_weights",
+    "frechet_distance",
+    "kernel_inception_distance",
+    "load_extractor",
+    "load_stats",
+    "preprocessing_mismatches",
+    "resize_tf1_bilinear",
+    "save_stats",
+    "tf1_bilinear_matrix",
+]
