@@ -93,7 +93,7 @@ def train() -> None:
 @click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10 or a folder of images.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Folder holding the data set (else $DIFFSAMP_DATA).")
 @click.option("--prediction-type", default="epsilon", show_default=True, type=click.Choice(["epsilon", "v_prediction"]))
-@click.option("--channels", default="32,64,128", show_default=True, help="UNet channels per resolution level.")
+@click.option("--channels", default="16,48,96", show_default=True, help="UNet channels per resolution level.")
 @click.option("--layers-per-block", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--attention-levels", default=None, help="Levels with self-attention, e.g. 2 (default: the lowest resolution); 'none' for none.")
 @click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1))
