@@ -1,7 +1,7 @@
 """Probability-flow ODE solvers in σ-space: dx/dσ = ε̂(x, σ) = (x − D(x, σ))/σ (SPEC §4.1, §7.1).
 
 Single-step: euler (= DDIM η=0), heun (EDM Alg. 1), dpm2 (generalized DPM-Solver-2, knob r).
-Multistep (one shared loop, ``_multistep``): dpmpp2m / dpmpp3m (DPM-Solver++ in data prediction,
+Multistep (one shared loop, ``_multistep``): dpmpp (aliases dpmpp2m / dpmpp3m) (DPM-Solver++ in data prediction,
 Lu et al. 2022, SPEC §6.5), ipndm (Adams–Bashforth on ε̂, order ≤ 4, Zhang & Chen 2023).
 Adaptive: rk45 (scipy ``solve_ivp`` on the PF-ODE, Song et al. 2021 §4.3).
 Every step to σ = 0 is the exact limit of its rule there: x = D (one evaluation, no second stage).
@@ -22,7 +22,7 @@ from torch import Tensor
 from diffsamp.models.base import Denoiser
 from diffsamp.samplers._util import Generator, StepInfo, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.registry import register_sampler
+from diffsamp.samplers.registry import register_alias, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 
@@ -171,42 +171,31 @@ def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int) -> Multiste
     return rule
 
 
-@register_sampler("dpmpp2m", kind="ode", nfe=_one_stage_nfe)
-def dpmpp2m(
+@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe, order=2)
+def dpmpp(
     model: Denoiser,
     x: Tensor,
     grid: Grid,
     *,
     generator: Generator = None,
     callback: Callback = None,
+    order: int = 2,
     lower_order_final: bool = True,
     final_denoise: bool = False,
 ) -> Tensor:
-    """DPM-Solver++(2M), multistep 2nd order in data prediction (Lu et al. 2022, Alg. 2; SPEC §6.5).
+    """DPM-Solver++ multistep in data prediction, order 1–3 (Lu et al. 2022, Alg. 2; SPEC §6.5).
 
-    The first step is 1st order; with ``lower_order_final`` on grids of < 15 steps the last step is too.
+    Orders ramp up 1, 2, …, ``order`` while history builds; with ``lower_order_final`` on grids of
+    < 15 steps they ramp down over the last steps (as diffusers does).
     """
-    x = _multistep(model, x, grid, _dpmpp_rule(2, lower_order_final, len(grid)), 1, callback)
+    if order not in (1, 2, 3):
+        raise ValueError(f"dpmpp order must be 1, 2 or 3, got {order}")
+    x = _multistep(model, x, grid, _dpmpp_rule(order, lower_order_final, len(grid)), order - 1, callback)
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("dpmpp3m", kind="ode", nfe=_one_stage_nfe)
-def dpmpp3m(
-    model: Denoiser,
-    x: Tensor,
-    grid: Grid,
-    *,
-    generator: Generator = None,
-    callback: Callback = None,
-    lower_order_final: bool = True,
-    final_denoise: bool = False,
-) -> Tensor:
-    """DPM-Solver++(3M), multistep 3rd order in data prediction (Lu et al. 2022; SPEC §6.5 3rd-order rule).
-
-    Orders ramp up 1, 2, 3; with ``lower_order_final`` on grids of < 15 steps they ramp down at the end.
-    """
-    x = _multistep(model, x, grid, _dpmpp_rule(3, lower_order_final, len(grid)), 2, callback)
-    return final_denoise_step(model, x, grid, final_denoise)
+register_alias("dpmpp2m", "dpmpp", description="DPM-Solver++(2M), multistep 2nd order (Lu et al. 2022)", order=2)
+register_alias("dpmpp3m", "dpmpp", description="DPM-Solver++(3M), multistep 3rd order (Lu et al. 2022)", order=3)
 
 
 _AB_COEFFS = {
