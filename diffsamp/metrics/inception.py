@@ -114,14 +114,22 @@ def _load_module(path: Path, device: torch.device | str) -> tuple[torch.jit.Scri
 class FeatureExtractor:
     """uint8 images (N, C, H, W), C ∈ {1, 3}, any size → float32 pool3 features (N, 2048) on ``device``."""
 
-    name = EXTRACTOR_NAME
-    dims = FEATURE_DIM
     resize = f"tf1-bilinear-{INPUT_SIZE}"
 
-    def __init__(self, module: torch.jit.ScriptModule, kind: str, device: torch.device | str, path: Path | None = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        kind: str,
+        device: torch.device | str,
+        path: Path | None = None,
+        *,
+        name: str = EXTRACTOR_NAME,
+        dims: int = FEATURE_DIM,
+    ):
         if kind not in ("pool3", "nvlabs"):
             raise ValueError(f"unknown Inception format {kind!r}")
         self.module, self.kind, self.device, self.path = module, kind, torch.device(device), path
+        self.name, self.dims = name, dims
 
     def network_input(self, images: Tensor) -> Tensor:
         """What the network sees: TF1-resized to 299×299, 3 channels, scaled for this file's format."""
@@ -143,8 +151,8 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
         feats = self.network(self.network_input(images)).float()
-        if feats.ndim != 2 or feats.shape[1] != FEATURE_DIM:
-            raise ValueError(f"{self.path}: the network returned shape {tuple(feats.shape)}, not (N, {FEATURE_DIM})")
+        if feats.ndim != 2 or feats.shape[1] != self.dims:
+            raise ValueError(f"{self.path}: the network returned shape {tuple(feats.shape)}, not (N, {self.dims})")
         return feats
 
 

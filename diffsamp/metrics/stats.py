@@ -134,6 +134,8 @@ def load_stats(path: str | os.PathLike) -> FIDStats:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such stats file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a readable .npz stats file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             files = set(f.files)
