@@ -175,6 +175,17 @@ def test_tf1_resize_to_299_matches_naive_loop_and_differs_from_half_pixel():
     assert np.abs(half_pixel[0, 0].numpy() - y).max() > 10  # the resize that would break comparability
 
 
+def test_tf1_resize_equals_shifted_grid_sample():
+    # Another formulation of the same resize (align_corners=False sampling grid shifted by half an input
+    # pixel minus half an output pixel, border padding): sampling at o·in/out exactly.
+    x = torch.rand(2, 3, 32, 20, generator=torch.Generator().manual_seed(2)) * 255
+    h, w = x.shape[-2:]
+    theta = torch.tensor([[1.0, 0.0, 1 / w - 1 / 299], [0.0, 1.0, 1 / h - 1 / 299]]).expand(2, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, [2, 3, 299, 299], align_corners=False)
+    ref = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(resize_tf1_bilinear(x, 299), ref, atol=2e-3, rtol=0)
+
+
 def test_tf1_matrix_rows_sum_to_one():
     m = tf1_bilinear_matrix(28, 299, dtype=torch.float64)
     assert m.shape == (299, 28) and torch.allclose(m.sum(1), torch.ones(299, dtype=torch.float64))

@@ -83,6 +83,9 @@ def test_ref_dataset_pads_and_calc_stats_need_no_network(tmp_path, tiny_net, mon
     assert res.exit_code == 0 and load_stats(tmp_path / "nofeat.npz").features is None
     res = run("calc", str(tmp_path / "train.npz"), str(tmp_path / "nofeat.npz"))
     assert res.exit_code == 0 and "KID: n/a" in res.output
+    res = run("ref", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--pad-to", "16",
+              "--out", str(tmp_path / "bad.npz"))
+    assert res.exit_code == 1 and "cannot pad 28×28 images to 16×16" in res.output and not (tmp_path / "bad.npz").exists()
 
 
 def test_calc_refuses_mismatched_size_before_computing(tmp_path, tiny_net, monkeypatch):

@@ -40,10 +40,10 @@ def _errors(f):
 
         try:
             return f(*args, **kwargs)
-        except (WeightsNotFoundError, DataNotFoundError, IncompatibleStatsError) as exc:
-            raise click.ClickException(str(exc)) from exc
         except ImageFolderError as exc:
             raise click.BadParameter(str(exc)) from exc
+        except (WeightsNotFoundError, DataNotFoundError, IncompatibleStatsError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
 
     return wrapper
 
