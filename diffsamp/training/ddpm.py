@@ -219,6 +219,8 @@ def train_ddpm(
         "batch_size": options.batch_size,
         "parameters": n_params,
         "unet": dict(unet.config),
+        "device": str(device),
+        "hardware": _hardware(device),
     }
     batches = BatchSampler(
         images, options.batch_size, seed=config.seed, device=device, random_flip=options.random_flip
@@ -245,12 +247,20 @@ def train_ddpm(
 
 
 def write_card(
-    out: Path, options: DDPMTrainOptions, config: TrainConfig, result: TrainResult, device: torch.device, n_params: int
+    out: Path,
+    options: DDPMTrainOptions,
+    config: TrainConfig,
+    result: TrainResult,
+    device: torch.device,
+    n_params: int,
+    *,
+    log_dir: Path | None = None,
 ) -> Path:
-    """``card.json``: what was trained, on what, for how long, on which hardware, and the final loss."""
-    log = [r for r in read_log(out) if "loss" in r]
+    """``card.json``: what was trained, on what, for how long, on which hardware, and the final loss
+    (the mean of the last 10 logged losses, from ``log_dir``'s log, default ``out``)."""
+    log = [r for r in read_log(log_dir or out) if "loss" in r and r.get("step", 0) <= result.step]
     tail = log[-10:]
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    hw = config.extra.get("hardware") or _hardware(device)
     card = {
         "architecture": "diffusers UNet2DModel",
         "unet": config.extra.get("unet"),
@@ -270,7 +280,7 @@ def write_card(
         "mixed_precision": "bf16 autocast" if (config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")) else "fp32",
         "seed": config.seed,
         "training_seconds": round(result.seconds, 1),
-        "hardware": f"{device.type}: {hw}",
+        "hardware": hw,
         "software": {"torch": torch.__version__, "python": platform.python_version()},
         "final_loss": (sum(r["loss"] for r in tail) / len(tail)) if tail else None,
         "weights": "EMA, fp32 safetensors",
@@ -279,3 +289,54 @@ def write_card(
     path = Path(out) / "card.json"
     path.write_text(json.dumps(card, indent=2) + "\n")
     return path
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def unet_from_checkpoint(path: str | os.PathLike, *, which: str = "ema") -> tuple[nn.Module, Tensor, str]:
+    """(UNet2DModel, ᾱ_t, prediction_type) of a DDPM training checkpoint; ``which``: "ema" or "model"."""
+    from diffusers import UNet2DModel
+
+    from diffsamp.training.loop import read_checkpoint
+
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    tensors, state = read_checkpoint(path)
+    extra = state["config"].get("extra", {})
+    if extra.get("trainer") != "ddpm" or "unet" not in extra:
+        raise ValueError(f"{path} is not a DDPM training checkpoint")
+    cfg = {k: v for k, v in extra["unet"].items() if not k.startswith("_")}
+    unet = UNet2DModel.from_config(cfg)
+    n = len(which) + 1
+    unet.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(which + ".")})
+    return unet, linear_alphas_cumprod().double(), extra.get("prediction_type", "epsilon")
+
+
+def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, which: str = "ema") -> Path:
+    """Write the EMA weights of ``run_dir``'s latest checkpoint in diffusers' format into ``out``
+    (default: the run directory itself), with a card; training can go on meanwhile."""
+    from diffsamp.training.loop import CHECKPOINT, read_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
+    unet, _, prediction_type = unet_from_checkpoint(ckpt, which=which)
+    _, state = read_checkpoint(ckpt)
+    out = Path(out) if out is not None else ckpt.parent
+    save_diffusers(unet, out, prediction_type)
+    cfg = state["config"]
+    extra = cfg.get("extra", {})
+    config = TrainConfig(**{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})
+    config.adam_betas = tuple(config.adam_betas)  # type: ignore[assignment]
+    options = DDPMTrainOptions(
+        dataset=extra.get("dataset", "?"), prediction_type=prediction_type, batch_size=extra.get("batch_size", 0),
+        sample_size=int(extra.get("unet", {}).get("sample_size", 32)),
+    )
+    result = TrainResult(step=int(state["step"]), finished=False, last_loss=None, seconds=float(state.get("elapsed_seconds", 0)))
+    log_dir = ckpt.parent
+    card = write_card(log_dir if out == log_dir else out, options, config, result, torch.device(extra.get("device", "cpu")),
+                      int(extra.get("parameters", sum(p.numel() for p in unet.parameters()))), log_dir=log_dir)
+    return card.parent

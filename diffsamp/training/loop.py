@@ -321,9 +321,51 @@ def train_loop(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
     ckpt_path = run_dir / CHECKPOINT
+    lock = _lock_run_dir(run_dir)
+    try:
+        return _train_loop_locked(
+            model, loss_fn, batches, config, run_dir, ckpt_path, torch.device(device),
+            resume=resume, sample_fn=sample_fn, progress=progress, stop_after=stop_after,
+        )
+    finally:
+        lock.close()
 
+
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``run_dir/lock`` for the whole run: two trainings can never share a run
+    directory (their checkpoints would overwrite each other). The OS drops it when the process dies."""
+    f = open(run_dir / "lock", "a+")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, no protection
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(f"{run_dir} is in use by another training process; use another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _train_loop_locked(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: BatchSource,
+    config: TrainConfig,
+    run_dir: Path,
+    ckpt_path: Path,
+    device: torch.device,
+    *,
+    resume: bool,
+    sample_fn: Callable[[nn.Module, int, Path], None] | None,
+    progress: bool,
+    stop_after: int | None,
+) -> tuple[TrainResult, EMA]:
     set_seed(config.seed)
     model.to(device).train()
     if device.type == "cuda":
