@@ -107,6 +107,10 @@ def ddpm_cmd(**kw: Any) -> None:
     The run directory ends up loadable by diffsamp.models.load(RUN_DIR), by
     diffusers' DDPMPipeline.from_pretrained(RUN_DIR) and UNet2DModel.from_pretrained(RUN_DIR/unet).
     Ctrl-C writes a checkpoint; --resume continues bit for bit.
+
+    \b
+    Example:
+      diffsamp train ddpm --dataset mnist --data-dir ~/data --out runs/mnist --steps 20000
     """
     from diffsamp.data import DataNotFoundError
     from diffsamp.training.ddpm import DDPMTrainOptions, train_ddpm
@@ -138,3 +142,24 @@ def ddpm_cmd(**kw: Any) -> None:
     state = "finished" if result.finished else "stopped (resume with --resume)"
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
     click.echo(f"{state} at step {result.step}; last loss {loss}; {result.seconds:.0f} s of training")
+
+
+@train.command("export")
+@click.argument("run_dir", type=click.Path(exists=True))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Target directory (default: RUN_DIR itself).")
+@click.option("--raw", is_flag=True, help="Export the raw (non-EMA) weights.")
+def export_cmd(run_dir: str, out: str | None, raw: bool) -> None:
+    """Write the latest checkpoint's EMA weights of a DDPM run in diffusers' format, with a card.
+
+    \b
+    Works while the run is still training (it only reads the checkpoint).
+    Example:
+      diffsamp train export runs/mnist --out models/mnist-ddpm
+    """
+    from diffsamp.training.ddpm import export_checkpoint
+
+    try:
+        path = export_checkpoint(run_dir, out, which="model" if raw else "ema")
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"exported to {path}")
