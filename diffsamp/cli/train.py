@@ -98,6 +98,7 @@ def train() -> None:
 @click.option("--attention-levels", default=None, help="Levels with self-attention, e.g. 2 (default: the lowest resolution); 'none' for none.")
 @click.option("--dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--random-flip", is_flag=True, help="Mirror training images horizontally at random (not for digits).")
+@click.option("--num-grid", default=64, show_default=True, type=click.IntRange(min=0), help="Images in each EMA sample grid (RUN_DIR/samples/; 0: none).")
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Pad images to this size.")
 @loop_options
 def ddpm_cmd(**kw: Any) -> None:
@@ -132,6 +133,7 @@ def ddpm_cmd(**kw: Any) -> None:
         dropout=kw.pop("dropout"),
         random_flip=kw.pop("random_flip"),
         sample_size=kw.pop("image_size"),
+        num_grid=kw.pop("num_grid"),
     )
     try:
         result = train_ddpm(

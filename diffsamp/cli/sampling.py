@@ -1,0 +1,178 @@
+"""``diffsamp sample`` (images from any model with any sampler) and ``diffsamp models`` (the zoo)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from diffsamp.cli import main
+from diffsamp.samplers import available_samplers, available_schedules
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+MAX_SEEDS = 1_000_000
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-63`` → 0..63, ``1,5,9`` → [1, 5, 9], ``0-3,10`` → [0, 1, 2, 3, 10]. Order kept, duplicates refused."""
+    seeds: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            raise ValueError(f"empty item in seed list {text!r}")
+        if "-" in part[1:]:
+            i = part.index("-", 1)
+            lo, hi = int(part[:i]), int(part[i + 1 :])
+            if hi < lo:
+                raise ValueError(f"seed range {part!r} is decreasing")
+            if hi - lo + 1 > MAX_SEEDS:
+                raise ValueError(f"seed range {part!r} is longer than {MAX_SEEDS}")
+            seeds.extend(range(lo, hi + 1))
+        else:
+            seeds.append(int(part))
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        raise ValueError("seeds must be non-negative 64-bit integers")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seed list {text!r} repeats a seed")
+    return seeds
+
+
+class SeedList(click.ParamType):
+    name = "SEEDS"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
+        if isinstance(value, list):
+            return value
+        try:
+            return parse_seeds(str(value))
+        except ValueError as exc:
+            self.fail(f"{exc} (expected e.g. 0-63, 1,5,9 or 0-3,10)", param, ctx)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    return device
+
+
+@main.command("sample")
+@click.option("--model", "model_name", required=True, help="Zoo name (see `diffsamp models`), a local model/run directory, or a Hub id.")
+@click.option("--sampler", default="heun", show_default=True, type=click.Choice(available_samplers()))
+@click.option("--schedule", default="karras", show_default=True, type=click.Choice(available_schedules()))
+@click.option("--steps", default=18, show_default=True, type=click.IntRange(min=1), help="Number of grid intervals.")
+@click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per network call (default: all seeds at once, at most 256).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="Network weights' precision.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write one grid PNG.")
+@click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed.")
+@click.option("--nrow", default=None, type=click.IntRange(min=1), help="Images per grid row (default: √N).")
+def sample_cmd(
+    model_name: str,
+    sampler: str,
+    schedule: str,
+    steps: int,
+    seeds: list[int],
+    batch_size: int | None,
+    device: str,
+    dtype: str,
+    out: str | None,
+    outdir: str | None,
+    nrow: int | None,
+) -> None:
+    """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
+
+    \b
+    Examples:
+      diffsamp sample --model mnist-ddpm --sampler heun --steps 18 --seeds 0-63 --out grid.png
+      diffsamp sample --model fashion-mnist-ddpm --sampler dpmpp2m --steps 10 --seeds 0-999 --outdir samples/
+      diffsamp sample --model runs/mnist --sampler ddpm --schedule ddpm --steps 1000 --seeds 0-15 --out g.png
+    Image i depends only on its seed, whatever --batch-size and --device.
+    """
+    import math
+
+    import torch
+
+    from diffsamp.api import generate
+    from diffsamp.images import save_grid, save_png
+    from diffsamp.models.zoo import load, sample_shape
+
+    if (out is None) == (outdir is None):
+        raise click.UsageError("give exactly one of --out (a grid PNG) or --outdir (one PNG per seed)")
+    device = _resolve_device(device)
+    torch_dtype = None if dtype == "float32" else getattr(torch, DTYPES[dtype])  # None: as stored (fp32)
+    t0 = time.perf_counter()
+    try:
+        model = load(model_name, device=device, dtype=torch_dtype)
+        shape = sample_shape(model)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    load_s = time.perf_counter() - t0
+    bs = batch_size or min(len(seeds), 256)
+    try:
+        result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs, device=device)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    images = result.images.clamp(-1, 1)
+    if out is not None:
+        save_grid(images, out, nrow=nrow or max(1, math.ceil(math.sqrt(len(seeds)))))
+        where = out
+    else:
+        folder = Path(outdir)  # type: ignore[arg-type]
+        width = max(6, len(str(max(seeds))))
+        for s, img in zip(result.seeds, images):
+            save_png(img, folder / f"{s:0{width}d}.png")
+        where = f"{folder}/ ({len(seeds)} PNGs)"
+    n = len(seeds)
+    click.echo(
+        f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} steps: NFE {result.nfe} per image, "
+        f"{result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
+        f"model loaded in {load_s:.1f} s -> {where}"
+    )
+
+
+@main.command("models")
+@click.option("--verbose", "-v", is_flag=True, help="Print each model's whole card.")
+def models_cmd(verbose: bool) -> None:
+    """List the pretrained models shipped with diffsamp (usable offline by name).
+
+    \b
+    Example:
+      diffsamp models
+      diffsamp sample --model mnist-ddpm --out grid.png
+    Any diffusers directory, `diffsamp train` run directory or Hub id (e.g. google/ddpm-cifar10-32)
+    works with --model too.
+    """
+    import json
+
+    from diffsamp.models.zoo import available_models, model_card
+
+    names = available_models()
+    if not names:
+        click.echo("no models shipped in this installation")
+        return
+    width = max(len(n) for n in names)
+    for name in names:
+        card = model_card(name)
+        if verbose:
+            click.echo(f"{name}:\n{json.dumps(card, indent=2)}")
+            continue
+        bits = []
+        if card.get("dataset"):
+            bits.append(str(card["dataset"]))
+        if card.get("parameters"):
+            bits.append(f"{card['parameters'] / 1e6:.1f} M params")
+        if card.get("objective"):
+            bits.append(str(card["objective"]))
+        if card.get("steps"):
+            bits.append(f"{card['steps']} steps")
+        fid = card.get("fid")
+        if isinstance(fid, dict) and fid:
+            bits.append("FID " + ", ".join(f"{k} {v}" for k, v in fid.items() if not isinstance(v, dict)))
+        elif isinstance(fid, (int, float)):
+            bits.append(f"FID {fid}")
+        click.echo(f"{name:<{width}}  {'; '.join(bits)}")
