@@ -191,7 +191,8 @@ class RFSchedule(Schedule):
     """Uniform in rectified-flow time t (t = 0 data, t = 1 noise): σ = t/(1 − t) (SPEC §7.2, §7.5).
 
     σ = ∞ at t = 1 is not representable; the grid starts just inside at ``t_max`` (1 − 10⁻³, as the RF
-    code does) and, without the final zero, ends at ``t_min``.
+    code does) where the state is x_t = z, i.e. x̄ = (1 + σ_max)·z (``prior_scale('rf', σ)``). With the
+    final zero the n steps are equal in t down to t = 0; without it the grid ends at ``t_min``.
     """
 
     t_max: float = 1 - 1e-3
@@ -204,6 +205,15 @@ class RFSchedule(Schedule):
     def sigma(self, u: Tensor) -> Tensor:
         t = self.t_max + u * (self.t_min - self.t_max)
         return t / (1 - t)
+
+    def grid(self, n: int, *, final_zero: bool = True) -> Grid:
+        """``final_zero``: n equal steps in t from t_max to 0, t_k = t_max·(1 − k/n) — the RF paper's Euler
+        grid (constant step 1/N) started just inside σ = ∞, with no wasted t_min → 0 step. Without the final
+        zero: n + 1 points uniform in t from t_max to t_min, as for every other schedule."""
+        if final_zero and isinstance(n, int) and n >= 1:
+            t = self.t_max * (1 - torch.arange(n + 1, dtype=torch.float64) / n)
+            return Grid(t / (1 - t))
+        return super().grid(n, final_zero=final_zero)
 
 
 @dataclass(frozen=True)
