@@ -169,7 +169,12 @@ for _p in distill_cmd.params:
 # ------------------------------------------------------------------------------------------ reflow pairs
 @main.group("reflow")
 def reflow_group() -> None:
-    """Reflow: make (noise, sample) pairs from a model's ODE (then `diffsamp train reflow|distill`)."""
+    """Reflow: make (noise, sample) pairs from a model's ODE (then `diffsamp train reflow|distill`).
+
+    \b
+    Example:
+      diffsamp reflow pairs --model mnist-rf --sampler euler --steps 100 --num 50000 --out pairs/
+    """
 
 
 @reflow_group.command("pairs")
@@ -238,7 +243,12 @@ def _autocast(model: Any) -> Any:
 # ------------------------------------------------------------------------------------------ rf straightness
 @main.group("rf")
 def rf_group() -> None:
-    """Rectified-flow diagnostics."""
+    """Rectified-flow diagnostics.
+
+    \b
+    Example:
+      diffsamp rf straightness --model mnist-rf --num 1000
+    """
 
 
 @rf_group.command("straightness")
