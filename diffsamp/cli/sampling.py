@@ -70,6 +70,7 @@ def _resolve_device(device: str) -> str:
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="Network weights' precision.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write one grid PNG.")
 @click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed.")
+@click.option("--clip-denoised", is_flag=True, help="Clamp the denoised estimate D(x, σ) to [-1, 1] at every step (diffusers' clip_sample).")
 @click.option("--nrow", default=None, type=click.IntRange(min=1), help="Images per grid row (default: √N).")
 def sample_cmd(
     model_name: str,
@@ -83,6 +84,7 @@ def sample_cmd(
     out: str | None,
     outdir: str | None,
     nrow: int | None,
+    clip_denoised: bool,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
 
@@ -112,6 +114,10 @@ def sample_cmd(
     except (ValueError, KeyError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     load_s = time.perf_counter() - t0
+    if clip_denoised:
+        from diffsamp.models.base import ClampDenoiser
+
+        model = ClampDenoiser(model, -1.0, 1.0)
     bs = batch_size or min(len(seeds), 256)
     try:
         result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs, device=device)
