@@ -72,6 +72,9 @@ def _resolve_device(device: str) -> str:
 @click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed.")
 @click.option("--clip-denoised", is_flag=True, help="Clamp the denoised estimate D(x, σ) to [-1, 1] at every step (diffusers' clip_sample).")
 @click.option("--nrow", default=None, type=click.IntRange(min=1), help="Images per grid row (default: √N).")
+@click.option("--fid-ref", default=None, help="Score the images: FID (and KID) against a stats .npz (`diffsamp fid ref`) or DATASET:SPLIT, e.g. mnist:test (its first N images).")
+@click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network weights (else $DIFFSAMP_INCEPTION, then the cache).")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data set folder for a DATASET:SPLIT --fid-ref (else $DIFFSAMP_DATA).")
 def sample_cmd(
     model_name: str,
     sampler: str,
@@ -85,6 +88,9 @@ def sample_cmd(
     outdir: str | None,
     nrow: int | None,
     clip_denoised: bool,
+    fid_ref: str | None,
+    inception: str | None,
+    data_dir: str | None,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
 
@@ -93,7 +99,9 @@ def sample_cmd(
       diffsamp sample --model mnist-ddpm --sampler heun --steps 18 --seeds 0-63 --out grid.png
       diffsamp sample --model fashion-mnist-ddpm --sampler dpmpp2m --steps 10 --seeds 0-999 --outdir samples/
       diffsamp sample --model runs/mnist --sampler ddpm --schedule ddpm --steps 1000 --seeds 0-15 --out g.png
+      diffsamp sample --model mnist-ddpm --steps 18 --seeds 0-1999 --fid-ref mnist:test --data-dir ~/data
     Image i depends only on its seed, whatever --batch-size and --device.
+    With --fid-ref alone, samples stream into the FID statistics and nothing is written.
     """
     import math
 
@@ -103,8 +111,10 @@ def sample_cmd(
     from diffsamp.images import save_grid, save_png
     from diffsamp.models.zoo import load, sample_shape
 
-    if (out is None) == (outdir is None):
-        raise click.UsageError("give exactly one of --out (a grid PNG) or --outdir (one PNG per seed)")
+    if out is not None and outdir is not None:
+        raise click.UsageError("give one of --out (a grid PNG) or --outdir (one PNG per seed), not both")
+    if out is None and outdir is None and fid_ref is None:
+        raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
     device = _resolve_device(device)
     torch_dtype = None if dtype == "float32" else getattr(torch, DTYPES[dtype])  # None: as stored (fp32)
     t0 = time.perf_counter()
@@ -119,6 +129,19 @@ def sample_cmd(
 
         model = ClampDenoiser(model, -1.0, 1.0)
     bs = batch_size or min(len(seeds), 256)
+    scorer = _FidScorer(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
+    if scorer is not None and out is None and outdir is None:
+        try:
+            q = scorer.score_model(model, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        n = len(seeds)
+        click.echo(
+            f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} steps: NFE {q.nfe} per image, "
+            f"sampling {q.sampling_seconds:.2f} s on {device} {dtype}; model loaded in {load_s:.1f} s"
+        )
+        click.echo(_quality_line(q.fid, q.kid, q.kid_std, n, q.reference))
+        return
     try:
         result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs, device=device)
     except ValueError as exc:
@@ -139,6 +162,45 @@ def sample_cmd(
         f"{result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
         f"model loaded in {load_s:.1f} s -> {where}"
     )
+    if scorer is not None:
+        try:
+            fid, kid, kid_std = scorer.score_images(images)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(_quality_line(fid, kid, kid_std, n, scorer.ref_name))
+
+
+class _FidScorer:
+    """The --fid-ref side of `diffsamp sample`: the feature network and the reference, resolved up front
+    (so a missing weights file or data set fails before any sampling)."""
+
+    def __init__(self, ref: str, inception: str | None, data_dir: str | None, device: str, num: int, shape) -> None:
+        from diffsamp.evaluate import resolve_reference
+        from diffsamp.fid import WeightsNotFoundError, load_extractor
+
+        if num < 2:
+            raise click.BadParameter("FID needs at least 2 seeds", param_hint="--seeds")
+        try:
+            self.extractor = load_extractor(inception, device)
+            self.ref = resolve_reference(ref, num=num, image_size=shape[-1], extractor=self.extractor, data_dir=data_dir)
+        except (ValueError, FileNotFoundError, WeightsNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+        self.ref_name = str(self.ref.meta.get("source") or ref)
+
+    def score_images(self, images):
+        from diffsamp.evaluate import score_images
+
+        return score_images(images, self.ref, extractor=self.extractor)
+
+    def score_model(self, model, *, seeds, **kw):
+        from diffsamp.evaluate import score_model
+
+        return score_model(model, self.ref, seeds=seeds, extractor=self.extractor, **kw)
+
+
+def _quality_line(fid: float, kid: float | None, kid_std: float | None, n: int, ref: str) -> str:
+    kid_txt = f", KID {kid * 1e3:.3f} ± {kid_std * 1e3:.3f} ×1e-3" if kid is not None else ""
+    return f"FID {fid:.3f}{kid_txt} ({n} samples vs {ref})"
 
 
 @main.command("models")
