@@ -44,3 +44,23 @@ def tiny_unet(sample_size: int = 8, seed: int = 0):
         norm_num_groups=4,
         attention_head_dim=8,
     ).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (the CLI and sampling tests are dominated by thread start-up)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random UNet (8×8, channels 8-16) saved in diffusers' pipeline layout, as `train ddpm` exports."""
+    from diffsamp.training.ddpm import make_unet, save_diffusers
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_diffusers(make_unet(channels=(8, 16), sample_size=8), path)
+    return path

@@ -4,7 +4,6 @@ the PNG round trip (sample → folder → ``folder_stats``), whatever the batch 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,22 +20,7 @@ from diffsamp.models import load
 from tests.fid_fakes import tiny_extractor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from diffsamp.training.ddpm import make_unet, save_diffusers
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_diffusers(make_unet(channels=(8, 16), sample_size=8), path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
