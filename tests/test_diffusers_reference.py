@@ -60,18 +60,31 @@ def test_matches_diffusers_scheduler(kind, config, knobs, step_kwargs, n):
     assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6 * float(scale)), float((ours - ref).abs().max())
 
 
-def test_clamp_denoiser_reproduces_clip_sample_for_ddpm():
-    from diffusers import DDPMScheduler
+@pytest.mark.parametrize("how", ["wrapper", "scheduler config"])
+def test_clipping_reproduces_clip_sample_for_ddpm(how, tmp_path):
+    """x̂0 clipping, as a ClampDenoiser or read from a saved model's scheduler config, is diffusers' clip_sample."""
+    from diffusers import DDPMPipeline, DDPMScheduler
 
     unet = tiny_unet().double()
-    sched = DDPMScheduler(clip_sample=True)
-    den = diffsamp.ClampDenoiser(DiffusersUNetDenoiser(unet, sched.alphas_cumprod))
+    sched = DDPMScheduler(clip_sample=True, clip_sample_range=0.8)
+    if how == "wrapper":
+        den = diffsamp.ClampDenoiser(DiffusersUNetDenoiser(unet, sched.alphas_cumprod), -0.8, 0.8)
+    else:
+        DDPMPipeline(unet=tiny_unet(), scheduler=sched).save_pretrained(tmp_path / "m")
+        den = DiffusersUNetDenoiser.from_pretrained(tmp_path / "m", dtype=torch.float64)
+        assert den.clip_sample == 0.8
+        assert DiffusersUNetDenoiser.from_pretrained(tmp_path / "m", clip=False).clip_sample is None
     grid = diffsamp.get_schedule("ddpm", model=den).grid(20)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
     ref = _diffusers_loop(unet, sched, z, 20, g)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    x_start = z * math.sqrt(1 + float(grid.sigmas[0]) ** 2)
+    g_state = g.get_state()
     with torch.no_grad():
-        ours = diffsamp.get_sampler("ddpm")(den, z * math.sqrt(1 + float(grid.sigmas[0]) ** 2), grid, generator=g)
+        ours = diffsamp.get_sampler("ddpm")(den, x_start, grid, generator=g)
+        g.set_state(g_state)
+        unclipped = diffsamp.get_sampler("ddpm")(DiffusersUNetDenoiser(unet, sched.alphas_cumprod), x_start, grid, generator=g)
     assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(unclipped, ref, rtol=1e-3, atol=1e-3)  # the clipping is what makes them agree

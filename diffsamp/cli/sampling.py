@@ -70,7 +70,7 @@ def _resolve_device(device: str) -> str:
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="Network weights' precision.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write one grid PNG.")
 @click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed.")
-@click.option("--clip-denoised", is_flag=True, help="Clamp the denoised estimate D(x, σ) to [-1, 1] at every step (diffusers' clip_sample).")
+@click.option("--clip-denoised/--no-clip-denoised", default=None, help="Clamp the denoised estimate D(x, σ) to [-1, 1] at every step (diffusers' clip_sample). Default: as the model's scheduler config says.")
 @click.option("--nrow", default=None, type=click.IntRange(min=1), help="Images per grid row (default: √N).")
 @click.option("--fid-ref", default=None, help="Score the images: FID (and KID) against a stats .npz (`diffsamp fid ref`) or DATASET:SPLIT, e.g. mnist:test (its first N images).")
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network weights (else $DIFFSAMP_INCEPTION, then the cache).")
@@ -87,7 +87,7 @@ def sample_cmd(
     out: str | None,
     outdir: str | None,
     nrow: int | None,
-    clip_denoised: bool,
+    clip_denoised: bool | None,
     fid_ref: str | None,
     inception: str | None,
     data_dir: str | None,
@@ -119,15 +119,15 @@ def sample_cmd(
     torch_dtype = None if dtype == "float32" else getattr(torch, DTYPES[dtype])  # None: as stored (fp32)
     t0 = time.perf_counter()
     try:
-        model = load(model_name, device=device, dtype=torch_dtype)
+        model = load(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
         shape = sample_shape(model)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     load_s = time.perf_counter() - t0
-    if clip_denoised:
+    if clip_denoised and getattr(model, "clip_sample", None) is None:
         from diffsamp.models.base import ClampDenoiser
 
-        model = ClampDenoiser(model, -1.0, 1.0)
+        model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
     bs = batch_size or min(len(seeds), 256)
     scorer = _FidScorer(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
     if scorer is not None and out is None and outdir is None:

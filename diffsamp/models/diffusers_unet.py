@@ -3,6 +3,11 @@
 σ_t = √((1−ᾱ_t)/ᾱ_t); the network is called on x_VP = x̄/√(1+σ²) at the timestep t(σ) found by
 linear interpolation of log σ_t (optionally quantized to an integer step), and its output is converted
 by ``prediction_type``: ε → D = x̄ − σε, v → D = √ᾱ x_VP − √(1−ᾱ) v, sample → D = x̂0 (SPEC §4.2, §7.3).
+
+``clip_sample`` clamps D to [−r, r], as diffusers' DDPM/DDIM schedulers clamp their x̂0 when the scheduler
+config says ``clip_sample: true`` (range ``clip_sample_range``). ``from_pretrained`` follows the model's
+own config by default, so every sampler sees the model as its scheduler would; ``clip=False`` turns it off.
+With ε-prediction it matters most at high σ, where x̂0 = x̄ − σε̂ amplifies the network's error by σ.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ class DiffusersUNetDenoiser:
         prediction_type: PredictionType = "epsilon",
         *,
         quantize: bool = False,
+        clip_sample: float | None = None,
     ) -> None:
+        if clip_sample is not None and not clip_sample > 0:
+            raise ValueError(f"clip_sample must be a positive range or None, got {clip_sample}")
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(
                 f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample"
@@ -45,6 +53,7 @@ class DiffusersUNetDenoiser:
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
         self.prediction_type = prediction_type
         self.quantize = quantize
+        self.clip_sample = clip_sample
         sig = ddpm_sigmas(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
         self.feature_module: nn.Module | None = getattr(unet, "mid_block", None)
@@ -72,9 +81,11 @@ class DiffusersUNetDenoiser:
         t = self.timestep(sigma).to(torch.float32)
         out = self.network(x_in.to(net_dtype), t).sample.to(x.dtype)
         if self.prediction_type == "epsilon":
-            return x0_from_eps(x, out, sig)
-        if self.prediction_type == "v_prediction":
-            return x0_from_v(x, out, sig)
+            out = x0_from_eps(x, out, sig)
+        elif self.prediction_type == "v_prediction":
+            out = x0_from_v(x, out, sig)
+        if self.clip_sample is not None:
+            out = out.clamp(-self.clip_sample, self.clip_sample)
         return out
 
     @classmethod
@@ -85,12 +96,14 @@ class DiffusersUNetDenoiser:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         quantize: bool = False,
+        clip: bool | None = None,
     ) -> "DiffusersUNetDenoiser":
         """Load a diffusers UNet2DModel and its scheduler config from a local directory or a Hub id.
 
         Accepts the pipeline layout (``unet/`` + ``scheduler/``, as ``DDPMPipeline.save_pretrained``
         writes) and the flat layout (``config.json`` + ``scheduler_config.json``, e.g.
         ``google/ddpm-cifar10-32``). Offline without the files: a ValueError that says so.
+        ``clip``: clamp x̂0 as the scheduler config's ``clip_sample`` says (None), always (True) or never (False).
         """
         from diffusers import UNet2DModel
 
@@ -110,7 +123,16 @@ class DiffusersUNetDenoiser:
         unet.eval().requires_grad_(False)
         if device is not None or dtype is not None:
             unet.to(device=device, dtype=dtype)
-        return cls(unet, alphas_cumprod, prediction_type, quantize=quantize)
+        return cls(unet, alphas_cumprod, prediction_type, quantize=quantize, clip_sample=clip_range(sched_cfg, clip))
+
+
+def clip_range(config: dict[str, Any], clip: bool | None = None) -> float | None:
+    """The x̂0 clamp range a scheduler config asks for (``clip_sample``, ``clip_sample_range``), or None.
+
+    ``clip`` overrides the config: True clamps (at the config's range, default 1), False never does.
+    """
+    wanted = bool(config.get("clip_sample", False)) if clip is None else clip
+    return float(config.get("clip_sample_range") or 1.0) if wanted else None
 
 
 def scheduler_alphas_cumprod(config: dict[str, Any]) -> Tensor:

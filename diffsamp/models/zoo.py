@@ -84,13 +84,19 @@ def load(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    clip: bool | None = None,
 ) -> Denoiser:
-    """A σ-space denoiser from a zoo name, a local directory/file, or a Hub id (see the module doc)."""
+    """A σ-space denoiser from a zoo name, a local directory/file, or a Hub id (see the module doc).
+
+    ``clip`` (diffusers UNets only): clamp x̂0 to the data range as the model's scheduler config says
+    (None), always (True) or never (False); see ``DiffusersUNetDenoiser``.
+    """
     from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
 
     name = str(name_or_path)
     if name in _shipped_diffusers():
-        return DiffusersUNetDenoiser.from_pretrained(WEIGHTS_DIR / name, device=device, dtype=dtype)
+        return DiffusersUNetDenoiser.from_pretrained(WEIGHTS_DIR / name, device=device, dtype=dtype, clip=clip)
     if name in _shipped_rf():
         return _load_rf(WEIGHTS_DIR / f"{name}.json", device, dtype)
     path = Path(name).expanduser()
@@ -98,17 +104,17 @@ def load(
         if _is_rf(path):
             return _load_rf(path, device, dtype)
         if path.is_dir() and _is_diffusers_dir(path):
-            return DiffusersUNetDenoiser.from_pretrained(path, device=device, dtype=dtype)
+            return DiffusersUNetDenoiser.from_pretrained(path, device=device, dtype=dtype, clip=clip)
         if path.is_dir() and (path / "checkpoint.safetensors").is_file():
-            return load_ddpm_checkpoint(path / "checkpoint.safetensors", device=device, dtype=dtype)
+            return load_ddpm_checkpoint(path / "checkpoint.safetensors", device=device, dtype=dtype, clip=clip)
         if path.is_file() and path.suffix == ".safetensors":
-            return load_ddpm_checkpoint(path, device=device, dtype=dtype)
+            return load_ddpm_checkpoint(path, device=device, dtype=dtype, clip=clip)
         raise ValueError(
             f"{path} is neither a diffusers model directory (unet/ + scheduler/, or config.json + "
             "scheduler_config.json), a diffsamp run directory, nor a saved rectified flow"
         )
     if _looks_like_hub_id(name):
-        return DiffusersUNetDenoiser.from_pretrained(name, device=device, dtype=dtype)
+        return DiffusersUNetDenoiser.from_pretrained(name, device=device, dtype=dtype, clip=clip)
     raise ValueError(
         f"unknown model {name!r}: not in the zoo ({', '.join(available_models()) or 'empty'}), not an existing "
         "path, and not a Hugging Face Hub id of the form owner/name"
@@ -130,17 +136,26 @@ def _load_rf(path: Path, device: Any, dtype: torch.dtype | None) -> Denoiser:
 
 
 def load_ddpm_checkpoint(
-    path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    clip: bool | None = None,
 ) -> Denoiser:
-    """The EMA model of a ``diffsamp train ddpm`` checkpoint as a denoiser (sample while it trains)."""
-    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+    """The EMA model of a ``diffsamp train ddpm`` checkpoint as a denoiser (sample while it trains).
+
+    Its x̂0 is clamped to [−1, 1] unless ``clip=False``, as the exported model's scheduler config says.
+    """
+    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser, clip_range
+    from diffsamp.training.ddpm import scheduler_kwargs
     from diffsamp.training.ddpm import unet_from_checkpoint
 
     unet, alphas_cumprod, prediction_type = unet_from_checkpoint(path)
     unet.eval().requires_grad_(False)
     if device is not None or dtype is not None:
         unet.to(device=device, dtype=dtype)
-    return DiffusersUNetDenoiser(unet, alphas_cumprod, prediction_type)
+    clip_sample = clip_range(scheduler_kwargs(prediction_type), clip)
+    return DiffusersUNetDenoiser(unet, alphas_cumprod, prediction_type, clip_sample=clip_sample)
 
 
 def sample_shape(model: Any) -> tuple[int, ...]:

@@ -166,9 +166,10 @@ def _grid_sampler(prediction_type: str, n: int, shape: tuple[int, int, int]):
     def sample(model: nn.Module, step: int, run_dir: Path) -> None:
         from diffsamp.api import generate
         from diffsamp.images import save_grid
-        from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+        from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser, clip_range
 
-        den = DiffusersUNetDenoiser(model, linear_alphas_cumprod().double(), prediction_type)
+        clip = clip_range(scheduler_kwargs(prediction_type))  # as the exported model will sample
+        den = DiffusersUNetDenoiser(model, linear_alphas_cumprod().double(), prediction_type, clip_sample=clip)
         res = generate(den, shape, sampler="heun", schedule="karras", steps=18, seeds=range(n))
         save_grid(res.images.clamp(-1, 1), run_dir / "samples" / f"step{step:07d}.png", nrow=8)
 
