@@ -1,7 +1,7 @@
 """Quality of the zoo models: FID / KID of N samples against the test set, next to the data floor.
 
 For each model: N samples (seeds 0…N−1) with ``--sampler`` on ``--steps`` karras intervals (heun 18 = 35
-NFE), scored in memory against the first N test images; the floor is FID/KID of train[:N] vs test[:N]
+NFE; x̂0 clipped as the model's scheduler config says), scored in memory against the first N test images; the floor is FID/KID of train[:N] vs test[:N]
 at the same N (FID is biased upward at small N; KID is not). Prints a table; ``--write-cards`` also
 stores each row in the model's ``card.json`` under ``"fid"``.
 
@@ -64,6 +64,7 @@ def main() -> None:
                 "num": args.num, "reference": f"{dataset} test[:{args.num}]",
                 "floor": f"{dataset} train[:{args.num}] vs test[:{args.num}]",
                 "sampler": f"{args.sampler}, karras, {args.steps} steps", "nfe": q.nfe,
+                "x0_clip": getattr(model, "clip_sample", None),
                 "extractor": ext.name, "device": str(device), "date": datetime.date.today().isoformat(),
             }
             path.write_text(json.dumps(card, indent=2) + "\n")

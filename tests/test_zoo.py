@@ -1,0 +1,95 @@
+"""The model zoo: shipped models load offline and sample; every other source of models resolves or fails clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffsamp import generate
+from diffsamp.models import available_models, load, model_card, sample_shape
+from diffsamp.models.zoo import WEIGHTS_DIR
+
+SHIPPED = ("mnist-ddpm", "fashion-mnist-ddpm")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_shipped_models_are_listed_with_cards():
+    names = available_models()
+    for name in SHIPPED:
+        assert name in names
+        card = model_card(name)
+        for key in ("architecture", "parameters", "dataset", "steps", "batch_size", "training_seconds", "hardware", "final_loss"):
+            assert key in card, (name, key)
+        files = [p for p in (WEIGHTS_DIR / name).rglob("*") if p.is_file()]
+        assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+        assert {p.name for p in files} >= {"model_index.json", "config.json", "scheduler_config.json",
+                                           "diffusion_pytorch_model.safetensors", "card.json"}
+        assert not any(p.suffix in (".bin", ".pt", ".pth", ".ckpt") for p in files)  # no pickles
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_sample_finite_images(name):
+    den = load(name, clip=False)  # unclipped: a broken model shows as values far outside the data range
+    assert den.prior == "vp" and den.sigma_max > 100 and den.sigma_min < 0.02
+    shape = sample_shape(den)
+    assert shape == (1, 32, 32)
+    assert sum(p.numel() for p in den.network.parameters()) == model_card(name)["parameters"]
+    res = generate(den, shape, sampler="euler", steps=4, seeds=[0, 1, 2])
+    assert res.images.shape == (3, 1, 32, 32) and res.nfe == 4
+    assert torch.isfinite(res.images).all()
+    # data space is [-1, 1]; 4 unclipped Euler steps overshoot it a little with the shipped weights (max |x|
+    # 4.8 for mnist-ddpm), while an untrained or broken network lands at tens (35.8 after 600 training steps)
+    assert float(res.images.abs().max()) < 10.0
+
+
+def test_shipped_model_denoises_real_data():
+    """A trained (not random) model: from data + noise at σ = 0.5 it recovers the data far better than the input."""
+    from diffsamp.data import load_dataset
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    try:
+        x0 = load_dataset("mnist", "test", root)[:16]
+    except FileNotFoundError:
+        pytest.skip("no local MNIST")
+    den = load("mnist-ddpm")
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.full((16,), 0.5)
+    x = x0 + 0.5 * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        err = (den(x, sigma) - x0).pow(2).mean()
+    assert float(err) < 0.25 * 0.25  # the noisy input's error is 0.25
+
+
+def test_load_dtype_and_device():
+    den = load("mnist-ddpm", device="cpu", dtype=torch.bfloat16)
+    assert next(den.network.parameters()).dtype == torch.bfloat16
+    out = den(torch.randn(2, 1, 32, 32), torch.tensor([1.0, 10.0]))
+    assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
+
+
+def test_load_local_dirs_and_errors(tmp_path):
+    from diffsamp.training.ddpm import make_unet, save_diffusers
+
+    torch.manual_seed(0)
+    unet = make_unet(channels=(8, 16), sample_size=8)
+    save_diffusers(unet, tmp_path / "pipe")
+    den = load(tmp_path / "pipe")
+    assert sample_shape(den) == (1, 8, 8)
+    # the flat layout: a UNet folder with the scheduler config beside its config.json
+    flat = tmp_path / "flat"
+    unet.save_pretrained(flat)
+    (flat / "scheduler_config.json").write_text((tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text())
+    x, s = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 3.0])
+    assert torch.allclose(load(flat)(x, s), den(x, s))
+    with pytest.raises(ValueError, match="not in the zoo"):
+        load("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither"):
+        load(tmp_path / "empty")
+    with pytest.raises(KeyError):
+        model_card("no-such-model")
