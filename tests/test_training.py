@@ -220,3 +220,30 @@ def test_cli_train_ddpm_end_to_end(tmp_path):
     assert "finished at step 5" in res.output
     missing = CliRunner().invoke(main, ["train", "ddpm", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x")])
     assert missing.exit_code != 0 and "--data-dir" in missing.output
+
+
+def test_init_warm_starts_from_an_exported_model(tmp_path):
+    """`init`: the new run starts from the given model's weights (a tiny lr keeps them), and a model that does
+    not fit (other prediction type, other image size) is refused with a clear error."""
+    from diffusers import UNet2DModel
+
+    images = tiny_images()
+    train_ddpm(tmp_path / "first", DDPMTrainOptions(**TINY), cfg(steps=4), images=images, progress=False)
+    first = UNet2DModel.from_pretrained(tmp_path / "first" / "unet").state_dict()
+
+    opts = DDPMTrainOptions(**{**TINY, "channels": (16, 32)}, init=str(tmp_path / "first"))
+    train_ddpm(tmp_path / "second", opts, cfg(steps=1, lr=1e-12, warmup_steps=0), images=images, progress=False)
+    second = UNet2DModel.from_pretrained(tmp_path / "second" / "unet").state_dict()
+    assert second.keys() == first.keys()  # the init's architecture, not --channels
+    assert all(torch.allclose(second[k], first[k], atol=1e-6) for k in first)
+    scratch = DDPMTrainOptions(**TINY)
+    train_ddpm(tmp_path / "scratch", scratch, cfg(steps=1, lr=1e-12, warmup_steps=0), images=images, progress=False)
+    other = UNet2DModel.from_pretrained(tmp_path / "scratch" / "unet").state_dict()
+    assert not all(torch.allclose(other[k], first[k], atol=1e-6) for k in first)
+
+    with pytest.raises(ValueError, match="predicts 'epsilon'"):
+        train_ddpm(tmp_path / "v", DDPMTrainOptions(**TINY, prediction_type="v_prediction", init=str(tmp_path / "first")),
+                   cfg(steps=1), images=images, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        train_ddpm(tmp_path / "big", DDPMTrainOptions(**TINY, init=str(tmp_path / "first")), cfg(steps=1),
+                   images=tiny_images(size=16), progress=False)

@@ -100,6 +100,7 @@ def train() -> None:
 @click.option("--random-flip", is_flag=True, help="Mirror training images horizontally at random (not for digits).")
 @click.option("--num-grid", default=64, show_default=True, type=click.IntRange(min=0), help="Images in each EMA sample grid (RUN_DIR/samples/; 0: none).")
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Pad images to this size.")
+@click.option("--init", default=None, help="Warm start from a DDPM model (zoo name, diffusers dir or run dir); its architecture replaces --channels etc.")
 @loop_options
 def ddpm_cmd(**kw: Any) -> None:
     """Train a DDPM (ε- or v-prediction, linear β 1e-4→0.02, T=1000) saved in diffusers' format.
@@ -134,12 +135,13 @@ def ddpm_cmd(**kw: Any) -> None:
         random_flip=kw.pop("random_flip"),
         sample_size=kw.pop("image_size"),
         num_grid=kw.pop("num_grid"),
+        init=kw.pop("init"),
     )
     try:
         result = train_ddpm(
             kw.pop("out"), options, config, device=device, resume=kw.pop("resume"), progress=not kw.pop("no_progress")
         )
-    except (DataNotFoundError, FileExistsError) as exc:
+    except (DataNotFoundError, FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     state = "finished" if result.finished else "stopped (resume with --resume)"
     loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"

@@ -133,6 +133,7 @@ class DDPMTrainOptions:
     random_flip: bool = False
     sample_size: int = 32
     num_grid: int = 64
+    init: str | None = None  # warm start: a DDPM UNet (zoo name, diffusers dir, run dir) whose architecture wins
 
 
 def scheduler_kwargs(prediction_type: str) -> dict[str, Any]:
@@ -202,14 +203,17 @@ def train_ddpm(
     if h != w:
         raise ValueError(f"square images expected, got {h}×{w}")
     torch.manual_seed(config.seed)  # the initial weights are a function of the seed
-    unet = make_unet(
-        in_channels=c,
-        sample_size=h,
-        channels=options.channels,
-        layers_per_block=options.layers_per_block,
-        attention_levels=options.attention_levels,
-        dropout=options.dropout,
-    )
+    if options.init is not None:
+        unet = init_unet(options.init, (c, h, w), options.prediction_type)
+    else:
+        unet = make_unet(
+            in_channels=c,
+            sample_size=h,
+            channels=options.channels,
+            layers_per_block=options.layers_per_block,
+            attention_levels=options.attention_levels,
+            dropout=options.dropout,
+        )
     n_params = sum(p.numel() for p in unet.parameters())
     config.extra = {
         **config.extra,
@@ -218,8 +222,9 @@ def train_ddpm(
         "num_train_images": int(images.shape[0]),
         "prediction_type": options.prediction_type,
         "batch_size": options.batch_size,
+        "init": options.init,
         "parameters": n_params,
-        "unet": dict(unet.config),
+        "unet": {k: v for k, v in unet.config.items() if k != "_name_or_path"},  # no local paths
         "device": str(device),
         "hardware": _hardware(device),
     }
@@ -245,6 +250,24 @@ def train_ddpm(
         save_diffusers(ema.shadow, out, options.prediction_type)
         write_card(out, options, config, result, device, n_params)
     return result
+
+
+def init_unet(init: str, shape: tuple[int, int, int], prediction_type: str) -> nn.Module:
+    """The UNet of an existing DDPM model (zoo name, diffusers directory or run directory) to continue training
+    from: same image shape, same prediction type and the same linear β schedule, else a ValueError."""
+    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+    from diffsamp.models.zoo import load, sample_shape
+
+    model = load(init, clip=False)
+    if not isinstance(model, DiffusersUNetDenoiser):
+        raise ValueError(f"--init {init!r} is not a DDPM UNet model (got {type(model).__name__})")
+    if tuple(sample_shape(model)) != tuple(shape):
+        raise ValueError(f"--init {init!r} makes samples of shape {tuple(sample_shape(model))}, the data are {tuple(shape)}")
+    if model.prediction_type != prediction_type:
+        raise ValueError(f"--init {init!r} predicts {model.prediction_type!r}, this run trains {prediction_type!r}")
+    if not torch.allclose(model.alphas_cumprod, linear_alphas_cumprod().double(), rtol=1e-6, atol=1e-9):
+        raise ValueError(f"--init {init!r} was trained on another noise schedule than DDPM's linear β 1e-4 → 0.02")
+    return model.network.float().train().requires_grad_(True)
 
 
 def write_card(
