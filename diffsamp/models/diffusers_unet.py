@@ -115,14 +115,14 @@ class DiffusersUNetDenoiser:
             if not (unet_dir / "config.json").exists():
                 raise ValueError(f"{path} has no diffusers UNet (no config.json or unet/config.json)")
             sched_cfg = _local_scheduler_config(path)
-            unet = UNet2DModel.from_pretrained(unet_dir)
+            unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, torch_dtype=dtype)
         else:
-            unet, sched_cfg = _hub_load(str(name_or_path))
+            unet, sched_cfg = _hub_load(str(name_or_path), dtype)
         alphas_cumprod = scheduler_alphas_cumprod(sched_cfg)
         prediction_type = sched_cfg.get("prediction_type", "epsilon")
         unet.eval().requires_grad_(False)
-        if device is not None or dtype is not None:
-            unet.to(device=device, dtype=dtype)
+        if device is not None:
+            unet.to(device)
         return cls(unet, alphas_cumprod, prediction_type, quantize=quantize, clip_sample=clip_range(sched_cfg, clip))
 
 
@@ -154,13 +154,13 @@ def _local_scheduler_config(path: Path) -> dict[str, Any]:
     )
 
 
-def _hub_load(repo_id: str) -> tuple[nn.Module, dict[str, Any]]:
+def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, Any]]:
     from diffusers import DDPMScheduler, UNet2DModel
 
     errors = []
     for sub in ("unet", None):
         try:
-            unet = UNet2DModel.from_pretrained(repo_id, subfolder=sub)
+            unet = UNet2DModel.from_pretrained(repo_id, subfolder=sub, low_cpu_mem_usage=False, torch_dtype=dtype)
             break
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds; report them together
             errors.append(f"{type(exc).__name__}: {exc}")
