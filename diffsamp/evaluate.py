@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,6 @@ class SampleQuality:
     sampling_seconds: float
     feature_seconds: float
     reference: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def resolve_reference(

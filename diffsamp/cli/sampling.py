@@ -129,10 +129,14 @@ def sample_cmd(
 
         model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
     bs = batch_size or min(len(seeds), 256)
-    scorer = _FidScorer(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
-    if scorer is not None and out is None and outdir is None:
+    scoring = _fid_reference(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
+    if scoring is not None and out is None and outdir is None:
+        from diffsamp.evaluate import score_model
+
+        extractor, ref = scoring
         try:
-            q = scorer.score_model(model, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs)
+            q = score_model(model, ref, seeds=seeds, extractor=extractor, sampler=sampler, schedule=schedule,
+                            steps=steps, batch_size=bs)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         n = len(seeds)
@@ -162,40 +166,30 @@ def sample_cmd(
         f"{result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
         f"model loaded in {load_s:.1f} s -> {where}"
     )
-    if scorer is not None:
-        try:
-            fid, kid, kid_std = scorer.score_images(images)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(_quality_line(fid, kid, kid_std, n, scorer.ref_name))
-
-
-class _FidScorer:
-    """The --fid-ref side of `diffsamp sample`: the feature network and the reference, resolved up front
-    (so a missing weights file or data set fails before any sampling)."""
-
-    def __init__(self, ref: str, inception: str | None, data_dir: str | None, device: str, num: int, shape) -> None:
-        from diffsamp.evaluate import resolve_reference
-        from diffsamp.fid import WeightsNotFoundError, load_extractor
-
-        if num < 2:
-            raise click.BadParameter("FID needs at least 2 seeds", param_hint="--seeds")
-        try:
-            self.extractor = load_extractor(inception, device)
-            self.ref = resolve_reference(ref, num=num, image_size=shape[-1], extractor=self.extractor, data_dir=data_dir)
-        except (ValueError, FileNotFoundError, WeightsNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from None
-        self.ref_name = str(self.ref.meta.get("source") or ref)
-
-    def score_images(self, images):
+    if scoring is not None:
         from diffsamp.evaluate import score_images
 
-        return score_images(images, self.ref, extractor=self.extractor)
+        extractor, ref = scoring
+        try:
+            fid, kid, kid_std = score_images(images, ref, extractor=extractor)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(_quality_line(fid, kid, kid_std, n, str(ref.meta.get("source") or fid_ref)))
 
-    def score_model(self, model, *, seeds, **kw):
-        from diffsamp.evaluate import score_model
 
-        return score_model(model, self.ref, seeds=seeds, extractor=self.extractor, **kw)
+def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device: str, num: int, shape):
+    """The feature network and the --fid-ref statistics, resolved before any sampling (so a missing weights
+    file or data set fails at once)."""
+    from diffsamp.evaluate import resolve_reference
+    from diffsamp.fid import WeightsNotFoundError, load_extractor
+
+    if num < 2:
+        raise click.BadParameter("FID needs at least 2 seeds", param_hint="--seeds")
+    try:
+        extractor = load_extractor(inception, device)
+        return extractor, resolve_reference(ref, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir)
+    except (ValueError, FileNotFoundError, WeightsNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _quality_line(fid: float, kid: float | None, kid_std: float | None, n: int, ref: str) -> str:
