@@ -20,7 +20,7 @@ from diffsamp.training.ddpm import (
     train_ddpm,
     unet_from_checkpoint,
 )
-from diffsamp.training.loop import CHECKPOINT, TrainConfig, read_checkpoint, read_log, train_loop
+from diffsamp.training.loop import CHECKPOINT, TrainConfig, lr_at, read_checkpoint, read_log, train_loop
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -46,7 +46,7 @@ def tiny_images(n: int = 32, size: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(steps=12, lr=2e-3, warmup_steps=2, ckpt_every=4, log_every=2, ema_decay=0.9, seed=3)
+    base = dict(steps=12, lr=2e-3, warmup_steps=2, decay_steps=4, ckpt_every=4, log_every=2, ema_decay=0.9, seed=3)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -80,6 +80,18 @@ def test_ddpm_loss_targets():
     assert float(wrong) > 1e-3
     with pytest.raises(ValueError, match="prediction_type"):
         DDPMLoss(ac, "sample")
+
+
+def test_lr_warmup_stable_decay():
+    c = TrainConfig(steps=100, lr=1.0, warmup_steps=10, decay_steps=20)
+    lrs = [lr_at(s, c) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
+    assert all(x == 1.0 for x in lrs[10:81])  # stable
+    assert lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)  # (steps − step) / decay_steps
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+    assert lr_at(50, TrainConfig(steps=100, lr=1.0, warmup_steps=0)) == 1.0  # no decay by default
+    # a resumed run given more steps keeps the stable phase until its new decay window
+    assert lr_at(90, TrainConfig(steps=200, lr=1.0, warmup_steps=10, decay_steps=20)) == 1.0
 
 
 def test_tiny_training_lowers_the_loss(tmp_path):

@@ -49,6 +49,7 @@ def loop_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
         click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate."),
         click.option("--warmup-steps", default=500, show_default=True, type=click.IntRange(min=0)),
+        click.option("--decay-steps", default=0, show_default=True, type=click.IntRange(min=0), help="Decay the learning rate linearly to 0 over the last K steps (0: constant after warm-up)."),
         click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0)),
         click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Max gradient norm (0: off)."),
         click.option("--ema-decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
@@ -66,7 +67,7 @@ def loop_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 LOOP_KEYS = (
-    "steps", "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay", "ckpt_every",
+    "steps", "lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "ema_decay", "ckpt_every",
     "sample_every", "log_every", "seed", "max_minutes", "mixed_precision",
 )
 

@@ -297,7 +297,7 @@ def write_card(
         "steps": result.step,
         "batch_size": options.batch_size,
         "optimizer": {
-            "name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps,
+            "name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps, "decay_steps": config.decay_steps,
             "weight_decay": config.weight_decay, "betas": list(config.adam_betas), "grad_clip": config.grad_clip,
         },
         "ema_decay": config.ema_decay,

@@ -58,6 +58,7 @@ class TrainConfig:
     steps: int = 10_000
     lr: float = 2e-4
     warmup_steps: int = 500
+    decay_steps: int = 0  # linear decay to 0 over the last K steps (0: constant after warm-up)
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -116,10 +117,17 @@ def set_seed(seed: int) -> None:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant (EMA does the averaging)."""
-    if cfg.warmup_steps <= 0:
-        return cfg.lr
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    """Warm-up, stable, decay: linear warm-up over ``warmup_steps``, constant, then (``decay_steps`` > 0)
+    linear decay to zero over the last ``decay_steps`` of ``steps``.
+
+    A function of the step alone, so a resumed run (even one given a larger ``--steps``) follows it exactly.
+    """
+    scale = 1.0
+    if cfg.warmup_steps > 0:
+        scale = min(scale, (step + 1) / cfg.warmup_steps)
+    if cfg.decay_steps > 0:
+        scale = min(scale, max(0.0, (cfg.steps - step) / cfg.decay_steps))
+    return cfg.lr * scale
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

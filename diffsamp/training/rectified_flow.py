@@ -217,7 +217,7 @@ def _finish(
         **info,
         "training": {
             "steps": result.step,
-            "optimizer": {"name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps,
+            "optimizer": {"name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps, "decay_steps": config.decay_steps,
                           "weight_decay": config.weight_decay, "grad_clip": config.grad_clip},
             "ema_decay": config.ema_decay,
             "mixed_precision": "bf16 autocast" if (config.mixed_precision == "bf16" or
