@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 
 import torch
 
-from diffsamp.evaluate import score_model
-from diffsamp.fid import fid_from_stats, kid_from_stats, load_extractor, reference_stats
+from diffsamp.evaluate import data_floor, score_model
+from diffsamp.fid import load_extractor
 from diffsamp.models.zoo import WEIGHTS_DIR, available_models, load, model_card, sample_shape
 
 
@@ -47,20 +46,16 @@ def main() -> None:
             raise SystemExit(f"{name}: no card naming its data set")
         model = load(name, device=device)
         size = sample_shape(model)[-1]
-        t = time.perf_counter()
-        refs = {split: reference_stats(dataset, split, num=args.num, data_dir=args.data_dir, pad_to=size,
-                                       extractor=ext, progress=args.progress) for split in ("train", "test")}
-        ref_s = time.perf_counter() - t
-        floor = fid_from_stats(refs["train"], refs["test"])
-        floor_kid = kid_from_stats(refs["train"], refs["test"], subset_size=min(1000, args.num))
-        q = score_model(model, refs["test"], num=args.num, sampler=args.sampler, steps=args.steps,
+        floor = data_floor(dataset, num=args.num, image_size=size, extractor=ext, data_dir=args.data_dir,
+                           progress=args.progress)
+        q = score_model(model, floor.test, num=args.num, sampler=args.sampler, steps=args.steps,
                         batch_size=args.batch_size, device=device, extractor=ext, progress=args.progress)
-        rows.append((name, q, floor, floor_kid, ref_s))
+        rows.append((name, q, floor))
         if args.write_cards:
             path = WEIGHTS_DIR / name / "card.json"
             card["fid"] = {
                 "fid": round(q.fid, 3), "kid": round(q.kid, 6), "kid_std": round(q.kid_std, 6),
-                "floor_fid": round(floor, 3), "floor_kid": round(floor_kid[0], 6),
+                "floor_fid": round(floor.fid, 3), "floor_kid": round(floor.kid, 6),
                 "num": args.num, "reference": f"{dataset} test[:{args.num}]",
                 "floor": f"{dataset} train[:{args.num}] vs test[:{args.num}]",
                 "sampler": f"{args.sampler}, karras, {args.steps} steps", "nfe": q.nfe,
@@ -74,9 +69,9 @@ def main() -> None:
           f"reference = test[:N], floor = train[:N] vs test[:N]; {device.type}{threads}")
     print("| model | NFE | FID | floor FID | FID − floor | KID ×1e3 | floor KID ×1e3 | sampling (s) | features (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, q, floor, (fk, fks), _ in rows:
-        print(f"| {name} | {q.nfe} | {q.fid:.2f} | {floor:.2f} | {q.fid - floor:+.2f} | "
-              f"{q.kid * 1e3:.2f} ± {q.kid_std * 1e3:.2f} | {fk * 1e3:.2f} ± {fks * 1e3:.2f} | "
+    for name, q, floor in rows:
+        print(f"| {name} | {q.nfe} | {q.fid:.2f} | {floor.fid:.2f} | {q.fid - floor.fid:+.2f} | "
+              f"{q.kid * 1e3:.2f} ± {q.kid_std * 1e3:.2f} | {floor.kid * 1e3:.2f} ± {floor.kid_std * 1e3:.2f} | "
               f"{q.sampling_seconds:.0f} | {q.feature_seconds:.0f} |")
 
 

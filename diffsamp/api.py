@@ -59,7 +59,12 @@ def generate(
     if not seeds:
         raise ValueError("no seeds given: pass at least one, e.g. seeds=[0]")
     if grid is None:
-        grid = get_schedule(schedule, model=model, **dict(schedule_params or {})).grid(steps, final_zero=final_zero)
+        sched = get_schedule(schedule, model=model, **dict(schedule_params or {}))
+        grid = sched.grid(steps, final_zero=final_zero)
+        if spec.expected_nfe(grid, **knobs) is None:  # adaptive (rk45): only σ_max and σ_min matter, not steps
+            grid = sched.grid(1, final_zero=False)
+            if final_zero:
+                grid = Grid(torch.cat([grid.sigmas, grid.sigmas.new_zeros(1)]))
     if len(grid) < spec.min_steps:
         raise ValueError(f"sampler {sampler!r} needs at least {spec.min_steps} steps, got {len(grid)}")
     batch_size = batch_size or len(seeds)

@@ -71,6 +71,35 @@ def resolve_reference(
                            progress=progress)
 
 
+@dataclass
+class DataFloor:
+    """The best FID/KID a perfect model could show at this N: the data set's train[:N] against test[:N]."""
+
+    test: FIDStats  # the reference models are scored against
+    fid: float
+    kid: float
+    kid_std: float
+    num: int
+
+
+def data_floor(
+    dataset: str,
+    *,
+    num: int,
+    image_size: int,
+    extractor: FeatureExtractor,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> DataFloor:
+    """FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) of ``dataset`` train[:num] vs test[:num]
+    (both padded to ``image_size``; statistics cached). FID is biased upward at small N, so a model's
+    FID is read against this floor at the same N; KID is unbiased."""
+    refs = {split: reference_stats(dataset, split, num=num, data_dir=data_dir, pad_to=image_size,
+                                   extractor=extractor, progress=progress) for split in ("train", "test")}
+    kid_mean, kid_std = kid_from_stats(refs["train"], refs["test"], subset_size=min(KID_SUBSET_SIZE, num))
+    return DataFloor(refs["test"], fid_from_stats(refs["train"], refs["test"]), kid_mean, kid_std, num)
+
+
 def score_images(
     images: Tensor | Iterable[Tensor],
     ref: FIDStats,

@@ -95,6 +95,21 @@ def test_every_ode_sampler_runs_on_a_flow():
         assert res.images.shape == (4, 2) and torch.isfinite(res.images).all()
 
 
+def test_rk45_integrates_to_sigma_min_whatever_the_steps():
+    """generate() gives an adaptive sampler the schedule's end points [σ_max, σ_min, 0]: on the rf schedule
+    (whose n-step grid ends t_max/n → 0) steps=1 must not collapse rk45 into one Euler step."""
+    model = _mlp_model(dtype=torch.float64)
+    one = generate(model, (2,), sampler="rk45", schedule="rf", steps=1, seeds=range(8), rtol=1e-9, atol=1e-9)
+    many = generate(model, (2,), sampler="rk45", schedule="rf", steps=50, seeds=range(8), rtol=1e-9, atol=1e-9)
+    t = one.grid.sigmas / (1 + one.grid.sigmas)
+    assert torch.allclose(t, torch.tensor([T_MAX, 1e-3, 0.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(one.images, many.images, atol=1e-12) and one.nfe > 6
+    euler1 = generate(model, (2,), sampler="euler", schedule="rf", steps=1, seeds=range(8))
+    fine = generate(model, (2,), sampler="euler", schedule="rf", steps=2000, seeds=range(8))
+    assert (one.images - euler1.images).abs().max() > 1e-3  # the test can fail
+    assert torch.allclose(one.images, fine.images, atol=5e-3)  # and rk45 is the ODE's solution
+
+
 def test_rf_loss_matches_its_formula():
     torch.manual_seed(0)
     net = MLPVelocity(2, 16, 1)

@@ -253,6 +253,7 @@ def rk45(
 
     Integrates from σ_0 to the last positive σ of the grid (intermediate grid points are not used) and,
     if the grid ends at 0, takes the final step x = D (one more NFE). NFE is adaptive: count it.
+    ``generate`` hands it the schedule's end points [σ_max, σ_min, 0], so its ``steps`` do not matter.
     """
     sigmas = grid.sigmas.tolist()
     s_end = sigmas[-2] if grid.ends_at_zero else sigmas[-1]
