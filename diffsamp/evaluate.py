@@ -79,7 +79,6 @@ class DataFloor:
     fid: float
     kid: float
     kid_std: float
-    num: int
 
 
 def data_floor(
@@ -97,7 +96,7 @@ def data_floor(
     refs = {split: reference_stats(dataset, split, num=num, data_dir=data_dir, pad_to=image_size,
                                    extractor=extractor, progress=progress) for split in ("train", "test")}
     kid_mean, kid_std = kid_from_stats(refs["train"], refs["test"], subset_size=min(KID_SUBSET_SIZE, num))
-    return DataFloor(refs["test"], fid_from_stats(refs["train"], refs["test"]), kid_mean, kid_std, num)
+    return DataFloor(refs["test"], fid_from_stats(refs["train"], refs["test"]), kid_mean, kid_std)
 
 
 def score_images(

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 import diffsamp.fid
 from diffsamp import generate
 from diffsamp.cli import main
-from diffsamp.evaluate import resolve_reference, score_images, score_model
-from diffsamp.fid import compute_stats, fid_from_stats, folder_stats, kid_from_stats, save_stats
+from diffsamp.evaluate import data_floor, resolve_reference, score_images, score_model
+from diffsamp.fid import compute_stats, fid_from_stats, folder_stats, kid_from_stats, reference_stats, save_stats
 from diffsamp.images import save_png
 from diffsamp.models import load
-from tests.fid_fakes import tiny_extractor
+from tests.fid_fakes import tiny_extractor, write_idx
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,3 +102,24 @@ def test_sample_cli_fid_ref_with_and_without_images(tiny_model_dir, ext, ref, tm
     assert missing.exit_code != 0 and "does not exist" in missing.output
     nothing = CliRunner().invoke(main, args[:-2])
     assert nothing.exit_code != 0 and "--fid-ref" in nothing.output
+
+
+def test_data_floor_is_train_against_test(ext, tmp_path, monkeypatch):
+    """The floor is FID/KID of train[:N] vs test[:N] (padded alike), and its reference is test[:N]: zero when
+    the two splits hold the same images, the independent computation's value when they differ."""
+    monkeypatch.setenv("DIFFSAMP_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    test_imgs = rng.integers(0, 256, (30, 28, 28))
+    write_idx(tmp_path / "same" / "mnist" / "t10k-images-idx3-ubyte.gz", test_imgs)
+    write_idx(tmp_path / "same" / "mnist" / "train-images-idx3-ubyte.gz", test_imgs)
+    same = data_floor("mnist", num=20, image_size=32, extractor=ext, data_dir=tmp_path / "same", progress=False)
+    assert same.fid == pytest.approx(0.0, abs=1e-6) and same.test.meta["padding"] == 2
+    monkeypatch.setenv("DIFFSAMP_CACHE", str(tmp_path / "cache2"))  # the cache is keyed by data set name, not content
+    write_idx(tmp_path / "diff" / "mnist" / "t10k-images-idx3-ubyte.gz", test_imgs)
+    write_idx(tmp_path / "diff" / "mnist" / "train-images-idx3-ubyte.gz", rng.integers(0, 128, (30, 28, 28)))
+    kw = dict(num=20, data_dir=tmp_path / "diff", extractor=ext, progress=False)
+    floor = data_floor("mnist", image_size=32, **kw)
+    train, test = (reference_stats("mnist", split, pad_to=32, cache=False, **kw) for split in ("train", "test"))
+    assert floor.fid > 1e-3 and floor.fid == pytest.approx(fid_from_stats(train, test), rel=1e-9)
+    assert (floor.kid, floor.kid_std) == pytest.approx(kid_from_stats(train, test, subset_size=20), rel=1e-9)
+    np.testing.assert_allclose(floor.test.mu, test.mu, atol=1e-12)
