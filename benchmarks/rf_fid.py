@@ -22,8 +22,8 @@ import torch
 
 from diffsamp.evaluate import data_floor, score_model
 from diffsamp.fid import load_extractor
-from diffsamp.models.rectified_flow import RFDenoiser, load_model, model_sample_shape, straightness
-from diffsamp.models.zoo import available_models, model_card
+from diffsamp.models.rectified_flow import RFDenoiser, load_model, straightness
+from diffsamp.models.zoo import available_models, model_card, sample_shape
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -64,7 +64,7 @@ def main() -> None:
     rows, floors = [], {}
     for name in args.models.split(","):
         model = load_model(name, device=device)
-        shape = model_sample_shape(model)
+        shape = sample_shape(model)
         dataset = args.dataset or model_dataset(name, model)
         if dataset is None:
             raise SystemExit(f"{name}: its data set is not recorded; pass --dataset")

@@ -259,3 +259,28 @@ def test_init_warm_starts_from_an_exported_model(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         train_ddpm(tmp_path / "big", DDPMTrainOptions(**TINY, init=str(tmp_path / "first")), cfg(steps=1),
                    images=tiny_images(size=16), progress=False)
+
+
+def test_rf_training_warm_starts_from_a_ddpm(tmp_path):
+    """`train rf --init DDPM`: the velocity network starts from the diffusion UNet's weights (a tiny lr keeps
+    them); reflow and distillation still insist on a rectified flow."""
+    from diffusers import UNet2DModel
+
+    from diffsamp.models.rectified_flow import load_rf
+    from diffsamp.training.rectified_flow import RFTrainOptions, resolve_rf, train_rf
+
+    images = tiny_images()
+    train_ddpm(tmp_path / "ddpm", DDPMTrainOptions(**TINY), cfg(steps=4), images=images, progress=False)
+    ddpm = UNet2DModel.from_pretrained(tmp_path / "ddpm" / "unet").state_dict()
+
+    opts = RFTrainOptions(dataset="images", channels=(16, 32), sample_size=8, num_grid=0, batch_size=8,
+                          init=str(tmp_path / "ddpm"))
+    train_rf(tmp_path / "rf", opts, cfg(steps=1, lr=1e-12, warmup_steps=0), images=images, progress=False)
+    flow = load_rf(tmp_path / "rf")
+    weights = flow.network.state_dict()
+    assert weights.keys() == ddpm.keys()  # the init's architecture, not --channels
+    assert all(torch.allclose(weights[k].float(), ddpm[k], atol=1e-3) for k in ddpm)
+    assert flow.time_scale == 999.0 and "ddpm" in flow.info["warm_start"]
+
+    with pytest.raises(ValueError, match="not a rectified flow"):  # what reflow and distill resolve --init with
+        resolve_rf(str(tmp_path / "ddpm"))

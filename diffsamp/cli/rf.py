@@ -203,13 +203,14 @@ def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, n
       diffsamp reflow pairs --model mnist-rf --sampler euler --steps 100 --num 50000 --out runs/pairs1
       diffsamp reflow pairs --model mnist-ddpm --sampler heun --schedule karras --steps 18 --num 20000 --out runs/ddpm-pairs
     """
-    from diffsamp.models.rectified_flow import RFDenoiser, load_model, model_sample_shape
+    from diffsamp.models.rectified_flow import RFDenoiser, load_model
+    from diffsamp.models.zoo import sample_shape
     from diffsamp.training.pairs import PairsError, generate_pairs
 
     dev = resolve_device(device)
     try:
         model = load_model(model_name, device=dev)
-        shape = model_sample_shape(model)
+        shape = sample_shape(model)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     is_rf = isinstance(model, RFDenoiser)
@@ -269,13 +270,14 @@ def straightness_cmd(model_name: str, num: int, steps: int, seed: int, batch_siz
     Example:
       diffsamp rf straightness --model mnist-2rf --num 1000 --steps 100
     """
-    from diffsamp.models.rectified_flow import load_model, model_sample_shape, straightness
+    from diffsamp.models.rectified_flow import load_model, straightness
+    from diffsamp.models.zoo import sample_shape
     from diffsamp.training.pairs import draw_noise
 
     dev = resolve_device(device)
     try:
         model = load_model(model_name, device=dev)
-        shape = model_sample_shape(model)
+        shape = sample_shape(model)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     z = draw_noise(getattr(model, "source", "normal"), shape, 0, num, seed)

@@ -389,21 +389,9 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
     return zoo.load(name, device=device)
 
 
-def model_sample_shape(model: Any) -> tuple[int, ...]:
-    """One sample's shape for a loaded model (RF: its network; diffusers UNet: (C, H, W) from its config)."""
-    if isinstance(model, RFDenoiser):
-        return model.sample_shape
-    cfg = getattr(getattr(model, "network", None), "config", None)
-    if cfg is not None and hasattr(cfg, "in_channels"):
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (int(cfg.in_channels), int(size), int(size))
-    raise ValueError(f"cannot tell the sample shape of {type(model).__name__}")
-
-
 __all__ = [
     "AutocastDenoiser",
     "load_model",
-    "model_sample_shape",
     "shipped_rf_models",
     "straightness",
     "MLPVelocity",

@@ -19,6 +19,7 @@ next to the resumable ``checkpoint.safetensors`` of the shared loop (``diffsamp.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -212,7 +213,7 @@ def _finish(
 ) -> Path:
     log = [r for r in read_log(out) if "loss" in r]
     tail = log[-10:]
-    keep = ("trainer", "rectification", "distill_steps", "sampling", "dataset", "shape")
+    keep = ("trainer", "rectification", "distill_steps", "sampling", "dataset", "shape", "warm_start")
     card = {
         **info,
         "training": {
@@ -271,18 +272,39 @@ def _run(
     return result
 
 
-def _init_network(options: RFTrainOptions, shape: tuple[int, ...]) -> tuple[nn.Module, float, dict[str, Any]]:
-    """A fresh network, or a copy of ``options.init``'s after checking it fits ``shape``."""
+def _init_network(
+    options: RFTrainOptions, shape: tuple[int, ...], *, allow_diffusion: bool = False
+) -> tuple[nn.Module, float, dict[str, Any]]:
+    """A fresh network, or a copy of ``options.init``'s after checking it fits ``shape``.
+
+    With ``allow_diffusion`` (1-RF training only) ``options.init`` may also be a diffusers DDPM/score UNet: its
+    weights warm-start the velocity network (same architecture and 0…999 timestep embedding, t = 1 ↔ timestep
+    999 at the noise end); the velocity loss retrains what the output means. The objective and the independent
+    noise–data coupling are those of 1-RF, so the result is a 1-rectified flow whatever it started from.
+    """
     if options.init is None:
         net, ts = _new_network(options, shape)
         return net, ts, {}
+    if allow_diffusion:
+        from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+        from diffsamp.models.rectified_flow import load_model
+        from diffsamp.models.zoo import sample_shape
+
+        model = load_model(options.init)
+        if isinstance(model, DiffusersUNetDenoiser):
+            _check_init_shape(options.init, sample_shape(model), shape)
+            net = copy.deepcopy(model.network).float().train().requires_grad_(True)
+            return net, 999.0, {"warm_start": f"{options.init} (diffusion UNet weights)"}
     init = resolve_rf(options.init)
-    init_shape = init.sample_shape
-    if tuple(init_shape) != tuple(shape):
-        raise ValueError(f"--init {options.init!r} takes samples of shape {tuple(init_shape)} but the data/pairs "
-                         f"have shape {tuple(shape)}")
+    _check_init_shape(options.init, init.sample_shape, shape)
     net = init.network.float().train().requires_grad_(True)
     return net, init.time_scale, {k: init.info[k] for k in ("rectification", "distill_steps") if k in init.info}
+
+
+def _check_init_shape(name: str, init_shape: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if tuple(init_shape) != tuple(shape):
+        raise ValueError(f"--init {name!r} takes samples of shape {tuple(init_shape)} but the data/pairs "
+                         f"have shape {tuple(shape)}")
 
 
 def train_rf(
@@ -320,12 +342,12 @@ def train_rf(
         batches = BatchSampler(images, options.batch_size, seed=config.seed, device=device)
         source, paired = "normal", False
         n_train = int(images.shape[0])
-    net, time_scale, _ = _init_network(options, shape)
+    net, time_scale, init_info = _init_network(options, shape, allow_diffusion=True)
     loss_fn = RFLoss(time_scale=time_scale, paired=paired, t_sampling=options.t_sampling,
                      logit_mean=options.logit_mean, logit_std=options.logit_std)
     info = {"trainer": "rf", "rectification": 1, "dataset": dataset, "train_images": n_train,
             "objective": "velocity matching on straight interpolations (1-rectified flow)",
-            "sampling": {"sampler": "euler", "schedule": "rf", "steps": 32}}
+            "sampling": {"sampler": "euler", "schedule": "rf", "steps": 32}, **init_info}
     return _run("rf", out, options, config, net=net, time_scale=time_scale, shape=shape, source=source,
                 batches=batches, loss_fn=loss_fn, info=info, device=device, resume=resume, progress=progress,
                 stop_after=stop_after)
