@@ -9,17 +9,23 @@ probability-flow ODE) on ``karras``. RK45 integrates a whole batch as one ODE (s
 
     python benchmarks/rf_fid.py --models mnist-rf,mnist-2rf,mnist-2rf-distill,mnist-ddpm-2rf --num 2000
     python benchmarks/rf_fid.py --models runs/rf1 --settings euler:1,euler:4 --num 500 --json rf1.json
+
+With ``--json`` every finished cell (and straightness, and the floor) is stored at once, keyed by the model's
+name, a hash of its weights, N and the setting; a rerun prints the table from the stored cells and computes
+only the missing ones, so an interrupted table loses at most the cell in flight.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from diffsamp.atomic import atomic_write_text
 from diffsamp.evaluate import data_floor, score_model
 from diffsamp.fid import load_extractor
 from diffsamp.models.rectified_flow import RFDenoiser, load_model, straightness
@@ -42,6 +48,34 @@ def model_dataset(name: str, model) -> str | None:
     return model_card(name).get("dataset") if name in available_models() else None
 
 
+def fingerprint(model) -> str:
+    """A short hash of the network's weights: a cached cell is reused only for the very same weights."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.network.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Cache:
+    """Finished cells kept in a JSON file, rewritten atomically after each one: an interrupted table resumes."""
+
+    def __init__(self, path: str | None, fresh: bool) -> None:
+        self.path = Path(path) if path else None
+        self.data: dict = {"cells": {}}
+        if self.path and self.path.is_file() and not fresh:
+            self.data = json.loads(self.path.read_text())
+            self.data.setdefault("cells", {})
+
+    def get(self, key: str):
+        return self.data["cells"].get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data["cells"][key] = value
+        if self.path:
+            atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mnist-rf,mnist-2rf,mnist-2rf-distill")
@@ -54,41 +88,69 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--inception", default=None)
-    ap.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
+    ap.add_argument("--json", default=None,
+                    help="Cell cache and results (JSON): finished cells are stored as they come and reused by a "
+                         "later run with the same weights, N and settings.")
+    ap.add_argument("--fresh", action="store_true", help="Ignore the cells already in --json.")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
 
     ext = load_extractor(args.inception, args.device)
     device = ext.device
     settings = parse_settings(args.settings)
-    rows, floors = [], {}
+    cache = Cache(args.json, args.fresh)
+    rows, floors, sizes = [], {}, {}
     for name in args.models.split(","):
         model = load_model(name, device=device)
         shape = sample_shape(model)
+        weights = fingerprint(model)
         dataset = args.dataset or model_dataset(name, model)
         if dataset is None:
             raise SystemExit(f"{name}: its data set is not recorded; pass --dataset")
-        if dataset not in floors:
-            floors[dataset] = data_floor(dataset, num=args.num, image_size=shape[-1], extractor=ext,
-                                         data_dir=args.data_dir, progress=args.progress)
-        floor = floors[dataset]
         schedule = "rf" if isinstance(model, RFDenoiser) else "karras"
-        row = {"model": name, "dataset": dataset, "schedule": schedule, "cells": []}
+        row = {"model": name, "weights": weights, "dataset": dataset, "schedule": schedule, "cells": []}
+        sizes[dataset] = shape[-1]
         for sampler, steps in settings:
-            knobs = {"rtol": args.rk45_tol, "atol": args.rk45_tol} if sampler == "rk45" else {}
-            q = score_model(model, floor.test, num=args.num, sampler=sampler, schedule=schedule, steps=steps,
-                            batch_size=args.batch_size, device=device, extractor=ext, progress=args.progress,
-                            **knobs)
-            row["cells"].append({"sampler": sampler, "steps": steps, "nfe": q.nfe, "fid": q.fid, "kid": q.kid,
-                                 "kid_std": q.kid_std, "sampling_s": q.sampling_seconds})
-            print(f"{name} {sampler}:{steps} NFE {q.nfe} FID {q.fid:.2f} KID {q.kid * 1e3:.2f}e-3 "
-                  f"({q.sampling_seconds:.0f} s sampling)", flush=True)
+            tol = f" tol={args.rk45_tol:g}" if sampler == "rk45" else ""
+            key = f"{name} {weights} {dataset} {schedule} {sampler}:{steps} N={args.num}{tol}"
+            cell = cache.get(key)
+            if cell is None:
+                if dataset not in floors:
+                    floors[dataset] = data_floor(dataset, num=args.num, image_size=shape[-1], extractor=ext,
+                                                 data_dir=args.data_dir, progress=args.progress)
+                knobs = {"rtol": args.rk45_tol, "atol": args.rk45_tol} if sampler == "rk45" else {}
+                q = score_model(model, floors[dataset].test, num=args.num, sampler=sampler, schedule=schedule,
+                                steps=steps, batch_size=args.batch_size, device=device, extractor=ext,
+                                progress=args.progress, **knobs)
+                cell = {"sampler": sampler, "steps": steps, "nfe": q.nfe, "fid": q.fid, "kid": q.kid,
+                        "kid_std": q.kid_std, "sampling_s": q.sampling_seconds, "date": time.strftime("%Y-%m-%d")}
+                cache.put(key, cell)
+                print(f"{name} {sampler}:{steps} NFE {q.nfe} FID {q.fid:.2f} KID {q.kid * 1e3:.2f}e-3 "
+                      f"({q.sampling_seconds:.0f} s sampling)", flush=True)
+            row["cells"].append(cell)
         if args.straightness_num:
-            t = time.perf_counter()
-            z = torch.randn((args.straightness_num, *shape), generator=torch.Generator().manual_seed(0))
-            row["straightness"] = straightness(model, z, steps=100, batch_size=args.batch_size, device=device)
-            row["straightness"]["seconds"] = time.perf_counter() - t
+            key = f"{name} {weights} straightness num={args.straightness_num}"
+            st = cache.get(key)
+            if st is None:
+                t = time.perf_counter()
+                z = torch.randn((args.straightness_num, *shape), generator=torch.Generator().manual_seed(0))
+                st = straightness(model, z, steps=100, batch_size=args.batch_size, device=device)
+                st["seconds"] = time.perf_counter() - t
+                cache.put(key, st)
+            row["straightness"] = st
         rows.append(row)
+    for dataset in {row["dataset"] for row in rows} - set(floors):
+        key = f"floor {dataset} N={args.num}"
+        floor = cache.get(key)
+        if floor is None:
+            f = data_floor(dataset, num=args.num, image_size=sizes[dataset], extractor=ext, data_dir=args.data_dir,
+                           progress=args.progress)
+            floor = {"fid": f.fid, "kid": f.kid, "kid_std": f.kid_std}
+        floors[dataset] = floor
+    floors = {d: (f if isinstance(f, dict) else {"fid": f.fid, "kid": f.kid, "kid_std": f.kid_std})
+              for d, f in floors.items()}
+    for dataset, floor in floors.items():
+        cache.put(f"floor {dataset} N={args.num}", floor)
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\nN = {args.num} samples per cell vs test[:N]; floor = train[:N] vs test[:N]; "
@@ -102,13 +164,9 @@ def main() -> None:
         s_txt = f"{st['S_per_dim']:.4f} ± {st['S_per_dim_err']:.4f}" if st else "—"
         print(f"| {row['model']} | {cells} | {s_txt} |")
     for dataset, floor in floors.items():
-        print(f"| floor ({dataset}) | " + " | ".join(f"{floor.fid:.2f} / {floor.kid * 1e3:.1f}" for _ in settings)
+        print(f"| floor ({dataset}) | " + " | ".join(f"{floor['fid']:.2f} / {floor['kid'] * 1e3:.1f}" for _ in settings)
               + " | — |")
     print("cells: FID / KID×1e3 (NFE)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"num": args.num, "rows": rows,
-                                               "floors": {d: {"fid": f.fid, "kid": f.kid, "kid_std": f.kid_std}
-                                                          for d, f in floors.items()}}, indent=2))
 
 
 if __name__ == "__main__":

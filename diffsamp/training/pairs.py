@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffsamp.atomic import atomic_write_text
 from diffsamp.models.base import CountingDenoiser, Denoiser, prior_scale
 from diffsamp.samplers import get_sampler, get_schedule
 
@@ -210,9 +211,7 @@ def generate_pairs(
                              "use a new --out or the same options to resume")
         meta = {**old, **{k: meta[k] for k in _MATCH_KEYS}}
     else:
-        tmp = meta_path.with_name(f".{META}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
     todo: list[int] = []
     done = 0
@@ -258,9 +257,8 @@ def generate_pairs(
         bar.close()
     if nfe is not None and meta.get("nfe") != nfe:
         meta["nfe"] = nfe
-        tmp = meta_path.with_name(f".{META}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("complete", "done")}, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+        atomic_write_text(meta_path, json.dumps({k: v for k, v in meta.items() if k not in ("complete", "done")},
+                                                indent=2) + "\n")
     return {**meta, "done": done, "complete": done == plan.num, "seconds": time.perf_counter() - start}
 
 
