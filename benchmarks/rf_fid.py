@@ -28,7 +28,8 @@ import torch
 from diffsamp.atomic import atomic_write_text
 from diffsamp.evaluate import data_floor, score_model
 from diffsamp.fid import load_extractor
-from diffsamp.models.rectified_flow import RFDenoiser, load_model, straightness
+from diffsamp.models.base import default_schedule
+from diffsamp.models.rectified_flow import load_model, straightness
 from diffsamp.models.zoo import available_models, model_card, sample_shape
 
 
@@ -107,7 +108,7 @@ def main() -> None:
         dataset = args.dataset or model_dataset(name, model)
         if dataset is None:
             raise SystemExit(f"{name}: its data set is not recorded; pass --dataset")
-        schedule = "rf" if isinstance(model, RFDenoiser) else "karras"
+        schedule = default_schedule(model)
         row = {"model": name, "weights": weights, "dataset": dataset, "schedule": schedule, "cells": []}
         sizes[dataset] = shape[-1]
         for sampler, steps in settings:

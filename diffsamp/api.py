@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsamp.models.base import CountingDenoiser, Denoiser, prior_scale
+from diffsamp.models.base import CountingDenoiser, Denoiser, default_schedule, prior_scale
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers._util import StepInfo
 
@@ -31,7 +31,7 @@ def generate(
     shape: Sequence[int],
     *,
     sampler: str = "heun",
-    schedule: str = "karras",
+    schedule: str | None = None,
     steps: int = 18,
     seeds: Sequence[int] = (0,),
     batch_size: int | None = None,
@@ -49,7 +49,8 @@ def generate(
     image i is the same whatever the batch size or device (DESIGN principle 4). The initial state at
     σ_0 follows the model's prior (``prior_scale``). Runs under ``torch.inference_mode()`` and returns
     the NFE measured by a ``CountingDenoiser`` (per image: one batched call counts once).
-    ``shape`` is one sample's shape, e.g. (1, 32, 32).
+    ``shape`` is one sample's shape, e.g. (1, 32, 32). ``schedule`` None: ``default_schedule(model)`` (``rf``
+    for rectified flows, ``karras`` otherwise).
     """
     spec = get_sampler(sampler)
     shape = tuple(int(s) for s in shape)
@@ -59,7 +60,7 @@ def generate(
     if not seeds:
         raise ValueError("no seeds given: pass at least one, e.g. seeds=[0]")
     if grid is None:
-        sched = get_schedule(schedule, model=model, **dict(schedule_params or {}))
+        sched = get_schedule(schedule or default_schedule(model), model=model, **dict(schedule_params or {}))
         grid = sched.grid(steps, final_zero=final_zero)
         if spec.expected_nfe(grid, **knobs) is None:  # adaptive (rk45): only σ_max and σ_min matter, not steps
             grid = sched.grid(1, final_zero=False)

@@ -24,7 +24,7 @@ from torch import Tensor
 from diffsamp.api import generate
 from diffsamp.fid import FIDStats, compute_stats, fid_from_stats, kid_from_stats, load_stats, reference_stats
 from diffsamp.metrics.inception import FeatureExtractor, load_extractor
-from diffsamp.models.base import Denoiser
+from diffsamp.models.base import Denoiser, default_schedule
 
 KID_SUBSET_SIZE = 1000
 
@@ -144,7 +144,7 @@ def score_model(
     seeds: Sequence[int] | None = None,
     shape: Sequence[int] | None = None,
     sampler: str = "heun",
-    schedule: str = "karras",
+    schedule: str | None = None,
     steps: int = 18,
     batch_size: int = 250,
     device: str | torch.device | None = None,
@@ -163,6 +163,7 @@ def score_model(
     """
     from diffsamp.models.zoo import sample_shape
 
+    schedule = schedule or default_schedule(model)
     seeds = list(range(num)) if seeds is None else [int(s) for s in seeds]
     num = len(seeds)
     if num < 2:

@@ -100,3 +100,19 @@ def test_clip_denoised_and_bfloat16(tiny_model, tmp_path):
                                       "--seeds", "0-1", "--out", str(tmp_path / "g.png"), *extra])
         assert r.exit_code == 0, r.output
         assert "NFE 2" in r.output
+
+
+def test_sample_picks_the_models_grid(tiny_model, tmp_path):
+    """No --schedule: karras for a diffusion UNet, rf (uniform RF time) for a rectified flow."""
+    from diffsamp.models.rectified_flow import RFDenoiser, save_rf
+    from tests.conftest import tiny_unet
+
+    res = CliRunner().invoke(main, ["sample", "--model", str(tiny_model), "--sampler", "euler", "--steps", "2",
+                                    "--seeds", "0-1", "--out", str(tmp_path / "a.png")])
+    assert res.exit_code == 0, res.output
+    assert "with euler/karras," in res.output
+    save_rf(RFDenoiser(tiny_unet(8), time_scale=999.0), tmp_path / "flow.safetensors")
+    res = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "flow.safetensors"), "--sampler", "euler",
+                                    "--steps", "2", "--seeds", "0-1", "--out", str(tmp_path / "b.png")])
+    assert res.exit_code == 0, res.output
+    assert "with euler/rf," in res.output and "NFE 2" in res.output

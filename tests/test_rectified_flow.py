@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffsamp import generate, get_sampler, get_schedule
-from diffsamp.models.base import prior_scale
+from diffsamp.models.analytic import GaussianMixtureDenoiser
+from diffsamp.models.base import default_schedule, prior_scale
 from diffsamp.models.parameterization import velocity_from_x0
 from diffsamp.models.rectified_flow import (
     T_MAX,
@@ -93,6 +94,20 @@ def test_every_ode_sampler_runs_on_a_flow():
     for name in ("euler", "heun", "dpm2", "dpmpp2m", "ipndm", "rk45"):
         res = generate(model, (2,), sampler=name, schedule="rf", steps=6, seeds=range(4))
         assert res.images.shape == (4, 2) and torch.isfinite(res.images).all()
+
+
+def test_a_flow_samples_on_the_rf_grid_unless_told_otherwise():
+    """generate() with no schedule: uniform RF time for a flow (the paper's Euler), karras for a diffusion model."""
+    model = _mlp_model(dtype=torch.float64)
+    default = generate(model, (2,), sampler="euler", steps=4, seeds=range(3))
+    rf = generate(model, (2,), sampler="euler", schedule="rf", steps=4, seeds=range(3))
+    karras = generate(model, (2,), sampler="euler", schedule="karras", steps=4, seeds=range(3))
+    assert torch.equal(default.grid.sigmas, rf.grid.sigmas) and torch.equal(default.images, rf.images)
+    assert not torch.allclose(default.grid.sigmas, karras.grid.sigmas)
+    t = default.grid.sigmas[:-1] / (1 + default.grid.sigmas[:-1])
+    assert torch.allclose(t, T_MAX * torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64))
+    gmm = GaussianMixtureDenoiser(means=[[0.0, 0.0]], stds=[1.0], weights=[1.0])
+    assert default_schedule(gmm) == "karras" and default_schedule(model) == "rf"
 
 
 def test_rk45_integrates_to_sigma_min_whatever_the_steps():

@@ -204,6 +204,7 @@ def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, n
       diffsamp reflow pairs --model mnist-ddpm --sampler heun --schedule karras --steps 18 --num 20000 --out runs/ddpm-pairs
     """
     from diffsamp.models.rectified_flow import RFDenoiser, load_model
+    from diffsamp.models.base import default_schedule
     from diffsamp.models.zoo import sample_shape
     from diffsamp.training.pairs import PairsError, generate_pairs
 
@@ -220,7 +221,7 @@ def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, n
     rect = int((model.info if is_rf else {}).get("rectification") or 1) if is_rf else 0
     try:
         meta = generate_pairs(
-            model, out, num=num, shape=shape, sampler=sampler, schedule=schedule or ("rf" if is_rf else "karras"),
+            model, out, num=num, shape=shape, sampler=sampler, schedule=schedule or default_schedule(model),
             steps=steps, model_name=model_name, rectification=rect, source=getattr(model, "source", "normal"),
             shard_size=shard_size, batch_size=batch_size, seed=seed, device=dev, max_minutes=max_minutes,
             progress=not no_progress,

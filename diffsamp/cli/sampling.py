@@ -62,7 +62,7 @@ def _resolve_device(device: str) -> str:
 @main.command("sample")
 @click.option("--model", "model_name", required=True, help="Zoo name (see `diffsamp models`), a local model/run directory, or a Hub id.")
 @click.option("--sampler", default="heun", show_default=True, type=click.Choice(available_samplers()))
-@click.option("--schedule", default="karras", show_default=True, type=click.Choice(available_schedules()))
+@click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="σ grid. Default: rf for rectified flows, karras otherwise.")
 @click.option("--steps", default=18, show_default=True, type=click.IntRange(min=1), help="Number of grid intervals.")
 @click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per network call (default: all seeds at once, at most 256).")
@@ -78,7 +78,7 @@ def _resolve_device(device: str) -> str:
 def sample_cmd(
     model_name: str,
     sampler: str,
-    schedule: str,
+    schedule: str | None,
     steps: int,
     seeds: list[int],
     batch_size: int | None,
@@ -109,6 +109,7 @@ def sample_cmd(
 
     from diffsamp.api import generate
     from diffsamp.images import save_grid, save_png
+    from diffsamp.models.base import default_schedule
     from diffsamp.models.zoo import load, sample_shape
 
     if out is not None and outdir is not None:
@@ -124,6 +125,7 @@ def sample_cmd(
     except (ValueError, KeyError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     load_s = time.perf_counter() - t0
+    schedule = schedule or default_schedule(model)
     if clip_denoised and getattr(model, "clip_sample", None) is None:
         from diffsamp.models.base import ClampDenoiser
 

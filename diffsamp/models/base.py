@@ -6,7 +6,7 @@ to this form once, in ``diffsamp.models`` (SPEC §7.1, §7.3; EDM, Karras et al.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -118,3 +118,9 @@ class ClampDenoiser(_Wrapper):
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.inner(x, sigma).clamp(self.lo, self.hi)
+
+
+def default_schedule(model: Any) -> str:
+    """The σ-grid a model is sampled on unless told otherwise: ``rf`` (uniform in RF time t, the RF paper's
+    Euler grid) for rectified flows, ``karras`` (EDM's ρ = 7) for every other denoiser."""
+    return "rf" if getattr(model, "prior", None) == "rf" else "karras"
