@@ -29,8 +29,8 @@ from diffsamp.atomic import atomic_write_text
 from diffsamp.evaluate import data_floor, score_model
 from diffsamp.fid import load_extractor
 from diffsamp.models.base import default_schedule
-from diffsamp.models.rectified_flow import load_model, straightness
-from diffsamp.models.zoo import available_models, model_card, sample_shape
+from diffsamp.models.rectified_flow import load_model, shipped_rf_models, straightness
+from diffsamp.models.zoo import WEIGHTS_DIR, available_models, model_card, sample_shape
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -93,6 +93,8 @@ def main() -> None:
                     help="Cell cache and results (JSON): finished cells are stored as they come and reused by a "
                          "later run with the same weights, N and settings.")
     ap.add_argument("--fresh", action="store_true", help="Ignore the cells already in --json.")
+    ap.add_argument("--write-cards", action="store_true",
+                    help="Store each shipped model's row (cells, floor, straightness) in its card (diffsamp/weights/NAME.json).")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
 
@@ -168,6 +170,26 @@ def main() -> None:
         print(f"| floor ({dataset}) | " + " | ".join(f"{floor['fid']:.2f} / {floor['kid'] * 1e3:.1f}" for _ in settings)
               + " | — |")
     print("cells: FID / KID×1e3 (NFE)")
+    if args.write_cards:
+        for row in rows:
+            write_card(row, floors[row["dataset"]], args)
+
+
+def write_card(row: dict, floor: dict, args: argparse.Namespace) -> None:
+    """Record a shipped flow's measured quality in its config's ``card`` (other models are left alone)."""
+    path = WEIGHTS_DIR / f"{row['model']}.json"
+    if row["model"] not in shipped_rf_models():
+        print(f"{row['model']}: not a shipped rectified flow, card not written")
+        return
+    config = json.loads(path.read_text())
+    config.setdefault("card", {})["quality"] = {
+        "benchmark": "benchmarks/rf_fid.py", "num": args.num, "reference": f"{row['dataset']}:test[:{args.num}]",
+        "schedule": row["schedule"], "rk45_tol": args.rk45_tol, "weights_sha256_16": row["weights"],
+        "cells": row["cells"], "floor": floor, "straightness": row.get("straightness"),
+        "device": "cpu" if args.device in (None, "cpu") else args.device, "torch_threads": torch.get_num_threads(),
+    }
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    print(f"card written: {path}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffsamp.atomic import atomic_write_text
 from diffsamp.models.base import Prior
+from diffsamp.models.zoo import WEIGHTS_DIR
 from diffsamp.models.parameterization import rf_sigma_from_t, rf_t_from_sigma
 
 T_MAX = 1.0 - 1e-3  # the stated start just inside σ = ∞ (SPEC §5.3, §7.2)
@@ -243,9 +245,7 @@ def save_rf(model: RFDenoiser, path: str | os.PathLike, *, dtype: torch.dtype = 
         **model.info,
     }
     atomic_save_safetensors(tensors, weights, {"format": FORMAT})
-    tmp = cfg_path.with_name(f".{cfg_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, cfg_path)
+    atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
     return weights, cfg_path
 
 
@@ -366,9 +366,6 @@ def straightness(
     return {"S": mean, "S_err": err, "S_per_dim": mean / dim, "S_per_dim_err": err / dim,
             "relative": mean / float(d_i.mean()), "transport_cost": float(d_i.mean()) * t0 * t0,
             "num": n, "steps": steps, "t0": t0, "dim": dim}
-
-
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
 def shipped_rf_models() -> list[str]:
