@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from diffsamp.models.analytic import GaussianDenoiser, GaussianMixtureDenoiser
+
+
+@pytest.fixture(scope="session")
+def mnist_test() -> torch.Tensor:
+    """MNIST test[:64] in [-1, 1], padded to 32×32 (from $DIFFSAMP_DATA or ../shared/data); skips without it."""
+    from diffsamp.data import DataNotFoundError, load_dataset
+
+    root = os.environ.get("DIFFSAMP_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+    try:
+        return load_dataset("mnist", "test", root)[:64]
+    except (FileNotFoundError, DataNotFoundError):
+        pytest.skip("no local MNIST (set DIFFSAMP_DATA)")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,15 +47,9 @@ def test_shipped_models_sample_finite_images(name):
     assert float(res.images.abs().max()) < 10.0
 
 
-def test_shipped_model_denoises_real_data():
+def test_shipped_model_denoises_real_data(mnist_test):
     """A trained (not random) model: from data + noise at σ = 0.5 it recovers the data far better than the input."""
-    from diffsamp.data import load_dataset
-
-    root = Path(__file__).resolve().parents[2] / "shared" / "data"
-    try:
-        x0 = load_dataset("mnist", "test", root)[:16]
-    except FileNotFoundError:
-        pytest.skip("no local MNIST")
+    x0 = mnist_test[:16]
     den = load("mnist-ddpm")
     g = torch.Generator().manual_seed(0)
     sigma = torch.full((16,), 0.5)
