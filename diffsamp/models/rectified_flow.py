@@ -292,7 +292,9 @@ def load_rf(
     missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    net.to(device=device).eval().requires_grad_(False)
+    if dtype != torch.float32:  # (a dtype-less move keeps diffusers from warning about fp32-only modules)
+        net.to(dtype=dtype)
     skip = {"format", "format_version", "network", "time_scale", "t_max", "t_min", "source", "convention", "weights_dtype"}
     return RFDenoiser(
         net,
