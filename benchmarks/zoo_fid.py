@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from diffsamp.atomic import atomic_write_text
 from diffsamp.evaluate import data_floor, score_model
 from diffsamp.fid import load_extractor
 from diffsamp.models.zoo import WEIGHTS_DIR, available_models, load, model_card, sample_shape
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=2000)
     ap.add_argument("--sampler", default="heun")
     ap.add_argument("--steps", type=int, default=18)
+    ap.add_argument("--schedule", default="karras")
+    ap.add_argument("--no-clip", action="store_true", help="Sample the plain ODE (x̂0 not clipped to [-1, 1]).")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-dir", default=None)
@@ -44,11 +47,12 @@ def main() -> None:
         dataset = card.get("dataset")
         if dataset is None:
             raise SystemExit(f"{name}: no card naming its data set")
-        model = load(name, device=device)
+        model = load(name, device=device, clip=False if args.no_clip else None)
         size = sample_shape(model)[-1]
         floor = data_floor(dataset, num=args.num, image_size=size, extractor=ext, data_dir=args.data_dir,
                            progress=args.progress)
-        q = score_model(model, floor.test, num=args.num, sampler=args.sampler, steps=args.steps,
+        q = score_model(model, floor.test, num=args.num, sampler=args.sampler, schedule=args.schedule,
+                        steps=args.steps,
                         batch_size=args.batch_size, device=device, extractor=ext, progress=args.progress)
         rows.append((name, q, floor))
         if args.write_cards:
@@ -58,14 +62,15 @@ def main() -> None:
                 "floor_fid": round(floor.fid, 3), "floor_kid": round(floor.kid, 6),
                 "num": args.num, "reference": f"{dataset} test[:{args.num}]",
                 "floor": f"{dataset} train[:{args.num}] vs test[:{args.num}]",
-                "sampler": f"{args.sampler}, karras, {args.steps} steps", "nfe": q.nfe,
+                "sampler": f"{args.sampler}, {args.schedule}, {args.steps} steps", "nfe": q.nfe,
                 "x0_clip": getattr(model, "clip_sample", None),
                 "extractor": ext.name, "device": str(device), "date": datetime.date.today().isoformat(),
             }
-            path.write_text(json.dumps(card, indent=2) + "\n")
+            atomic_write_text(path, json.dumps(card, indent=2) + "\n")
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"N = {args.num} samples per model, {args.sampler} on {args.steps} karras intervals; "
+    print(f"N = {args.num} samples per model, {args.sampler} on {args.steps} {args.schedule} intervals"
+          f"{', x̂0 not clipped' if args.no_clip else ''}; "
           f"reference = test[:N], floor = train[:N] vs test[:N]; {device.type}{threads}")
     print("| model | NFE | FID | floor FID | FID − floor | KID ×1e3 | floor KID ×1e3 | sampling (s) | features (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
