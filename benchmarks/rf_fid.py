@@ -30,7 +30,7 @@ from diffsamp.evaluate import data_floor, score_model
 from diffsamp.fid import load_extractor
 from diffsamp.models.base import default_schedule
 from diffsamp.models.rectified_flow import load_model, shipped_rf_models, straightness
-from diffsamp.models.zoo import WEIGHTS_DIR, available_models, model_card, sample_shape
+from diffsamp.models.zoo import WEIGHTS_DIR, model_dataset, sample_shape
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -40,13 +40,6 @@ def parse_settings(text: str) -> list[tuple[str, int]]:
         sampler, _, steps = item.strip().partition(":")
         out.append((sampler, int(steps) if steps else 1))
     return out
-
-
-def model_dataset(name: str, model) -> str | None:
-    info = getattr(model, "info", None) or {}
-    if info.get("dataset"):
-        return info["dataset"]
-    return model_card(name).get("dataset") if name in available_models() else None
 
 
 def fingerprint(model) -> str:

@@ -78,6 +78,8 @@ def test_models_lists_the_zoo():
     r = CliRunner().invoke(main, ["models"])
     assert r.exit_code == 0, r.output
     assert "mnist-ddpm" in r.output and "fashion-mnist-ddpm" in r.output and "M params" in r.output
+    ddpm_line = next(line for line in r.output.splitlines() if line.startswith("mnist-ddpm "))
+    assert "training steps" in ddpm_line and "FID" in ddpm_line and "data floor" in ddpm_line  # from its card
 
 
 def test_sample_subprocess_end_to_end(tmp_path):

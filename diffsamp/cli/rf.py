@@ -205,7 +205,7 @@ def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, n
     """
     from diffsamp.models.rectified_flow import RFDenoiser, load_model
     from diffsamp.models.base import default_schedule
-    from diffsamp.models.zoo import sample_shape
+    from diffsamp.models.zoo import model_dataset, sample_shape
     from diffsamp.training.pairs import PairsError, generate_pairs
 
     dev = resolve_device(device)
@@ -222,7 +222,8 @@ def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, n
     try:
         meta = generate_pairs(
             model, out, num=num, shape=shape, sampler=sampler, schedule=schedule or default_schedule(model),
-            steps=steps, model_name=model_name, rectification=rect, source=getattr(model, "source", "normal"),
+            steps=steps, model_name=model_name, rectification=rect,
+            dataset=model_dataset(model_name, model), source=getattr(model, "source", "normal"),
             shard_size=shard_size, batch_size=batch_size, seed=seed, device=dev, max_minutes=max_minutes,
             progress=not no_progress,
         )

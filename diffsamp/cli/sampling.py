@@ -232,11 +232,23 @@ def models_cmd(verbose: bool) -> None:
             bits.append(f"{card['parameters'] / 1e6:.1f} M params")
         if card.get("objective"):
             bits.append(str(card["objective"]))
-        if card.get("steps"):
-            bits.append(f"{card['steps']} steps")
-        fid = card.get("fid")
-        if isinstance(fid, dict) and fid:
-            bits.append("FID " + ", ".join(f"{k} {v}" for k, v in fid.items() if not isinstance(v, dict)))
-        elif isinstance(fid, (int, float)):
-            bits.append(f"FID {fid}")
+        steps = card.get("steps") or (card.get("training") or {}).get("steps")
+        if steps:
+            bits.append(f"{steps} training steps")
+        bits.extend(_quality_summary(card))
         click.echo(f"{name:<{width}}  {'; '.join(bits)}")
+
+
+def _quality_summary(card: dict) -> list[str]:
+    """The measured FID(s) of a card, one short phrase each: DDPM cards' ``fid`` block, flows' ``quality`` cells."""
+    out = []
+    fid = card.get("fid")
+    if isinstance(fid, dict) and "fid" in fid:
+        out.append(f"FID {fid['fid']:.2f} at {fid.get('nfe', '?')} NFE (data floor {fid.get('floor_fid', float('nan')):.2f}, "
+                   f"N = {fid.get('num', '?')})")
+    quality = card.get("quality")
+    if isinstance(quality, dict) and quality.get("cells"):
+        cells = ", ".join(f"{c['fid']:.1f} ({c['sampler']} {c['nfe']} NFE)" for c in quality["cells"])
+        floor = (quality.get("floor") or {}).get("fid")
+        out.append(f"FID {cells}" + (f" (data floor {floor:.2f}, N = {quality.get('num')})" if floor else ""))
+    return out

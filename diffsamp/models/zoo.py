@@ -158,6 +158,23 @@ def load_ddpm_checkpoint(
     return DiffusersUNetDenoiser(unet, alphas_cumprod, prediction_type, clip_sample=clip_sample)
 
 
+def model_dataset(name: str, model: Any = None) -> str | None:
+    """The data set a model was trained on (``mnist``, ``fashion-mnist``, …), from its own info or its card.
+
+    Looks at ``model.info["dataset"]`` (rectified flows), then the zoo card of ``name``, then a ``card.json``
+    in ``name`` when it is a local model directory; None when none of them records it.
+    """
+    info = getattr(model, "info", None) or {}
+    if info.get("dataset"):
+        return str(info["dataset"])
+    if name in available_models():
+        return model_card(name).get("dataset")
+    card = Path(name) / "card.json"
+    if card.is_file():
+        return json.loads(card.read_text()).get("dataset")
+    return None
+
+
 def sample_shape(model: Any) -> tuple[int, ...]:
     """One sample's shape (C, H, W) for a loaded model."""
     shape = getattr(model, "sample_shape", None)

@@ -169,6 +169,7 @@ def generate_pairs(
     knobs: dict[str, Any] | None = None,
     model_name: str = "",
     rectification: int | None = None,
+    dataset: str | None = None,
     source: str = "normal",
     shard_size: int = 5000,
     batch_size: int = 1000,
@@ -197,7 +198,7 @@ def generate_pairs(
     meta: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "shape": list(shape), "num": plan.num,
         "shard_size": plan.shard_size, "seed": plan.seed, "model": model_name, "source": source,
-        "prior": model.prior, "rectification": rectification, "sampler": sampler, "schedule": schedule, "steps": int(steps),
+        "prior": model.prior, "rectification": rectification, "dataset": dataset, "sampler": sampler, "schedule": schedule, "steps": int(steps),
         "knobs": dict(knobs or {}),
         "noise": ("z ~ N(0, I), pair i drawn with torch.Generator().manual_seed(seed + i); the ODE starts from "
                   "prior_scale(prior, sigma_0) * z" if source == "normal" else f"toy source {source!r}"),
@@ -209,7 +210,7 @@ def generate_pairs(
         if diff:
             raise PairsError(f"{out} already holds pairs made with other settings ({'; '.join(diff)}); "
                              "use a new --out or the same options to resume")
-        meta = {**old, **{k: meta[k] for k in _MATCH_KEYS}}
+        meta = {**old, **{k: meta[k] for k in _MATCH_KEYS}, "dataset": old.get("dataset") or dataset}
     else:
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
 

@@ -298,7 +298,8 @@ def _init_network(
     init = resolve_rf(options.init)
     _check_init_shape(options.init, init.sample_shape, shape)
     net = init.network.float().train().requires_grad_(True)
-    return net, init.time_scale, {k: init.info[k] for k in ("rectification", "distill_steps") if k in init.info}
+    return net, init.time_scale, {k: init.info[k] for k in ("rectification", "distill_steps", "dataset")
+                                  if k in init.info}
 
 
 def _check_init_shape(name: str, init_shape: tuple[int, ...], shape: tuple[int, ...]) -> None:
@@ -347,7 +348,8 @@ def train_rf(
                      logit_mean=options.logit_mean, logit_std=options.logit_std)
     info = {"trainer": "rf", "rectification": 1, "dataset": dataset, "train_images": n_train,
             "objective": "velocity matching on straight interpolations (1-rectified flow)",
-            "sampling": {"sampler": "euler", "schedule": "rf", "steps": 32}, **init_info}
+            "sampling": {"sampler": "euler", "schedule": "rf", "steps": 32},
+            **{k: v for k, v in init_info.items() if k != "dataset"}}
     return _run("rf", out, options, config, net=net, time_scale=time_scale, shape=shape, source=source,
                 batches=batches, loss_fn=loss_fn, info=info, device=device, resume=resume, progress=progress,
                 stop_after=stop_after)
@@ -385,7 +387,8 @@ def train_reflow(
                      logit_mean=options.logit_mean, logit_std=options.logit_std)
     teacher_k = pairs.meta.get("rectification")
     k = int(teacher_k) + 1 if teacher_k is not None else None
-    info = {"trainer": "reflow", "rectification": k, "pairs": _pairs_summary(pairs_dir, pairs),
+    info = {"trainer": "reflow", "rectification": k, "dataset": _pairs_dataset(pairs, init_info),
+            "pairs": _pairs_summary(pairs_dir, pairs),
             "objective": "velocity matching on straight interpolations of reflow pairs (k-rectified flow)",
             "sampling": {"sampler": "euler", "schedule": "rf", "steps": 8}}
     return _run("reflow", out, options, config, net=net, time_scale=time_scale, shape=shape, source=source,
@@ -419,12 +422,18 @@ def train_distill(
     batches = PairBatches(pairs, options.batch_size, seed=config.seed, device=device)
     loss_fn = RFLoss(time_scale=time_scale, paired=True, distill_steps=distill_steps)
     info = {"trainer": "distill", "distill_steps": distill_steps,
-            "rectification": pairs.meta.get("rectification"), "pairs": _pairs_summary(pairs_dir, pairs),
+            "rectification": pairs.meta.get("rectification"), "dataset": _pairs_dataset(pairs, init_info),
+            "pairs": _pairs_summary(pairs_dir, pairs),
             "objective": f"{distill_steps}-step Euler distillation of the pairs' coupling (L2)",
             "sampling": {"sampler": "euler", "schedule": "rf", "steps": distill_steps}}
     return _run("distill", out, options, config, net=net, time_scale=time_scale, shape=shape, source=source,
                 batches=batches, loss_fn=loss_fn, info=info, device=device, resume=resume, progress=progress,
                 stop_after=stop_after)
+
+
+def _pairs_dataset(pairs: Any, init_info: dict[str, Any]) -> str | None:
+    """The data set behind the pairs: recorded in their meta, else that of the ``--init`` flow."""
+    return pairs.meta.get("dataset") or init_info.get("dataset")
 
 
 def _pairs_summary(pairs_dir: str | os.PathLike, pairs: Any) -> dict[str, Any]:
