@@ -143,7 +143,7 @@ def sample_cmd(
             raise click.ClickException(str(exc)) from None
         n = len(seeds)
         click.echo(
-            f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} steps: NFE {q.nfe} per image, "
+            f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}: NFE {q.nfe} per image, "
             f"sampling {q.sampling_seconds:.2f} s on {device} {dtype}; model loaded in {load_s:.1f} s"
         )
         click.echo(_quality_line(q.fid, q.kid, q.kid_std, n, q.reference))
@@ -164,7 +164,7 @@ def sample_cmd(
         where = f"{folder}/ ({len(seeds)} PNGs)"
     n = len(seeds)
     click.echo(
-        f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} steps: NFE {result.nfe} per image, "
+        f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}: NFE {result.nfe} per image, "
         f"{result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
         f"model loaded in {load_s:.1f} s -> {where}"
     )
