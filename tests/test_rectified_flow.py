@@ -125,6 +125,44 @@ def test_rk45_integrates_to_sigma_min_whatever_the_steps():
     assert torch.allclose(one.images, fine.images, atol=5e-3)  # and rk45 is the ODE's solution
 
 
+class _GaussianDataVelocity(torch.nn.Module):
+    """The exact RF velocity E[ε − x0 | x_t] for x0 ~ N(μ, s²I), ε ~ N(0, I) (x_t = (1 − t)x0 + tε)."""
+
+    mu, s = torch.tensor([0.5, -1.0], dtype=torch.float64), 0.7
+
+    def forward(self, x, t):
+        t = t[:, None].to(x.dtype)
+        a, b = 1 - t, t
+        var = a * a * self.s**2 + b * b
+        return b * (x - a * self.mu) / var - (self.mu + a * self.s**2 * (x - a * self.mu) / var)
+
+
+@pytest.mark.parametrize("time", ["rf", "sigma"])
+def test_rk45_in_either_time_variable_follows_the_exact_flow(time):
+    """For Gaussian data the flow's ODE keeps standardized coordinates: x_t = (1 − t)μ + √((1 − t)²s² + t²)·ε.
+    rk45 stepping in σ or in RF time t must land on it; for a flow the default is t (fewer NFE, same answer)."""
+    from diffsamp.models.base import CountingDenoiser
+    from diffsamp.samplers.grid import Grid
+
+    model = RFDenoiser(_GaussianDataVelocity(), time_scale=1.0)
+    eps = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grid = Grid(torch.tensor([model.sigma_max, model.sigma_min], dtype=torch.float64))
+    t_end = model.t_min
+    mu, s = _GaussianDataVelocity.mu, _GaussianDataVelocity.s
+    exact_xt = (1 - t_end) * mu + ((1 - t_end) ** 2 * s * s + t_end**2) ** 0.5 * eps
+    x_start = (1 - model.t_max) * mu + ((1 - model.t_max) ** 2 * s * s + model.t_max**2) ** 0.5 * eps
+    start = x_start * (1 + model.sigma_max)  # x̄ = x_t (1 + σ)
+    counted = CountingDenoiser(model)
+    out = get_sampler("rk45")(counted, start, grid, rtol=1e-8, atol=1e-8, time=time)
+    assert torch.allclose(out / (1 + model.sigma_min), exact_xt, atol=1e-5)
+    if time == "rf":
+        default = CountingDenoiser(model)
+        assert torch.equal(get_sampler("rk45")(default, start, grid, rtol=1e-8, atol=1e-8), out)
+        assert default.calls == counted.calls
+    with pytest.raises(ValueError, match="rk45 time"):
+        get_sampler("rk45")(model, start, grid, time="log")
+
+
 def test_rf_loss_matches_its_formula():
     torch.manual_seed(0)
     net = MLPVelocity(2, 16, 1)
