@@ -7,12 +7,13 @@ Rectified flows run on the ``rf`` schedule (uniform t), other models (e.g. ``mni
 probability-flow ODE) on ``karras``. RK45 integrates a whole batch as one ODE (scipy, rtol = atol =
 ``--rk45-tol``) and integrates t_max → t_min = 1e-3; its NFE is the largest over batches.
 
-    python benchmarks/rf_fid.py --models mnist-rf,mnist-2rf,mnist-2rf-distill,mnist-ddpm-2rf --num 2000
+    python benchmarks/rf_fid.py --models mnist-rf,mnist-2rf,mnist-2rf-distill,mnist-ddpm-reflow --num 2000
     python benchmarks/rf_fid.py --models runs/rf1 --settings euler:1,euler:4 --num 500 --json rf1.json
 
 With ``--json`` every finished cell (and straightness, and the floor) is stored at once, keyed by the model's
 name, a hash of its weights, N and the setting; a rerun prints the table from the stored cells and computes
-only the missing ones, so an interrupted table loses at most the cell in flight.
+only the missing ones, so an interrupted table loses at most the cell in flight. ``--cached-only`` prints the
+table from the stored cells alone (missing ones as —), e.g. after merging the per-model files.
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ def main() -> None:
     ap.add_argument("--write-cards", action="store_true",
                     help="Store each shipped model's row (cells, floor, straightness) in its card (diffsamp/weights/NAME.json).")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="Print the table from the cells already in --json; compute nothing (missing cells: —).")
     args = ap.parse_args()
+    if args.cached_only and not args.json:
+        ap.error("--cached-only needs --json")
 
     ext = load_extractor(args.inception, args.device)
     device = ext.device
@@ -110,10 +115,14 @@ def main() -> None:
             tol = f" tol={args.rk45_tol:g}" if sampler == "rk45" else ""
             key = f"{name} {weights} {dataset} {schedule} {sampler}:{steps} N={args.num}{tol}"
             cell = cache.get(key)
-            if cell is None:
+            if cell is None and args.cached_only:
+                cell = {"sampler": sampler, "steps": steps, "missing": True}
+            elif cell is None:
                 if dataset not in floors:
                     floors[dataset] = data_floor(dataset, num=args.num, image_size=shape[-1], extractor=ext,
                                                  data_dir=args.data_dir, progress=args.progress)
+                    f = floors[dataset]
+                    cache.put(f"floor {dataset} N={args.num}", {"fid": f.fid, "kid": f.kid, "kid_std": f.kid_std})
                 knobs = {"rtol": args.rk45_tol, "atol": args.rk45_tol} if sampler == "rk45" else {}
                 q = score_model(model, floors[dataset].test, num=args.num, sampler=sampler, schedule=schedule,
                                 steps=steps, batch_size=args.batch_size, device=device, extractor=ext,
@@ -127,7 +136,7 @@ def main() -> None:
         if args.straightness_num:
             key = f"{name} {weights} straightness num={args.straightness_num}"
             st = cache.get(key)
-            if st is None:
+            if st is None and not args.cached_only:
                 t = time.perf_counter()
                 z = torch.randn((args.straightness_num, *shape), generator=torch.Generator().manual_seed(0))
                 st = straightness(model, z, steps=100, batch_size=args.batch_size, device=device)
@@ -138,6 +147,8 @@ def main() -> None:
     for dataset in {row["dataset"] for row in rows} - set(floors):
         key = f"floor {dataset} N={args.num}"
         floor = cache.get(key)
+        if floor is None and args.cached_only:
+            raise SystemExit(f"{args.json}: no stored floor for {dataset} at N={args.num}; run without --cached-only")
         if floor is None:
             f = data_floor(dataset, num=args.num, image_size=sizes[dataset], extractor=ext, data_dir=args.data_dir,
                            progress=args.progress)
@@ -155,7 +166,8 @@ def main() -> None:
     print(f"| model | {head} | straightness S/dim |")
     print("|---|" + "---|" * len(settings) + "---|")
     for row in rows:
-        cells = " | ".join(f"{c['fid']:.2f} / {c['kid'] * 1e3:.1f} ({c['nfe']})" for c in row["cells"])
+        cells = " | ".join("—" if c.get("missing") else f"{c['fid']:.2f} / {c['kid'] * 1e3:.1f} ({c['nfe']})"
+                           for c in row["cells"])
         st = row.get("straightness")
         s_txt = f"{st['S_per_dim']:.4f} ± {st['S_per_dim_err']:.4f}" if st else "—"
         print(f"| {row['model']} | {cells} | {s_txt} |")
@@ -165,7 +177,10 @@ def main() -> None:
     print("cells: FID / KID×1e3 (NFE)")
     if args.write_cards:
         for row in rows:
-            write_card(row, floors[row["dataset"]], args)
+            if any(c.get("missing") for c in row["cells"]):
+                print(f"{row['model']}: cells missing, card not written")
+            else:
+                write_card(row, floors[row["dataset"]], args)
 
 
 def write_card(row: dict, floor: dict, args: argparse.Namespace) -> None:
