@@ -1,6 +1,6 @@
 """Quality of the zoo models: FID / KID of N samples against the test set, next to the data floor.
 
-For each model: N samples (seeds 0…N−1) with ``--sampler`` on ``--steps`` karras intervals (heun 18 = 35
+For each model: N samples (seeds S…S+N−1, ``--first-seed`` S, default 0) with ``--sampler`` on ``--steps`` intervals of ``--schedule`` (default karras) (heun 18 = 35
 NFE; x̂0 clipped as the model's scheduler config says), scored in memory against the first N test images; the floor is FID/KID of train[:N] vs test[:N]
 at the same N (FID is biased upward at small N; KID is not). Prints a table; ``--write-cards`` also
 stores each row in the model's ``card.json`` under ``"fid"``.
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--sampler", default="heun")
     ap.add_argument("--steps", type=int, default=18)
     ap.add_argument("--schedule", default="karras")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="Seeds first-seed … first-seed+N−1 (an independent draw of samples against the same reference).")
     ap.add_argument("--no-clip", action="store_true", help="Sample the plain ODE (x̂0 not clipped to [-1, 1]).")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--device", default=None)
@@ -51,7 +53,8 @@ def main() -> None:
         size = sample_shape(model)[-1]
         floor = data_floor(dataset, num=args.num, image_size=size, extractor=ext, data_dir=args.data_dir,
                            progress=args.progress)
-        q = score_model(model, floor.test, num=args.num, sampler=args.sampler, schedule=args.schedule,
+        seeds = range(args.first_seed, args.first_seed + args.num)
+        q = score_model(model, floor.test, seeds=seeds, sampler=args.sampler, schedule=args.schedule,
                         steps=args.steps,
                         batch_size=args.batch_size, device=device, extractor=ext, progress=args.progress)
         rows.append((name, q, floor))
@@ -60,7 +63,7 @@ def main() -> None:
             card["fid"] = {
                 "fid": round(q.fid, 3), "kid": round(q.kid, 6), "kid_std": round(q.kid_std, 6),
                 "floor_fid": round(floor.fid, 3), "floor_kid": round(floor.kid, 6),
-                "num": args.num, "reference": f"{dataset} test[:{args.num}]",
+                "num": args.num, "seeds": f"{seeds.start}-{seeds.stop - 1}", "reference": f"{dataset} test[:{args.num}]",
                 "floor": f"{dataset} train[:{args.num}] vs test[:{args.num}]",
                 "sampler": f"{args.sampler}, {args.schedule}, {args.steps} steps", "nfe": q.nfe,
                 "x0_clip": getattr(model, "clip_sample", None),
@@ -69,7 +72,7 @@ def main() -> None:
             atomic_write_text(path, json.dumps(card, indent=2) + "\n")
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"N = {args.num} samples per model, {args.sampler} on {args.steps} {args.schedule} intervals"
+    print(f"N = {args.num} samples per model (seeds {args.first_seed}–{args.first_seed + args.num - 1}), {args.sampler} on {args.steps} {args.schedule} intervals"
           f"{', x̂0 not clipped' if args.no_clip else ''}; "
           f"reference = test[:N], floor = train[:N] vs test[:N]; {device.type}{threads}")
     print("| model | NFE | FID | floor FID | FID − floor | KID ×1e3 | floor KID ×1e3 | sampling (s) | features (s) |")
