@@ -244,7 +244,8 @@ def _quality_summary(card: dict) -> list[str]:
     out = []
     fid = card.get("fid")
     if isinstance(fid, dict) and "fid" in fid:
-        out.append(f"FID {fid['fid']:.2f} at {fid.get('nfe', '?')} NFE (data floor {fid.get('floor_fid', float('nan')):.2f}, "
+        how = f"{fid['sampler']}, " if fid.get("sampler") else ""
+        out.append(f"FID {fid['fid']:.2f} ({how}{fid.get('nfe', '?')} NFE; data floor {fid.get('floor_fid', float('nan')):.2f}, "
                    f"N = {fid.get('num', '?')})")
     quality = card.get("quality")
     if isinstance(quality, dict) and quality.get("cells"):
