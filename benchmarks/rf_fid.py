@@ -52,6 +52,11 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def floor_numbers(floor) -> dict:
+    """The stored part of a data floor (``data_floor``'s result): FID, KID and KID's standard error."""
+    return {"fid": floor.fid, "kid": floor.kid, "kid_std": floor.kid_std}
+
+
 class Cache:
     """Finished cells kept in a JSON file, rewritten atomically after each one: an interrupted table resumes."""
 
@@ -121,8 +126,7 @@ def main() -> None:
                 if dataset not in floors:
                     floors[dataset] = data_floor(dataset, num=args.num, image_size=shape[-1], extractor=ext,
                                                  data_dir=args.data_dir, progress=args.progress)
-                    f = floors[dataset]
-                    cache.put(f"floor {dataset} N={args.num}", {"fid": f.fid, "kid": f.kid, "kid_std": f.kid_std})
+                    cache.put(f"floor {dataset} N={args.num}", floor_numbers(floors[dataset]))
                 knobs = {"rtol": args.rk45_tol, "atol": args.rk45_tol} if sampler == "rk45" else {}
                 q = score_model(model, floors[dataset].test, num=args.num, sampler=sampler, schedule=schedule,
                                 steps=steps, batch_size=args.batch_size, device=device, extractor=ext,
@@ -152,10 +156,9 @@ def main() -> None:
         if floor is None:
             f = data_floor(dataset, num=args.num, image_size=sizes[dataset], extractor=ext, data_dir=args.data_dir,
                            progress=args.progress)
-            floor = {"fid": f.fid, "kid": f.kid, "kid_std": f.kid_std}
+            floor = floor_numbers(f)
         floors[dataset] = floor
-    floors = {d: (f if isinstance(f, dict) else {"fid": f.fid, "kid": f.kid, "kid_std": f.kid_std})
-              for d, f in floors.items()}
+    floors = {d: (f if isinstance(f, dict) else floor_numbers(f)) for d, f in floors.items()}
     for dataset, floor in floors.items():
         cache.put(f"floor {dataset} N={args.num}", floor)
 

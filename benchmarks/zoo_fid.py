@@ -1,7 +1,8 @@
 """Quality of the zoo models: FID / KID of N samples against the test set, next to the data floor.
 
-For each model: N samples (seeds S…S+N−1, ``--first-seed`` S, default 0) with ``--sampler`` on ``--steps`` intervals of ``--schedule`` (default karras) (heun 18 = 35
-NFE; x̂0 clipped as the model's scheduler config says), scored in memory against the first N test images; the floor is FID/KID of train[:N] vs test[:N]
+For each model: N samples (seeds S…S+N−1, ``--first-seed`` S, default 0) with ``--sampler`` on ``--steps``
+intervals of ``--schedule`` (default karras; heun 18 = 35 NFE; x̂0 clipped as the model's scheduler config
+says), scored in memory against the first N test images; the floor is FID/KID of train[:N] vs test[:N]
 at the same N (FID is biased upward at small N; KID is not). Prints a table; ``--write-cards`` also
 stores each row in the model's ``card.json`` under ``"fid"``.
 
@@ -44,6 +45,7 @@ def main() -> None:
     ext = load_extractor(args.inception, args.device)
     device = ext.device
     rows = []
+    seeds = range(args.first_seed, args.first_seed + args.num)
     for name in args.models.split(","):
         card = model_card(name) if name in available_models() else {}
         dataset = card.get("dataset")
@@ -53,7 +55,6 @@ def main() -> None:
         size = sample_shape(model)[-1]
         floor = data_floor(dataset, num=args.num, image_size=size, extractor=ext, data_dir=args.data_dir,
                            progress=args.progress)
-        seeds = range(args.first_seed, args.first_seed + args.num)
         q = score_model(model, floor.test, seeds=seeds, sampler=args.sampler, schedule=args.schedule,
                         steps=args.steps,
                         batch_size=args.batch_size, device=device, extractor=ext, progress=args.progress)
@@ -72,7 +73,8 @@ def main() -> None:
             atomic_write_text(path, json.dumps(card, indent=2) + "\n")
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"N = {args.num} samples per model (seeds {args.first_seed}–{args.first_seed + args.num - 1}), {args.sampler} on {args.steps} {args.schedule} intervals"
+    print(f"N = {args.num} samples per model (seeds {seeds.start}–{seeds.stop - 1}), "
+          f"{args.sampler} on {args.steps} {args.schedule} intervals"
           f"{', x̂0 not clipped' if args.no_clip else ''}; "
           f"reference = test[:N], floor = train[:N] vs test[:N]; {device.type}{threads}")
     print("| model | NFE | FID | floor FID | FID − floor | KID ×1e3 | floor KID ×1e3 | sampling (s) | features (s) |")

@@ -20,6 +20,7 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser
+from diffsamp.models.parameterization import rf_sigma_from_t, rf_t_from_sigma, velocity_from_x0
 from diffsamp.samplers._util import Generator, StepInfo, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import register_alias, register_sampler
@@ -258,8 +259,8 @@ def rk45(
     ``time``: the variable the solver steps in — ``"sigma"`` (x̄ over σ, dx̄/dσ = ε̂) or ``"rf"`` (the RF
     paper's x_t = x̄/(1 + σ) over t = σ/(1 + σ), dx_t/dt = ε̂ − x̂0, SPEC §7.3). Default: ``"rf"`` for
     rectified flows (prior ``rf``), whose σ runs over six decades (999 → 0.001) but whose velocity is smooth
-    in t — on ``mnist-rf`` at rtol = atol = 1e-3, 62 NFE in t against 225 in σ for the same end point
-    (RMS difference 0.014) — and ``"sigma"`` for every other model.
+    in t — on ``mnist-rf`` at rtol = atol = 1e-3 (a batch of 250, final denoising step included), 63 NFE in t
+    against 225 in σ, end points within RMS 0.033 — and ``"sigma"`` for every other model.
     """
     if time is None:
         time = "rf" if getattr(model, "prior", None) == "rf" else "sigma"
@@ -281,13 +282,12 @@ def rk45(
         span, y0 = (sigmas[0], s_end), x.reshape(-1).to(torch.float64).cpu().numpy()
     else:
         def rhs(t: float, y: np.ndarray) -> np.ndarray:
-            s = t / (1 - t)
+            s = rf_sigma_from_t(t)
             xbar = state(y) * (1 + s)
-            denoised = model(xbar, sigma_batch(xbar, s))
-            v = to_d(xbar, s, denoised) - denoised  # ε̂ − x̂0
+            v = velocity_from_x0(xbar, model(xbar, sigma_batch(xbar, s)), s)
             return v.reshape(-1).to(torch.float64).cpu().numpy()
 
-        span = (sigmas[0] / (1 + sigmas[0]), s_end / (1 + s_end))
+        span = (rf_t_from_sigma(sigmas[0]), rf_t_from_sigma(s_end))
         y0 = (x / (1 + sigmas[0])).reshape(-1).to(torch.float64).cpu().numpy()
     sol = solve_ivp(rhs, span, y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
