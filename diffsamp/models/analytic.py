@@ -22,7 +22,6 @@ class GaussianMixtureDenoiser:
 
     prior: Prior = "ve"
     alphas_cumprod: Tensor | None = None
-    feature_module: nn.Module | None = None
 
     def __init__(
         self,
@@ -45,6 +44,8 @@ class GaussianMixtureDenoiser:
             raise ValueError(f"weights must be {k} positive numbers, got {w.tolist()}")
         self.weights = w / w.sum()
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        # AMED's per-sample feature: the posterior component weights, read by a hook on this module.
+        self.feature_module: nn.Module | None = nn.Identity()
 
     @property
     def dim(self) -> int:
@@ -60,6 +61,8 @@ class GaussianMixtureDenoiser:
         sq = torch.cdist(flat, mu) ** 2                                      # (B, K)
         logp = torch.log(self.weights.to(flat.device)) - 0.5 * sq / var - 0.5 * self.dim * torch.log(var)
         post = torch.softmax(logp, dim=1)                                    # (B, K)
+        if self.feature_module is not None:
+            post = self.feature_module(post)
         comp_s2 = (self.stds.to(flat.device) ** 2)
         # per-component denoiser: (s_k² x + σ² μ_k)/(s_k² + σ²)
         coef_x = (post * comp_s2 / var).sum(1, keepdim=True)                 # (B, 1)
@@ -92,6 +95,7 @@ class GaussianDenoiser(GaussianMixtureDenoiser):
         super().__init__(torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1), [std], [1.0], **kwargs)
         self.mu = self.means[0]
         self.std = float(std)
+        self.feature_module = None  # one component: no per-sample feature to read
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         s2 = self.std**2

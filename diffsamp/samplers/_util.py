@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -56,3 +57,31 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     return torch.stack(
         [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in gens]
     ).to(x.device)
+
+
+@dataclass
+class Captured:
+    """The output of the last forward pass of a hooked module (``None`` until the module runs)."""
+
+    output: Tensor | None = field(default=None)
+
+
+@contextmanager
+def capture(module: nn.Module) -> Iterator[Captured]:
+    """Record ``module``'s forward output (detached) while the block runs; the hook is always removed.
+
+    AMED reads the UNet bottleneck this way (SPEC §6.6, ``init_hook``): the feature of the most recent
+    network call. A tuple output (some diffusers blocks) keeps its first element.
+    """
+    box = Captured()
+
+    def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        box.output = out.detach() if isinstance(out, Tensor) else None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
