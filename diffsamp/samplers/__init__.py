@@ -15,7 +15,7 @@ from diffsamp.samplers.registry import (
     register_sampler,
 )
 from diffsamp.samplers._util import StepInfo
-from diffsamp.samplers import ancestral, ode, sde  # noqa: F401  (registration side effects)
+from diffsamp.samplers import amed, ancestral, ode, sde  # noqa: F401  (registration side effects)
 
 __all__ = [
     "Grid",

@@ -143,31 +143,52 @@ def _multistep(
     return x
 
 
+def _log(v: float | Tensor) -> float | Tensor:
+    return torch.log(v) if isinstance(v, Tensor) else math.log(v)
+
+
+def _expm1(v: float | Tensor) -> float | Tensor:
+    return torch.expm1(v) if isinstance(v, Tensor) else math.expm1(v)
+
+
+def dpmpp_update(
+    x: Tensor, m0: Tensor, s: float | Tensor, s_next: float | Tensor, hist: History, left: int, *,
+    max_order: int, total: int, lower_order_final: bool = True,
+) -> Tensor:
+    """One DPM-Solver++ multistep update in σ (λ = −log σ), orders 1–3 (SPEC §6.5; Lu et al. 2022 Alg. 2).
+
+    ``hist`` holds past (σ_j, x_j, D_j), newest first; σ's may be per-sample tensors (the AMED plugin's s).
+    """
+    order = min(max_order, len(hist) + 1)
+    if lower_order_final and total < 15:
+        order = min(order, left)
+    lam = -_log(s)
+    h = -_log(s_next) - lam
+    phi1 = _expm1(-h)
+    if order == 1:
+        return (s_next / s) * x - phi1 * m0
+    s1, _, m1 = hist[0]
+    r0 = (lam + _log(s1)) / h
+    d1_0 = (m0 - m1) / r0
+    if order == 2:
+        return (s_next / s) * x - phi1 * (m0 + 0.5 * d1_0)
+    s2, _, m2 = hist[1]
+    r1 = (_log(s2) - _log(s1)) / h
+    d1_1 = (m1 - m2) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi2 = phi1 / h + 1
+    phi3 = phi2 / h - 0.5
+    return (s_next / s) * x - (phi1 * m0 - phi2 * d1 + phi3 * d2)
+
+
 def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int) -> MultistepRule:
-    """DPM-Solver++ multistep update in σ (λ = −log σ), orders 1–3 (SPEC §6.5; Lu et al. 2022 Alg. 2)."""
+    """``dpmpp_update`` as a rule of the shared multistep loop."""
 
     def rule(x: Tensor, m0: Tensor, s: float, s_next: float, hist: History, left: int) -> Tensor:
-        order = min(max_order, len(hist) + 1)
-        if lower_order_final and total < 15:
-            order = min(order, left)
-        lam = -math.log(s)
-        h = -math.log(s_next) - lam
-        phi1 = math.expm1(-h)
-        if order == 1:
-            return (s_next / s) * x - phi1 * m0
-        s1, _, m1 = hist[0]
-        r0 = (lam + math.log(s1)) / h
-        d1_0 = (m0 - m1) / r0
-        if order == 2:
-            return (s_next / s) * x - phi1 * (m0 + 0.5 * d1_0)
-        s2, _, m2 = hist[1]
-        r1 = (math.log(s2) - math.log(s1)) / h
-        d1_1 = (m1 - m2) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        phi2 = phi1 / h + 1
-        phi3 = phi2 / h - 0.5
-        return (s_next / s) * x - (phi1 * m0 - phi2 * d1 + phi3 * d2)
+        return dpmpp_update(
+            x, m0, s, s_next, hist, left, max_order=max_order, total=total, lower_order_final=lower_order_final
+        )
 
     return rule
 

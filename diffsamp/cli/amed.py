@@ -1,0 +1,76 @@
+"""``diffsamp train amed``: distil an AMED predictor for a model (SPEC §6.7)."""
+
+from __future__ import annotations
+
+import click
+
+from diffsamp.cli.train import resolve_device, train
+from diffsamp.samplers.grid import available_schedules
+
+AMED_SAMPLERS = ["amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed"]
+
+
+@train.command("amed")
+@click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
+@click.option("--sampler", default="amed", show_default=True, type=click.Choice(AMED_SAMPLERS), help="The student.")
+@click.option("--nfe", default=5, show_default=True, type=click.IntRange(min=1), help="Student NFE = 2·steps − AFS.")
+@click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="Default: time_uniform for amed, logsnr for dpmpp+amed, karras otherwise (SPEC §6.9).")
+@click.option("--afs/--no-afs", default=None, help="Analytical first step (default: on for odd NFE).")
+@click.option("--teacher", default=None, help="Teacher sampler (default: heun for amed, the base solver for plugins).")
+@click.option("--teacher-m", default=None, type=click.IntRange(min=0), help="Points inserted per interval for the teacher (default 1 for amed/dpm2, 2 otherwise).")
+@click.option("--static", is_flag=True, help="Sample-independent predictor: per-step (r, c, a), no features.")
+@click.option("--scale-dir", default=0.01, show_default=True, type=click.FloatRange(min=0, max=1), help="c ∈ [1 − s, 1 + s] (0: c = 1).")
+@click.option("--scale-time", default=None, type=click.FloatRange(min=0, max=1), help="a ∈ [1 − s, 1 + s] (default 0.2 for ipndm+amed, else 0).")
+@click.option("--trajectories", default=10_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (predictor.json + .safetensors).")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")
+def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None, afs: bool | None, teacher: str | None,
+                   teacher_m: int | None, static: bool, scale_dir: float, scale_time: float | None, trajectories: int,
+                   batch: int, lr: float, clip: bool | None, seed: int, device: str, out: str, resume: bool,
+                   quiet: bool, snapshots: str) -> None:
+    """Train an AMED predictor: teacher trajectories on a refined grid, one Adam step per student interval.
+
+    \b
+    Examples:
+      diffsamp train amed --model mnist-ddpm --sampler amed --nfe 5 --out runs/amed5
+      diffsamp train amed --model mnist-ddpm --sampler ipndm+amed --nfe 3 --trajectories 4096 --out runs/ipndm-amed3
+      diffsamp sample --model mnist-ddpm --sampler amed --predictor runs/amed5 --seeds 0-63 --out g.png
+    """
+    from tqdm import tqdm
+
+    from diffsamp.models.zoo import load, sample_shape
+    from diffsamp.training.amed import AmedTrainOptions, train_amed
+
+    device = resolve_device(device)
+    try:
+        model = load(model_name, device=device, clip=clip)
+        shape = sample_shape(model)
+        opts = AmedTrainOptions(sampler=sampler, nfe=nfe, schedule=schedule, afs=afs, teacher=teacher,
+                                teacher_m=teacher_m, static=static, scale_dir=scale_dir, scale_time=scale_time,
+                                trajectories=trajectories, batch=batch, lr=lr, seed=seed)
+        opts.resolved()
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    bar = tqdm(total=-(-trajectories // batch), desc="train amed", unit="batch", disable=quiet)
+
+    def progress(it: int, total: int, loss: float) -> None:
+        bar.n = it
+        bar.set_postfix(loss=f"{loss:.4g}")
+        bar.refresh()
+
+    try:
+        path = train_amed(model, shape, opts, out, model_name=model_name, device=device, resume=resume,
+                          progress=progress, extra={"clip": clip},
+                          snapshots=tuple(int(v) for v in snapshots.split(",") if v.strip()))
+    except (ValueError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        bar.close()
+    click.echo(f"predictor -> {path}")

@@ -1,0 +1,96 @@
+"""AMED predictors on disk: ``NAME.safetensors`` (the ≈9k weights) + ``NAME.json`` (everything needed to sample).
+
+The JSON records the base sampler, schedule and its parameters, the grid's σ's, NFE, AFS, the scales, the
+model's identity and feature size, and the training card. Shipped predictors live in
+``diffsamp/weights/predictors/<model>/<name>.*`` and are found by ``<model>/<name>`` (``mnist-ddpm/amed-nfe5``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffsamp.atomic import atomic_write_text
+from diffsamp.models.zoo import WEIGHTS_DIR
+from diffsamp.samplers.amed import AmedPredictor, StaticPredictor
+
+PREDICTORS_DIR = WEIGHTS_DIR / "predictors"
+FORMAT = "diffsamp-amed-predictor/1"
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix in (".json", ".safetensors"):
+        p = p.with_suffix("")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def save_predictor(predictor: AmedPredictor | StaticPredictor, path: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Write the predictor's weights and ``config`` (written last, atomically: its presence marks a complete file)."""
+    weights, cfg_path = _paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in predictor.state_dict().items()}, str(tmp))
+    os.replace(tmp, weights)
+    arch: dict[str, Any] = {"scale_dir": predictor.scale_dir, "scale_time": predictor.scale_time}
+    if isinstance(predictor, StaticPredictor):
+        arch.update(kind="static", num_steps=predictor.num_steps)
+    else:
+        arch.update(kind="features", feature_dim=predictor.feature_dim)
+    atomic_write_text(cfg_path, json.dumps({"format": FORMAT, "predictor": arch, **config}, indent=2) + "\n")
+    return cfg_path
+
+
+def resolve_predictor(name_or_path: str | os.PathLike) -> Path:
+    """The JSON of a predictor given by path, or by shipped name ``<model>/<name>``; a clear error otherwise."""
+    weights, cfg = _paths(name_or_path)
+    if cfg.is_file() and weights.is_file():
+        return cfg
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "predictor.json").is_file():
+        return p / "predictor.json"
+    shipped = _paths(PREDICTORS_DIR / str(name_or_path))[1]
+    if shipped.is_file():
+        return shipped
+    raise ValueError(
+        f"no AMED predictor {str(name_or_path)!r}: give a trained predictor's directory or .json, "
+        f"or a shipped name ({', '.join(shipped_predictors()) or 'none shipped'})"
+    )
+
+
+def load_predictor(name_or_path: str | os.PathLike) -> AmedPredictor | StaticPredictor:
+    """Rebuild a saved predictor; ``.config`` holds its JSON and ``.grid_sigmas`` the σ's it was trained on."""
+    cfg_path = resolve_predictor(name_or_path)
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path} is not an AMED predictor ({FORMAT})")
+    arch = cfg["predictor"]
+    pred: AmedPredictor | StaticPredictor
+    if arch["kind"] == "static":
+        pred = StaticPredictor(arch["num_steps"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
+    else:
+        pred = AmedPredictor(arch["feature_dim"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
+    pred.load_state_dict(load_file(str(_paths(cfg_path)[0])))
+    pred.eval().requires_grad_(False)
+    pred.config = cfg  # type: ignore[attr-defined]
+    pred.grid_sigmas = torch.tensor(cfg["grid"], dtype=torch.float64)  # type: ignore[attr-defined]
+    return pred
+
+
+def check_predictor_model(predictor: Any, model_name: str) -> None:
+    """A predictor trained for one model refuses another (by the recorded model name)."""
+    trained = predictor.config.get("model")
+    if trained is not None and Path(str(trained)).name != Path(str(model_name)).name:
+        raise ValueError(f"this predictor was trained for model {trained!r}, not {model_name!r}")
+
+
+def shipped_predictors() -> list[str]:
+    """Names ``<model>/<name>`` of the predictors shipped in ``diffsamp/weights/predictors``."""
+    if not PREDICTORS_DIR.is_dir():
+        return []
+    return sorted(f"{p.parent.name}/{p.stem}" for p in PREDICTORS_DIR.glob("*/*.json"))
