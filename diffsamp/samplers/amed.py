@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from diffsamp.models.base import Denoiser
 from diffsamp.samplers._util import Generator, StepInfo, append_dims, capture, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.ode import adams_bashforth, dpmpp_update
+from diffsamp.samplers.ode import _final_nfe, adams_bashforth, dpmpp_update, final_denoise_step
 from diffsamp.samplers.registry import register_sampler
 
 Callback = Callable[[StepInfo], None] | None
@@ -264,13 +264,14 @@ def dynamic_threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:
 
 # --------------------------------------------------------------------------------------- the samplers
 def _amed_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    """2 NFE per interval, one fewer with AFS, one fewer when the last step goes to σ = 0 (x = D)."""
-    return 2 * len(grid) - int(bool(knobs.get("afs"))) - int(grid.ends_at_zero)
+    """2 NFE per interval, one fewer with AFS, one fewer when the last step goes to σ = 0 (x = D), +1 for
+    ``final_denoise`` on a grid ending above 0."""
+    return 2 * len(grid) - int(bool(knobs.get("afs"))) - int(grid.ends_at_zero) + _final_nfe(grid, knobs)
 
 
 def _run(
     method: str, model: Denoiser, x: Tensor, grid: Grid, predictor: Predictor | None, afs: bool,
-    callback: Callback, **rule: Any,
+    callback: Callback, final_denoise: bool, **rule: Any,
 ) -> Tensor:
     if predictor is None:
         raise ValueError(
@@ -285,7 +286,7 @@ def _run(
         x = amed_step(method, model, start, i, s, s_next, predictor, state, total=total, **rule)
         if callback is not None:
             callback(StepInfo(i, s, s_next, x, start.denoised))
-    return x
+    return final_denoise_step(model, x, grid, final_denoise)
 
 
 def check_grid(predictor: Predictor, grid: Grid) -> None:
@@ -307,50 +308,51 @@ def check_grid(predictor: Predictor, grid: Grid) -> None:
 @register_sampler("amed", kind="ode", nfe=_amed_nfe)
 def amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
-    predictor: Predictor | None = None, afs: bool = False,
+    predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
     """AMED-Solver: x' = x + c(σ' − σ) ε̂(x_s, a·s), s = σ'^r σ^(1−r) (Zhou et al. 2024, Eq. 9; SPEC §6.4)."""
-    return _run("amed", model, x, grid, predictor, afs, callback)
+    return _run("amed", model, x, grid, predictor, afs, callback, final_denoise)
 
 
 @register_sampler("euler+amed", kind="ode", nfe=_amed_nfe)
 def euler_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
-    predictor: Predictor | None = None, afs: bool = False,
+    predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
     """AMED-Plugin on Euler: Euler σ → s, then x' = x_s + c(σ' − s) ε̂_s (SPEC §6.5)."""
-    return _run("euler", model, x, grid, predictor, afs, callback)
+    return _run("euler", model, x, grid, predictor, afs, callback, final_denoise)
 
 
 @register_sampler("dpm2+amed", kind="ode", nfe=_amed_nfe)
 def dpm2_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
-    predictor: Predictor | None = None, afs: bool = False,
+    predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
     """AMED-Plugin on generalized DPM-Solver-2 with learned r and c (SPEC §6.5; r = 1, c = 1 is Heun)."""
-    return _run("dpm2", model, x, grid, predictor, afs, callback)
+    return _run("dpm2", model, x, grid, predictor, afs, callback, final_denoise)
 
 
 @register_sampler("ipndm+amed", kind="ode", nfe=_amed_nfe)
 def ipndm_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
-    predictor: Predictor | None = None, afs: bool = False, max_order: int = 4,
+    predictor: Predictor | None = None, afs: bool = False, max_order: int = 4, final_denoise: bool = False,
 ) -> Tensor:
     """AMED-Plugin on iPNDM: Adams–Bashforth σ → s → σ', c on the second sub-step (SPEC §6.5)."""
     if max_order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm+amed max_order must be 1 to 4, got {max_order}")
-    return _run("ipndm", model, x, grid, predictor, afs, callback, max_order=max_order)
+    return _run("ipndm", model, x, grid, predictor, afs, callback, final_denoise, max_order=max_order)
 
 
 @register_sampler("dpmpp+amed", kind="ode", nfe=_amed_nfe)
 def dpmpp_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, order: int = 2, threshold: bool = False,
+    final_denoise: bool = False,
 ) -> Tensor:
     """AMED-Plugin on DPM-Solver++ (data prediction, order 2–3) with optional dynamic thresholding (SPEC §6.5)."""
     if order not in (1, 2, 3):
         raise ValueError(f"dpmpp+amed order must be 1, 2 or 3, got {order}")
-    return _run("dpmpp", model, x, grid, predictor, afs, callback, order=order, threshold=threshold)
+    return _run("dpmpp", model, x, grid, predictor, afs, callback, final_denoise, order=order, threshold=threshold)
 
 
 def refined_grid(grid: Grid, s_mids: list[float]) -> Grid:
