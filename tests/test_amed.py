@@ -197,3 +197,24 @@ def test_train_options_reject_an_impossible_nfe():
 
 def test_gaussian_has_no_features():
     assert GaussianDenoiser([0.0], 1.0).feature_module is None
+
+
+def test_cli_train_then_sample_with_the_predictor(tiny_model_dir, tmp_path, one_thread):
+    from click.testing import CliRunner
+
+    from diffsamp.cli import main
+
+    run = tmp_path / "amed3"
+    res = CliRunner().invoke(main, ["train", "amed", "--model", str(tiny_model_dir), "--nfe", "3", "--trajectories", "8",
+                                    "--batch", "8", "--out", str(run), "--quiet"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((run / "predictor.json").read_text())
+    assert card["nfe"] == 3 and card["afs"] is True and card["training"]["wall_seconds"] > 0
+    sample = ["sample", "--model", str(tiny_model_dir), "--predictor", str(run), "--seeds", "0-3", "--out", str(tmp_path / "g.png")]
+    res = CliRunner().invoke(main, sample)
+    assert res.exit_code == 0, res.output
+    assert "with amed/" in res.output and "NFE 3 per image" in res.output and (tmp_path / "g.png").is_file()
+    res = CliRunner().invoke(main, sample + ["--sampler", "ipndm+amed"])
+    assert res.exit_code != 0 and "trained for --sampler amed" in res.output
+    res = CliRunner().invoke(main, ["train", "amed", "--model", str(tiny_model_dir), "--nfe", "3", "--out", str(run)])
+    assert res.exit_code != 0 and "--resume" in res.output

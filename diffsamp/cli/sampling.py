@@ -75,7 +75,10 @@ def _resolve_device(device: str) -> str:
 @click.option("--fid-ref", default=None, help="Score the images: FID (and KID) against a stats .npz (`diffsamp fid ref`) or DATASET:SPLIT, e.g. mnist:test (its first N images).")
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network weights (else $DIFFSAMP_INCEPTION, then the cache).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data set folder for a DATASET:SPLIT --fid-ref (else $DIFFSAMP_DATA).")
+@click.option("--predictor", default=None, help="AMED predictor: a trained run directory/.json or a shipped name (see `diffsamp models`); sets the sampler, grid and NFE it was trained for.")
+@click.pass_context
 def sample_cmd(
+    ctx: click.Context,
     model_name: str,
     sampler: str,
     schedule: str | None,
@@ -91,6 +94,7 @@ def sample_cmd(
     fid_ref: str | None,
     inception: str | None,
     data_dir: str | None,
+    predictor: str | None,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
 
@@ -100,6 +104,7 @@ def sample_cmd(
       diffsamp sample --model fashion-mnist-ddpm --sampler dpmpp2m --steps 10 --seeds 0-999 --outdir samples/
       diffsamp sample --model runs/mnist --sampler ddpm --schedule ddpm --steps 1000 --seeds 0-15 --out g.png
       diffsamp sample --model mnist-ddpm --steps 18 --seeds 0-1999 --fid-ref mnist:test --data-dir ~/data
+      diffsamp sample --model mnist-ddpm --sampler amed --predictor mnist-ddpm/amed-nfe5 --seeds 0-63 --out g.png
     Image i depends only on its seed, whatever --batch-size and --device.
     With --fid-ref alone, samples stream into the FID statistics and nothing is written.
     """
@@ -126,6 +131,10 @@ def sample_cmd(
         raise click.ClickException(str(exc)) from None
     load_s = time.perf_counter() - t0
     schedule = schedule or default_schedule(model)
+    knobs: dict = {}
+    if predictor is not None:
+        sampler, knobs = _predictor_knobs(predictor, model_name, sampler, ctx)
+        steps, schedule = len(knobs["grid"]), knobs["predictor"].config["schedule"]
     if clip_denoised and getattr(model, "clip_sample", None) is None:
         from diffsamp.models.base import ClampDenoiser
 
@@ -138,7 +147,7 @@ def sample_cmd(
         extractor, ref = scoring
         try:
             q = score_model(model, ref, seeds=seeds, extractor=extractor, sampler=sampler, schedule=schedule,
-                            steps=steps, batch_size=bs)
+                            steps=steps, batch_size=bs, **knobs)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         n = len(seeds)
@@ -149,7 +158,8 @@ def sample_cmd(
         click.echo(_quality_line(q.fid, q.kid, q.kid_std, n, q.reference))
         return
     try:
-        result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs, device=device)
+        result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs,
+                          device=device, **knobs)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     images = result.images.clamp(-1, 1)
@@ -177,6 +187,21 @@ def sample_cmd(
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(_quality_line(fid, kid, kid_std, n, str(ref.meta.get("source") or fid_ref)))
+
+
+def _predictor_knobs(name: str, model_name: str, sampler: str, ctx: click.Context) -> tuple[str, dict]:
+    """The sampler and knobs (grid included) a --predictor was trained with; mismatches are one-line errors."""
+    from diffsamp.samplers.amed_files import check_predictor_model, load_predictor, sampling_settings
+
+    try:
+        pred = load_predictor(name)
+        check_predictor_model(pred, model_name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    trained, grid, knobs = sampling_settings(pred)
+    if ctx.get_parameter_source("sampler") is not click.core.ParameterSource.DEFAULT and sampler != trained:
+        raise click.ClickException(f"this predictor was trained for --sampler {trained}, not {sampler}")
+    return trained, {"grid": grid, **knobs}
 
 
 def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device: str, num: int, shape):
@@ -237,6 +262,25 @@ def models_cmd(verbose: bool) -> None:
             bits.append(f"{steps} training steps")
         bits.extend(_quality_summary(card))
         click.echo(f"{name:<{width}}  {'; '.join(bits)}")
+    _list_predictors()
+
+
+def _list_predictors() -> None:
+    """The shipped AMED predictors, with what they were trained for (use with --predictor NAME)."""
+    from diffsamp.samplers.amed_files import load_predictor, shipped_predictors
+
+    names = shipped_predictors()
+    if not names:
+        return
+    click.echo("\nAMED predictors (diffsamp sample --model MODEL --predictor NAME):")
+    width = max(len(n) for n in names)
+    for name in names:
+        cfg = load_predictor(name).config
+        kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
+        fid = cfg.get("fid")
+        fid_txt = f"; FID {fid['fid']:.2f} (N = {fid['num']})" if isinstance(fid, dict) else ""
+        click.echo(f"{name:<{width}}  {cfg['sampler']}, NFE {cfg['nfe']}, {cfg['schedule']}, {kind}, "
+                   f"{cfg['training']['trajectories_done']} trajectories{fid_txt}")
 
 
 def _quality_summary(card: dict) -> list[str]:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from diffsamp.atomic import atomic_write_text
 from diffsamp.models.zoo import WEIGHTS_DIR
 from diffsamp.samplers.amed import AmedPredictor, StaticPredictor
+from diffsamp.samplers.grid import Grid
 
 PREDICTORS_DIR = WEIGHTS_DIR / "predictors"
 FORMAT = "diffsamp-amed-predictor/1"
@@ -94,3 +95,10 @@ def shipped_predictors() -> list[str]:
     if not PREDICTORS_DIR.is_dir():
         return []
     return sorted(f"{p.parent.name}/{p.stem}" for p in PREDICTORS_DIR.glob("*/*.json"))
+
+
+def sampling_settings(predictor: Any) -> tuple[str, Grid, dict[str, Any]]:
+    """(sampler, grid, knobs) to sample with a loaded predictor exactly as it was trained."""
+    cfg = predictor.config
+    knobs = {"predictor": predictor, "afs": bool(cfg["afs"]), **cfg.get("knobs", {})}
+    return cfg["sampler"], Grid(predictor.grid_sigmas), knobs

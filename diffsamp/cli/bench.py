@@ -1,0 +1,80 @@
+"""``diffsamp bench``: FID of samplers at given NFEs on one model (the AMED paper's table, SPEC §6.11)."""
+
+from __future__ import annotations
+
+import click
+
+from diffsamp.cli import main
+from diffsamp.cli.train import resolve_device
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key or not val:
+            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", param_hint=what)
+        out[key.strip()] = val.strip()
+    return out
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 3,5,7,9, got {text!r}", param_hint=what) from None
+    if not vals or min(vals) < 1:
+        raise click.BadParameter(f"expected positive NFEs, got {text!r}", param_hint=what)
+    return vals
+
+
+@main.command("bench")
+@click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
+@click.option("--samplers", default="ddim,heun,dpm2,dpmpp3m,ipndm,amed,ipndm+amed", show_default=True)
+@click.option("--nfe", "nfes", default="3,5,7,9", show_default=True, help="Target NFEs.")
+@click.option("--num", default=2000, show_default=True, type=click.IntRange(min=2), help="Samples per cell (seeds 0…N−1).")
+@click.option("--ref", "reference", default="mnist:test", show_default=True, help="DATASET:SPLIT (its first N images) or a stats .npz.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bench directory (created): table.md, table.csv, fid_vs_nfe.png, cells/.")
+@click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: karras; logsnr for dpmpp*).")
+@click.option("--predictor", "predictors", multiple=True, help="[SAMPLER:]NFE=PATH for a learned sampler (default: the shipped <model>/<sampler>-nfe<N>).")
+@click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
+@click.option("--batch-size", default=250, show_default=True, type=click.IntRange(min=1))
+@click.option("--no-reference", is_flag=True, help="Skip the heun 35-NFE reference row.")
+@click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network (else $DIFFSAMP_INCEPTION).")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (else $DIFFSAMP_DATA).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
+              predictors: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
+              inception: str | None, data_dir: str | None, device: str, quiet: bool) -> None:
+    """Score each sampler at each NFE; cached cells make an interrupted bench resume.
+
+    \b
+    Examples:
+      diffsamp bench --model mnist-ddpm --nfe 3,5,7,9 --num 2000 --ref mnist:test --out bench/mnist-ddpm
+      diffsamp bench --model mnist-ddpm --samplers ipndm,ipndm+amed --nfe 5 --predictor 5=runs/ipndm-amed5 --out b/
+    """
+    from diffsamp.metrics.bench import bench
+    from diffsamp.metrics.inception import load_extractor
+    from diffsamp.models.zoo import load
+    from diffsamp.samplers import available_samplers
+
+    names = [s.strip() for s in samplers.split(",") if s.strip()]
+    unknown = [s for s in names if s not in available_samplers()]
+    if unknown:
+        raise click.BadParameter(f"unknown sampler {', '.join(unknown)}; available: {', '.join(available_samplers())}",
+                                 param_hint="--samplers")
+    targets = _int_list(nfes, "--nfe")
+    device = resolve_device(device)
+    clip_text = {None: "as the model's scheduler config", True: "on", False: "off"}[clip]
+    try:
+        model = load(model_name, device=device, clip=clip)
+        extractor = load_extractor(inception, device)
+        _, table = bench(model, model_name, samplers=names, nfes=targets, num=num, reference=reference, out=out,
+                         extractor=extractor, data_dir=data_dir, batch_size=batch_size,
+                         schedules=_pairs(schedules, "--schedule"), predictors=_pairs(predictors, "--predictor"),
+                         clip=clip_text, reference_row=not no_reference, echo=click.echo, progress=not quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(table)
+    click.echo(f"-> {out}/table.md, table.csv, fid_vs_nfe.png")

@@ -1,0 +1,256 @@
+"""``diffsamp bench``: FID/KID of samplers at given NFEs on one model, as the AMED paper's Table 2 (SPEC §6.11).
+
+Each (sampler, NFE) cell gets the grid whose declared NFE is the target: one-stage methods take NFE intervals;
+two-stage methods (heun, dpm2) take (NFE + 1)/2 intervals with AFS on the first step at odd NFE, as the
+paper does (run as ``dpm2+amed`` with the fixed r of the method: r = 1 is Heun, r = ½ DPM-Solver-2 — the
+identities are tested); learned samplers take their predictor's grid. All grids end at σ_min (no step to 0),
+as in the paper; the reference row (heun, 18 karras steps to 0, 35 NFE) and the data floor complete the table.
+Cells are cached one JSON file each, so an interrupted bench resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffsamp.atomic import atomic_write_text
+from diffsamp.models.base import Denoiser
+from diffsamp.samplers import Grid, get_sampler, get_schedule
+from diffsamp.samplers.amed import FixedPredictor
+from diffsamp.samplers.amed_files import check_predictor_model, load_predictor, sampling_settings
+
+TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
+LEARNED = {"amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed"}
+# SPEC §6.9 / AMED §4.1: polynomial ρ = 7 (karras) mainly, logSNR for DPM-Solver++
+DEFAULT_SCHEDULES = {"dpmpp": "logsnr", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr"}
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """How one (sampler, NFE) cell is sampled: the registered method, its grid and knobs, and a description."""
+
+    sampler: str
+    nfe: int
+    method: str
+    grid: Grid
+    knobs: dict[str, Any]
+    schedule: str
+    setting: str  # human-readable: grid, AFS, predictor
+    predictor: str | None = None
+
+
+def predictor_name(model_name: str, sampler: str, nfe: int) -> str:
+    """The shipped name of a learned sampler's predictor: ``<model>/<sampler>-nfe<N>`` (``+`` written ``-``)."""
+    return f"{Path(model_name).name}/{sampler.replace('+', '-')}-nfe{nfe}"
+
+
+def plan_cell(
+    model: Denoiser, model_name: str, sampler: str, nfe: int, *, schedules: Mapping[str, str] | None = None,
+    predictors: Mapping[str, str] | None = None,
+) -> CellPlan:
+    """The grid and knobs whose declared NFE is ``nfe`` for ``sampler`` (see the module doc)."""
+    schedules, predictors = dict(schedules or {}), dict(predictors or {})
+    if sampler in LEARNED:
+        key = f"{sampler}:{nfe}"
+        path = predictors.get(key) or predictors.get(str(nfe)) or predictor_name(model_name, sampler, nfe)
+        pred = load_predictor(path)
+        check_predictor_model(pred, model_name)
+        method, grid, knobs = sampling_settings(pred)
+        if method != sampler:
+            raise ValueError(f"predictor {path} is for {method}, not {sampler}")
+        cfg = pred.config
+        kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
+        setting = f"{cfg['schedule']}, {len(grid)} steps to σ_min, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
+        return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path))
+    schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(sampler, "karras")
+    sched = get_schedule(schedule, model=model)
+    if sampler in TWO_STAGE:
+        afs = nfe % 2 == 1
+        grid = sched.grid((nfe + int(afs)) // 2, final_zero=False)
+        if afs:
+            knobs = {"predictor": FixedPredictor(TWO_STAGE[sampler], 1.0), "afs": True}
+            return CellPlan(sampler, nfe, "dpm2+amed", grid, knobs, schedule,
+                            f"{schedule}, {len(grid)} steps to σ_min, AFS on")
+        return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {len(grid)} steps to σ_min")
+    spec = get_sampler(sampler)
+    grid = sched.grid(nfe, final_zero=False)
+    declared = spec.expected_nfe(grid)
+    if declared != nfe:
+        raise ValueError(f"{sampler} has no grid of NFE {nfe} (declared {declared} for {nfe} steps)")
+    return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {nfe} steps to σ_min")
+
+
+@dataclass
+class CellResult:
+    """A finished cell: FID/KID, measured NFE, wall time and everything that made it."""
+
+    sampler: str
+    nfe_target: int | None
+    nfe: int
+    fid: float
+    kid: float | None
+    kid_std: float | None
+    num: int
+    seeds: str
+    sampling_seconds: float
+    feature_seconds: float
+    setting: str
+    clip: str
+    grid: list[float]
+    predictor: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _cell_key(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_cell(
+    model: Denoiser, plan: CellPlan, *, reference: Any, extractor: Any, num: int, batch_size: int, clip: str,
+    cache_dir: Path, cache_parts: Mapping[str, Any], progress: bool = False,
+) -> CellResult:
+    """Score one cell (or read it from ``cache_dir``): ``num`` samples, seeds 0…num−1, streamed into FID/KID."""
+    from diffsamp.evaluate import score_model
+
+    parts = {**cache_parts, "sampler": plan.sampler, "nfe": plan.nfe, "method": plan.method,
+             "grid": plan.grid.sigmas.tolist(), "predictor": plan.predictor, "setting": plan.setting, "num": num}
+    path = cache_dir / f"{plan.sampler.replace('+', '-')}-nfe{plan.nfe}-{_cell_key(parts)}.json"
+    if path.is_file():
+        return CellResult(**json.loads(path.read_text()))
+    q = score_model(model, reference, num=num, sampler=plan.method, schedule=plan.schedule, batch_size=batch_size,
+                    extractor=extractor, grid=plan.grid, progress=progress, **plan.knobs)
+    res = CellResult(plan.sampler, plan.nfe, q.nfe, q.fid, q.kid, q.kid_std, num, f"0-{num - 1}",
+                     round(q.sampling_seconds, 2), round(q.feature_seconds, 2), plan.setting, clip,
+                     plan.grid.sigmas.tolist(), plan.predictor)
+    if q.nfe != plan.nfe:
+        raise RuntimeError(f"{plan.sampler} at NFE {plan.nfe}: measured {q.nfe} evaluations")
+    atomic_write_text(path, json.dumps(asdict(res), indent=2) + "\n")
+    return res
+
+
+def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[float, float | None] | None,
+                 reference: CellResult | None) -> str:
+    """Markdown: one row per sampler, FID (KID×10³) per NFE; then the reference row and the data floor."""
+    samplers = list(dict.fromkeys(c.sampler for c in cells))
+    by = {(c.sampler, c.nfe_target): c for c in cells}
+    lines = ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " | setting |",
+             "|---|" + "---|" * len(nfes) + "---|"]
+    for s in samplers:
+        row = []
+        for n in nfes:
+            c = by.get((s, n))
+            row.append("—" if c is None else f"{c.fid:.2f}" + (f" ({1e3 * c.kid:.1f})" if c.kid is not None else ""))
+        setting = next(c.setting for c in cells if c.sampler == s).split(", ", 1)
+        lines.append(f"| {s} | " + " | ".join(row) + f" | {setting[0]} |")
+    if reference is not None:
+        lines.append(f"| reference: {reference.sampler} ({reference.nfe} NFE) | "
+                     + " | ".join([f"{reference.fid:.2f}"] * len(nfes)) + f" | {reference.setting} |")
+    if floor is not None:
+        kid = f" ({1e3 * floor[1]:.1f})" if floor[1] is not None else ""
+        lines.append("| data floor (train vs test) | " + " | ".join([f"{floor[0]:.2f}{kid}"] * len(nfes)) + " | — |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(cells: Sequence[CellResult], path: Path) -> None:
+    """One line per cell with every recorded field."""
+    buf = io.StringIO()
+    fields = [f for f in CellResult.__dataclass_fields__ if f not in ("grid", "extra")] + ["grid"]
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for c in cells:
+        d = asdict(c)
+        d["grid"] = " ".join(f"{v:.6g}" for v in c.grid)
+        w.writerow({k: d[k] for k in fields})
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference: CellResult | None, path: Path,
+                    title: str) -> None:
+    """FID against NFE, one line per sampler (log FID axis), the data floor and the reference drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for s in dict.fromkeys(c.sampler for c in cells):
+        pts = sorted((c.nfe, c.fid) for c in cells if c.sampler == s)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+    if reference is not None:
+        ax.axhline(reference.fid, color="0.4", ls=":", label=f"{reference.sampler} {reference.nfe} NFE")
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", label="data floor")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def bench(
+    model: Denoiser, model_name: str, *, samplers: Sequence[str], nfes: Sequence[int], num: int, reference: str,
+    out: str | os.PathLike, extractor: Any, data_dir: str | os.PathLike | None = None, batch_size: int = 250,
+    schedules: Mapping[str, str] | None = None, predictors: Mapping[str, str] | None = None, clip: str = "model default",
+    reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False,
+) -> tuple[list[CellResult], str]:
+    """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``."""
+    from diffsamp.evaluate import data_floor, resolve_reference
+
+    out = Path(out)
+    cache = out / "cells"
+    cache.mkdir(parents=True, exist_ok=True)
+    from diffsamp.models.zoo import sample_shape
+
+    shape = tuple(sample_shape(model))
+    plans = [plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors) for s in samplers for n in nfes]
+    ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
+                            progress=progress)
+    parts = {"model": model_name, "reference": reference, "clip": clip, "shape": shape}
+    floor = None
+    if ":" in reference and not Path(reference).exists():
+        f = data_floor(reference.split(":")[0], num=num, image_size=shape[-1], extractor=extractor,
+                       data_dir=data_dir, progress=progress)
+        floor = (f.fid, f.kid)
+    config = {"model": model_name, "samplers": list(samplers), "nfes": list(nfes), "num": num, "reference": reference,
+              "clip": clip, "schedules": dict(schedules or {}), "predictors": dict(predictors or {}),
+              "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
+              "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    cells = []
+    for plan in plans:
+        c = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size, clip=clip,
+                     cache_dir=cache, cache_parts=parts, progress=progress)
+        echo(f"{c.sampler:>12} NFE {c.nfe:>2}: FID {c.fid:7.2f}  ({c.setting}; {c.sampling_seconds:.0f} s sampling)")
+        cells.append(c)
+    ref_cell = None
+    if reference_row:
+        sched = get_schedule("karras", model=model)
+        plan = CellPlan("heun", 35, "heun", sched.grid(18), {}, "karras", "karras, 18 steps to 0 (EDM)")
+        ref_cell = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size,
+                            clip=clip, cache_dir=cache, cache_parts=parts, progress=progress)
+        ref_cell.nfe_target = None
+    table = format_table(cells, nfes, floor, ref_cell)
+    head = (f"{model_name}: FID (KID×10³) of N = {num} samples (seeds 0–{num - 1}) vs {reference}; "
+            f"x̂0 clipping: {clip}\n\n")
+    atomic_write_text(out / "table.md", head + table)
+    write_csv(cells + ([ref_cell] if ref_cell else []), out / "table.csv")
+    plot_fid_vs_nfe(cells, floor[0] if floor else None, ref_cell, out / "fid_vs_nfe.png", f"{model_name}, N = {num}")
+    return cells, head + table
+

@@ -1,0 +1,89 @@
+"""``diffsamp bench``: each cell's grid gives the target NFE (measured), cells are cached, tables and plot written."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import diffsamp.evaluate
+import diffsamp.fid
+from diffsamp.cli import main
+from diffsamp.fid import compute_stats, save_stats
+from diffsamp.metrics.bench import bench, plan_cell
+from diffsamp.models import load
+from diffsamp.models.zoo import sample_shape
+from diffsamp.training.amed import AmedTrainOptions, train_amed
+from tests.fid_fakes import tiny_extractor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    ext = tiny_extractor()
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
+    ref = compute_stats(images, extractor=ext, keep_features=True, padding=0, progress=False)
+    tmp = tmp_path_factory.mktemp("bench")
+    save_stats(ref, tmp / "ref.npz")
+    model = load(tiny_model_dir)
+    preds = {}
+    for nfe in (3, 4):
+        preds[f"amed:{nfe}"] = str(train_amed(model, sample_shape(model), AmedTrainOptions(nfe=nfe, trajectories=8, batch=8),
+                                              tmp / f"amed{nfe}", model_name=str(tiny_model_dir)))
+    return model, ext, tmp, preds
+
+
+def test_plans_give_the_target_nfe_and_state_their_grid(setup, tiny_model_dir):
+    model, _, _, preds = setup
+    heun3 = plan_cell(model, str(tiny_model_dir), "heun", 3)
+    assert heun3.method == "dpm2+amed" and heun3.knobs["afs"] and len(heun3.grid) == 2 and "AFS on" in heun3.setting
+    heun4 = plan_cell(model, str(tiny_model_dir), "heun", 4)
+    assert heun4.method == "heun" and len(heun4.grid) == 2 and not heun4.grid.ends_at_zero
+    assert plan_cell(model, str(tiny_model_dir), "dpmpp3m", 5).schedule == "logsnr"
+    assert plan_cell(model, str(tiny_model_dir), "ipndm", 5, schedules={"ipndm": "logsnr"}).schedule == "logsnr"
+    with pytest.raises(ValueError, match="no AMED predictor"):
+        plan_cell(model, str(tiny_model_dir), "amed", 7)
+    with pytest.raises(ValueError, match="trained for model"):
+        plan_cell(model, "mnist-ddpm", "amed", 3, predictors=preds)
+
+
+def test_bench_writes_tables_measures_nfe_and_resumes(setup, tiny_model_dir, monkeypatch):
+    model, ext, tmp, preds = setup
+    kw = dict(samplers=["euler", "heun", "dpm2", "amed"], nfes=[3, 4], num=12, reference=str(tmp / "ref.npz"),
+              out=tmp / "out", extractor=ext, batch_size=5, predictors=preds, echo=lambda s: None)
+    cells, table = bench(model, str(tiny_model_dir), **kw)
+    assert [(c.sampler, c.nfe) for c in cells] == [(s, n) for s in kw["samplers"] for n in (3, 4)]
+    assert all(c.nfe == c.nfe_target and c.num == 12 and c.seeds == "0-11" for c in cells)
+    for name in ("table.md", "table.csv", "fid_vs_nfe.png", "config.json"):
+        assert (tmp / "out" / name).is_file()
+    assert "reference: heun (35 NFE)" in table and "| amed |" in table
+    rows = list(csv.DictReader((tmp / "out" / "table.csv").open()))
+    assert len(rows) == 9 and rows[-1]["nfe"] == "35"
+
+    def boom(*a, **k):
+        raise AssertionError("a cached cell was sampled again")
+
+    monkeypatch.setattr(diffsamp.evaluate, "score_model", boom)
+    again, table2 = bench(model, str(tiny_model_dir), **kw)
+    assert [c.fid for c in again] == [c.fid for c in cells] and table2 == table
+
+
+def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
+    _, ext, tmp, _ = setup
+    monkeypatch.setattr(diffsamp.fid, "load_extractor", lambda *a, **k: ext)
+    monkeypatch.setattr("diffsamp.metrics.inception.load_extractor", lambda *a, **k: ext)
+    base = ["bench", "--model", str(tiny_model_dir), "--ref", str(tmp / "ref.npz"), "--out", str(tmp / "cli"),
+            "--num", "6", "--quiet", "--no-reference"]
+    res = CliRunner().invoke(main, base + ["--samplers", "euler,nope"])
+    assert res.exit_code != 0 and "unknown sampler nope" in res.output
+    res = CliRunner().invoke(main, base + ["--nfe", "3,x"])
+    assert res.exit_code != 0 and "comma-separated integers" in res.output
+    res = CliRunner().invoke(main, base + ["--samplers", "amed", "--nfe", "3"])
+    assert res.exit_code != 0 and "no AMED predictor" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, base + ["--samplers", "euler", "--nfe", "2"])
+    assert res.exit_code == 0, res.output
+    assert "| euler |" in res.output
