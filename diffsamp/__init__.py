@@ -4,7 +4,7 @@ x = x0 + σ·ε, a model is a denoiser D(x, σ) ≈ E[x0 | x], grids are decreas
 a stateless function ``sampler(model, x, grid, *, generator=None, callback=None, **knobs) -> x``.
 """
 
-__version__ = "0.1.0"
+from diffsamp._version import __version__  # noqa: E402
 
 from diffsamp.models.base import ClampDenoiser, CountingDenoiser, Denoiser  # noqa: E402
 from diffsamp.samplers import (  # noqa: E402

@@ -56,6 +56,20 @@ def rk45_pairs() -> dict[str, torch.Tensor]:
     return {"rk45/mnist-rf": res.images}
 
 
+def straightness_figures() -> dict[str, torch.Tensor]:
+    """``straightness/MODEL``: S, its error, relative S, transport cost and t0 of 4 paths, 4 Euler steps."""
+    from diffsamp.data.toys import draw_noise
+    from diffsamp.metrics.straightness import straightness
+    from diffsamp.models import load
+
+    out = {}
+    for name in ("mnist-rf", "mnist-ddpm"):
+        r = straightness(load(name), draw_noise("normal", (1, 32, 32), 0, 4, 0), steps=4, batch_size=3)
+        out[f"straightness/{name}"] = torch.tensor([r["S"], r["S_err"], r["relative"], r["transport_cost"], r["t0"]],
+                                                   dtype=torch.float64)
+    return out
+
+
 def fid_statistic() -> dict[str, torch.Tensor]:
     """``fid/mu``, ``fid/sigma_sha256`` and ``fid/frechet``: Inception statistics of 2 mnist-ddpm samples and
     their Fréchet distance to 2 others; {} without the Inception weights."""
@@ -67,7 +81,7 @@ def fid_statistic() -> dict[str, torch.Tensor]:
         extractor = load_extractor(None, "cpu")
     except WeightsNotFoundError:
         return {}
-    from diffsamp.fid import compute_stats
+    from diffsamp.metrics.fid import compute_stats
 
     model = load("mnist-ddpm")
     a = diffsamp.generate(model, (1, 32, 32), sampler="euler", steps=2, seeds=range(2)).images
@@ -84,7 +98,8 @@ def checkpoints() -> dict[str, torch.Tensor]:
     """``ckpt/ddpm`` and ``ckpt/rf``: SHA-256 of every tensor of a 4-step training checkpoint (tiny DDPM
     UNet on random digits; toy MLP rectified flow), and the EMA weights of the flow itself."""
     from diffsamp.training.ddpm import DDPMTrainOptions, train_ddpm
-    from diffsamp.training.loop import CHECKPOINT, TrainConfig, read_checkpoint
+    from diffsamp.training.checkpoint import CHECKPOINT, read_checkpoint
+    from diffsamp.training.loop import TrainConfig
     from diffsamp.training.rectified_flow import RFTrainOptions, train_rf
 
     out = {}
@@ -108,7 +123,7 @@ def compute() -> dict[str, torch.Tensor]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {**samples(), **rk45_pairs(), **fid_statistic(), **checkpoints()}
+        return {**samples(), **rk45_pairs(), **straightness_figures(), **fid_statistic(), **checkpoints()}
     finally:
         torch.set_num_threads(threads)
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from diffsamp.models.rectified_flow import MLPVelocity, RFDenoiser, save_rf
+from diffsamp.models.networks import MLPVelocity
+from diffsamp.models.rectified_flow import RFDenoiser, save_rf
 from diffsamp.training import pairs as pairs_mod
 from diffsamp.training.pairs import PairsError, generate_pairs, load_pairs, shard_name
 

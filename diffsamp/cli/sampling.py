@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli import main
+from diffsamp.cli._common import knob_option, load_or_fail, main, parse_knobs, resolve_device
 from diffsamp.samplers import available_samplers, available_schedules
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -49,16 +49,6 @@ class SeedList(click.ParamType):
             self.fail(f"{exc} (expected e.g. 0-63, 1,5,9 or 0-3,10)", param, ctx)
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
-    return device
-
-
 @main.command("sample")
 @click.option("--model", "model_name", required=True, help="Zoo name (see `diffsamp models`), a local model/run directory, or a Hub id.")
 @click.option("--sampler", default="heun", show_default=True, type=click.Choice(available_samplers()))
@@ -75,6 +65,7 @@ def _resolve_device(device: str) -> str:
 @click.option("--fid-ref", default=None, help="Score the images: FID (and KID) against a stats .npz (`diffsamp fid ref`) or DATASET:SPLIT, e.g. mnist:test (its first N images).")
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network weights (else $DIFFSAMP_INCEPTION, then the cache).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data set folder for a DATASET:SPLIT --fid-ref (else $DIFFSAMP_DATA).")
+@knob_option
 def sample_cmd(
     model_name: str,
     sampler: str,
@@ -91,6 +82,7 @@ def sample_cmd(
     fid_ref: str | None,
     inception: str | None,
     data_dir: str | None,
+    knobs: tuple[str, ...],
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
 
@@ -100,6 +92,7 @@ def sample_cmd(
       diffsamp sample --model fashion-mnist-ddpm --sampler dpmpp2m --steps 10 --seeds 0-999 --outdir samples/
       diffsamp sample --model runs/mnist --sampler ddpm --schedule ddpm --steps 1000 --seeds 0-15 --out g.png
       diffsamp sample --model mnist-ddpm --steps 18 --seeds 0-1999 --fid-ref mnist:test --data-dir ~/data
+      diffsamp sample --model mnist-ddpm --sampler dpm2 --knob r=0.3 --steps 10 --out grid.png
     Image i depends only on its seed, whatever --batch-size and --device.
     With --fid-ref alone, samples stream into the FID statistics and nothing is written.
     """
@@ -109,36 +102,34 @@ def sample_cmd(
 
     from diffsamp.api import generate
     from diffsamp.images import save_grid, save_png
-    from diffsamp.models.base import default_schedule
-    from diffsamp.models.zoo import load, sample_shape
+    from diffsamp.models.base import ClampDenoiser, default_schedule
 
     if out is not None and outdir is not None:
         raise click.UsageError("give one of --out (a grid PNG) or --outdir (one PNG per seed), not both")
     if out is None and outdir is None and fid_ref is None:
         raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
-    device = _resolve_device(device)
+    knob_values = parse_knobs(sampler, knobs)
+    device = resolve_device(device)
     torch_dtype = None if dtype == "float32" else getattr(torch, DTYPES[dtype])  # None: as stored (fp32)
     t0 = time.perf_counter()
+    model = load_or_fail(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
     try:
-        model = load(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
-        shape = sample_shape(model)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+        shape = model.sample_shape
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     load_s = time.perf_counter() - t0
     schedule = schedule or default_schedule(model)
-    if clip_denoised and getattr(model, "clip_sample", None) is None:
-        from diffsamp.models.base import ClampDenoiser
-
+    if clip_denoised and model.clip_sample is None:
         model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
     bs = batch_size or min(len(seeds), 256)
     scoring = _fid_reference(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
     if scoring is not None and out is None and outdir is None:
-        from diffsamp.evaluate import score_model
+        from diffsamp.metrics.scoring import score_model
 
         extractor, ref = scoring
         try:
             q = score_model(model, ref, seeds=seeds, extractor=extractor, sampler=sampler, schedule=schedule,
-                            steps=steps, batch_size=bs)
+                            steps=steps, batch_size=bs, **knob_values)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         n = len(seeds)
@@ -149,7 +140,8 @@ def sample_cmd(
         click.echo(_quality_line(q.fid, q.kid, q.kid_std, n, q.reference))
         return
     try:
-        result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs, device=device)
+        result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs, device=device,
+                          **knob_values)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     images = result.images.clamp(-1, 1)
@@ -169,7 +161,7 @@ def sample_cmd(
         f"model loaded in {load_s:.1f} s -> {where}"
     )
     if scoring is not None:
-        from diffsamp.evaluate import score_images
+        from diffsamp.metrics.scoring import score_images
 
         extractor, ref = scoring
         try:
@@ -182,8 +174,8 @@ def sample_cmd(
 def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device: str, num: int, shape):
     """The feature network and the --fid-ref statistics, resolved before any sampling (so a missing weights
     file or data set fails at once)."""
-    from diffsamp.evaluate import resolve_reference
-    from diffsamp.fid import WeightsNotFoundError, load_extractor
+    from diffsamp.metrics.scoring import resolve_reference
+    from diffsamp.metrics.fid import WeightsNotFoundError, load_extractor
 
     if num < 2:
         raise click.BadParameter("FID needs at least 2 seeds", param_hint="--seeds")

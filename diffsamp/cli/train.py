@@ -16,29 +16,7 @@ from typing import Any
 
 import click
 
-from diffsamp.cli import main
-
-
-def parse_int_list(value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    value = value.strip()
-    if value.lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 32,64,128, got {value!r}") from None
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
-    return device
+from diffsamp.cli._common import main, parse_int_list, resolve_device
 
 
 def loop_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,30 +21,19 @@ from torch import Tensor
 
 from diffsamp.models.base import Denoiser
 from diffsamp.models.parameterization import rf_sigma_from_t, rf_t_from_sigma, velocity_from_x0
-from diffsamp.samplers._util import Generator, StepInfo, sigma_batch, to_d
+from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, final_nfe, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import register_alias, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 
 
-def _final_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return int(bool(knobs.get("final_denoise")) and not grid.ends_at_zero)
-
-
-def final_denoise_step(model: Denoiser, x: Tensor, grid: Grid, enabled: bool) -> Tensor:
-    """Tweedie's x̂0 = D(x, σ_K) after a grid that ends above 0 (Score-SDE App. G; SPEC §7.4 row 11)."""
-    if enabled and not grid.ends_at_zero:
-        return model(x, sigma_batch(x, float(grid.sigmas[-1])))
-    return x
-
-
 def _two_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return 2 * len(grid) - int(grid.ends_at_zero) + _final_nfe(grid, knobs)
+    return 2 * len(grid) - int(grid.ends_at_zero) + final_nfe(grid, knobs)
 
 
 def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return len(grid) + _final_nfe(grid, knobs)
+    return len(grid) + final_nfe(grid, knobs)
 
 
 @register_sampler("euler", kind="ode", nfe=_one_stage_nfe)
@@ -90,7 +79,7 @@ def heun(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe, r=0.5)
+@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe)
 def dpm2(
     model: Denoiser,
     x: Tensor,
@@ -172,7 +161,7 @@ def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int) -> Multiste
     return rule
 
 
-@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe, order=2)
+@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe)
 def dpmpp(
     model: Denoiser,
     x: Tensor,
@@ -216,7 +205,7 @@ def adams_bashforth(ds: list[Tensor]) -> Tensor:
     return out
 
 
-@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe, max_order=4)
+@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe)
 def ipndm(
     model: Denoiser,
     x: Tensor,
@@ -263,7 +252,7 @@ def rk45(
     against 225 in σ, end points within RMS 0.033 — and ``"sigma"`` for every other model.
     """
     if time is None:
-        time = "rf" if getattr(model, "prior", None) == "rf" else "sigma"
+        time = "rf" if model.prior == "rf" else "sigma"
     if time not in ("sigma", "rf"):
         raise ValueError(f"rk45 time must be 'sigma' or 'rf', got {time!r}")
     sigmas = grid.sigmas.tolist()
