@@ -76,8 +76,9 @@ def parse_knobs(sampler: str, items: tuple[str, ...]) -> dict[str, Any]:
         try:
             out[name] = spec.parse_knob(name, text.strip())
         except ValueError as exc:
-            raise click.BadParameter(f"{exc}; knobs of {sampler}: {describe_knobs(spec.knob_specs()) or 'none'}",
-                                     param_hint="--knob") from None
+            listed = "its knobs:" in str(exc)
+            raise click.BadParameter(str(exc) if listed else f"{exc}; knobs of {sampler}: "
+                                     f"{describe_knobs(spec.knob_specs()) or 'none'}", param_hint="--knob") from None
     return out
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,8 @@ from diffsamp.models.diffusers_unet import (
 from diffsamp.models.networks import DEFAULT_CHANNELS, DEFAULT_LAYERS_PER_BLOCK, make_unet
 from diffsamp.models.zoo import load
 from diffsamp.training.checkpoint import CHECKPOINT, read_checkpoint
-from diffsamp.training.loop import TrainConfig, TrainResult, read_log, train_loop
+from diffsamp.training.cards import hardware, training_record
+from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -152,7 +151,7 @@ def train_ddpm(
         "parameters": n_params,
         "unet": {k: v for k, v in unet.config.items() if k != "_name_or_path"},  # no local paths
         "device": str(device),
-        "hardware": _hardware(device),
+        "hardware": hardware(device),
     }
     batches = BatchSampler(
         images, options.batch_size, seed=config.seed, device=device, random_flip=options.random_flip
@@ -205,9 +204,7 @@ def write_card(
 ) -> Path:
     """``card.json``: what was trained, on what, for how long, on which hardware, and the final loss
     (the mean of the last 10 logged losses, from ``log_dir``'s log, default ``out``)."""
-    log = [r for r in read_log(log_dir or out) if "loss" in r and r.get("step", 0) <= result.step]
-    tail = log[-10:]
-    hw = config.extra.get("hardware") or _hardware(device)
+    record = training_record(config, result, device, Path(log_dir or out), hw=config.extra.get("hardware"))
     card = {
         "architecture": "diffusers UNet2DModel",
         "unet": config.extra.get("unet"),
@@ -219,29 +216,15 @@ def write_card(
         "image_size": options.sample_size,
         "steps": result.step,
         "batch_size": options.batch_size,
-        "optimizer": {
-            "name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps, "decay_steps": config.decay_steps,
-            "weight_decay": config.weight_decay, "betas": list(config.adam_betas), "grad_clip": config.grad_clip,
-        },
-        "ema_decay": config.ema_decay,
-        "mixed_precision": "bf16 autocast" if (config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")) else "fp32",
-        "seed": config.seed,
+        **{k: record[k] for k in ("optimizer", "ema_decay", "mixed_precision", "seed")},
         "training_seconds": round(result.seconds, 1),
-        "hardware": hw,
-        "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "final_loss": (sum(r["loss"] for r in tail) / len(tail)) if tail else None,
+        **{k: record[k] for k in ("hardware", "software", "final_loss")},
         "weights": "EMA, fp32 safetensors",
-        "date": time.strftime("%Y-%m-%d"),
+        "date": record["date"],
     }
     path = Path(out) / "card.json"
     write_json(path, card)
     return path
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, which: str = "ema") -> Path:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,8 @@ from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
 from diffsamp.models.networks import MLPVelocity, call_velocity, make_unet
 from diffsamp.models.rectified_flow import T_MAX, RFDenoiser, load_rf, save_rf
 from diffsamp.models.zoo import load
-from diffsamp.training.loop import TrainConfig, TrainResult, read_log, train_loop
+from diffsamp.training.cards import training_record
+from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
 from diffsamp.training.pairs import load_pairs, pair_batches
 
 T_SAMPLINGS = ("uniform", "logit-normal")
@@ -127,12 +126,6 @@ class RFTrainOptions:
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
-
-
 def resolve_rf(name_or_path: str, *, what: str = "--init") -> RFDenoiser:
     """A rectified flow by zoo name or path; a clear error for anything else (e.g. a DDPM)."""
     model = load(name_or_path)
@@ -205,25 +198,13 @@ def _finish(
     result: TrainResult,
     device: torch.device,
 ) -> Path:
-    log = [r for r in read_log(out) if "loss" in r]
-    tail = log[-10:]
+    record = training_record(config, result, device, out)
     keep = ("trainer", "rectification", "distill_steps", "sampling", "dataset", "shape", "warm_start")
     card = {
         **info,
-        "training": {
-            "steps": result.step,
-            "optimizer": {"name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps, "decay_steps": config.decay_steps,
-                          "weight_decay": config.weight_decay, "grad_clip": config.grad_clip},
-            "ema_decay": config.ema_decay,
-            "mixed_precision": "bf16 autocast" if (config.mixed_precision == "bf16" or
-                                                   (config.mixed_precision == "auto" and device.type == "cuda")) else "fp32",
-            "seed": config.seed,
-            "seconds": round(result.seconds, 1),
-            "hardware": hardware(device),
-            "software": {"torch": torch.__version__, "python": platform.python_version()},
-            "final_loss": (sum(r["loss"] for r in tail) / len(tail)) if tail else None,
-            "date": time.strftime("%Y-%m-%d"),
-        },
+        "training": {"steps": result.step, **{k: v for k, v in record.items() if k not in ("hardware", "software",
+                     "final_loss", "date")}, "seconds": round(result.seconds, 1),
+                     **{k: record[k] for k in ("hardware", "software", "final_loss", "date")}},
         "parameters": sum(p.numel() for p in ema_model.parameters()),
         "weights": "EMA",
     }
