@@ -62,6 +62,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: str | os.PathLike, *, fmt: str | None = None, what: str = "JSON file",
+              error: type[Exception] = ValueError) -> dict[str, Any]:
+    """A JSON object from ``path``; with ``fmt``, its ``"format"`` entry must be ``fmt`` (it is then ``what``).
+    Invalid JSON or another format raise ``error`` naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from None
+    if fmt is not None and (not isinstance(obj, dict) or obj.get("format") != fmt):
+        found = obj.get("format") if isinstance(obj, dict) else None
+        raise error(f"{path} is not {what} (format {found!r})")
+    return obj
+
+
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
     """Write a safetensors file atomically (non-contiguous tensors are copied first: safetensors refuses views)."""
     from safetensors.torch import save_file

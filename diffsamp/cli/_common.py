@@ -51,6 +51,14 @@ def parse_int_list(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"expected comma-separated integers such as 32,64,128, got {value!r}") from None
 
 
+def parse_channels(value: str) -> tuple[int, ...]:
+    """``--channels 32,64,128``: UNet channels per resolution level, at least one."""
+    channels = parse_int_list(value)
+    if not channels:
+        raise click.BadParameter("at least one level", param_hint="--channels")
+    return channels
+
+
 def knob_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--knob NAME=VALUE`` (repeatable): a sampler knob, typed from the sampler's signature."""
     return click.option(

@@ -17,7 +17,15 @@ from typing import Any
 
 import click
 
-from diffsamp.cli._common import knob_option, load_or_fail, main, parse_int_list, parse_knobs, resolve_device
+from diffsamp.cli._common import (
+    knob_option,
+    load_or_fail,
+    main,
+    parse_channels,
+    parse_int_list,
+    parse_knobs,
+    resolve_device,
+)
 from diffsamp.cli.train import loop_config, loop_options, train
 from diffsamp.samplers import available_samplers, available_schedules, get_sampler
 
@@ -46,9 +54,7 @@ def _arch_options(f):
 def _options(kw: dict[str, Any], **extra: Any):
     from diffsamp.training.rectified_flow import RFTrainOptions
 
-    channels = parse_int_list(kw.pop("channels"))
-    if not channels:
-        raise click.BadParameter("at least one level", param_hint="--channels")
+    channels = parse_channels(kw.pop("channels"))
     return RFTrainOptions(
         batch_size=kw.pop("batch_size"),
         t_sampling=kw.pop("t_sampling"),

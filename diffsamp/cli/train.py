@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from diffsamp.cli._common import main, parse_int_list, resolve_device
+from diffsamp.cli._common import main, parse_channels, parse_int_list, resolve_device
 
 
 def loop_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,9 +96,7 @@ def ddpm_cmd(**kw: Any) -> None:
     from diffsamp.data import DataNotFoundError
     from diffsamp.training.ddpm import DDPMTrainOptions, train_ddpm
 
-    channels = parse_int_list(kw.pop("channels"))
-    if not channels:
-        raise click.BadParameter("at least one level", param_hint="--channels")
+    channels = parse_channels(kw.pop("channels"))
     attention = parse_int_list(kw.pop("attention_levels"))
     config = loop_config(kw)
     device = resolve_device(kw.pop("device"))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffsamp.io import save_safetensors, write_json
+from diffsamp.io import read_json, save_safetensors, write_json
 from diffsamp.models.base import DenoiserBase, Prior
 from diffsamp.models.networks import MLPVelocity, build_network, call_velocity, network_spec, param_dtype
 from diffsamp.models.parameterization import rf_t_from_sigma
@@ -189,12 +189,7 @@ def load_rf(
 
     cfg_path = _config_path(path)
     weights = cfg_path.with_suffix(".safetensors")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path} is not a diffsamp rectified-flow model (format {config.get('format')!r})")
+    config = read_json(cfg_path, fmt=FORMAT, what="a diffsamp rectified-flow model")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (the weights of {cfg_path})")
     net = build_network(config["network"])

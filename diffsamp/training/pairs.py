@@ -21,7 +21,6 @@ the shards already there: an interrupted run resumes without redoing them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsamp.io import save_safetensors, write_json
+from diffsamp.io import read_json, save_safetensors, write_json
 from diffsamp.api import integrate as api_integrate
 from diffsamp.api import make_grid
 from diffsamp.data import BatchSampler
@@ -113,13 +112,7 @@ def read_meta(pairs_dir: str | os.PathLike) -> dict[str, Any]:
     p = Path(pairs_dir) / META
     if not p.is_file():
         raise PairsError(f"{pairs_dir} is not a pairs directory (no {META}); make one with `diffsamp reflow pairs`")
-    try:
-        meta = json.loads(p.read_text())
-    except ValueError as exc:
-        raise PairsError(f"{p} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise PairsError(f"{p} is not a reflow-pairs description (format {meta.get('format')!r})")
-    return meta
+    return read_json(p, fmt=FORMAT, what="a reflow-pairs description", error=PairsError)
 
 
 _MATCH_KEYS = ("shape", "num", "shard_size", "seed", "model", "source", "sampler", "schedule", "steps", "knobs")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
 from diffsamp.models.networks import MLPVelocity, call_velocity, make_unet
-from diffsamp.models.rectified_flow import T_MAX, RFDenoiser, load_rf, save_rf
+from diffsamp.models.rectified_flow import T_MAX, RFDenoiser, save_rf
 from diffsamp.models.zoo import load
 from diffsamp.training.cards import training_record
 from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
@@ -407,15 +407,9 @@ def _pairs_summary(pairs_dir: str | os.PathLike, pairs: Any) -> dict[str, Any]:
             "schedule": m.get("schedule"), "steps": m.get("steps"), "nfe": m.get("nfe"), "seed": m.get("seed")}
 
 
-def load_run_model(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> RFDenoiser:
-    """The EMA model a finished run exported (``RUN_DIR/model.safetensors``)."""
-    return load_rf(Path(run_dir) / "model.safetensors", device=device)
-
-
 __all__ = [
     "RFLoss",
     "RFTrainOptions",
-    "load_run_model",
     "resolve_rf",
     "train_distill",
     "train_reflow",
