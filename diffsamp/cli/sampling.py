@@ -96,12 +96,9 @@ def sample_cmd(
     Image i depends only on its seed, whatever --batch-size and --device.
     With --fid-ref alone, samples stream into the FID statistics and nothing is written.
     """
-    import math
-
     import torch
 
     from diffsamp.api import generate
-    from diffsamp.images import save_grid, save_png
     from diffsamp.models.base import ClampDenoiser, default_schedule
 
     if out is not None and outdir is not None:
@@ -121,54 +118,48 @@ def sample_cmd(
     schedule = schedule or default_schedule(model)
     if clip_denoised and model.clip_sample is None:
         model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
-    bs = batch_size or min(len(seeds), 256)
+    run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch_size or min(len(seeds), 256),
+               **knob_values)
+    what = (f"{len(seeds)} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}")
     scoring = _fid_reference(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
-    if scoring is not None and out is None and outdir is None:
-        from diffsamp.metrics.scoring import score_model
-
-        extractor, ref = scoring
-        try:
-            q = score_model(model, ref, seeds=seeds, extractor=extractor, sampler=sampler, schedule=schedule,
-                            steps=steps, batch_size=bs, **knob_values)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        n = len(seeds)
-        click.echo(
-            f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}: NFE {q.nfe} per image, "
-            f"sampling {q.sampling_seconds:.2f} s on {device} {dtype}; model loaded in {load_s:.1f} s"
-        )
-        click.echo(_quality_line(q.fid, q.kid, q.kid_std, n, q.reference))
-        return
     try:
-        result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs, device=device,
-                          **knob_values)
+        if scoring is not None and out is None and outdir is None:  # stream into the statistics, write nothing
+            from diffsamp.metrics.scoring import score_model
+
+            q = score_model(model, scoring[1], extractor=scoring[0], **run)
+            click.echo(f"{what}: NFE {q.nfe} per image, sampling {q.sampling_seconds:.2f} s on {device} {dtype}; "
+                       f"model loaded in {load_s:.1f} s")
+            click.echo(_quality_line(q.fid, q.kid, q.kid_std, len(seeds), q.reference))
+            return
+        result = generate(model, shape, device=device, **run)
+        images = result.images.clamp(-1, 1)
+        where = _write_images(images, result.seeds, out, outdir, nrow)
+        click.echo(f"{what}: NFE {result.nfe} per image, {result.seconds:.2f} s "
+                   f"({len(seeds) / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
+                   f"model loaded in {load_s:.1f} s -> {where}")
+        if scoring is not None:
+            from diffsamp.metrics.scoring import score_images
+
+            fid, kid, kid_std = score_images(images, scoring[1], extractor=scoring[0])
+            click.echo(_quality_line(fid, kid, kid_std, len(seeds), str(scoring[1].meta.get("source") or fid_ref)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    images = result.images.clamp(-1, 1)
+
+
+def _write_images(images, seeds: list[int], out: str | None, outdir: str | None, nrow: int | None) -> str:
+    """A grid PNG at ``out`` or one PNG per seed in ``outdir``; returns where they went."""
+    import math
+
+    from diffsamp.images import save_grid, save_png
+
     if out is not None:
         save_grid(images, out, nrow=nrow or max(1, math.ceil(math.sqrt(len(seeds)))))
-        where = out
-    else:
-        folder = Path(outdir)  # type: ignore[arg-type]
-        width = max(6, len(str(max(seeds))))
-        for s, img in zip(result.seeds, images):
-            save_png(img, folder / f"{s:0{width}d}.png")
-        where = f"{folder}/ ({len(seeds)} PNGs)"
-    n = len(seeds)
-    click.echo(
-        f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}: NFE {result.nfe} per image, "
-        f"{result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
-        f"model loaded in {load_s:.1f} s -> {where}"
-    )
-    if scoring is not None:
-        from diffsamp.metrics.scoring import score_images
-
-        extractor, ref = scoring
-        try:
-            fid, kid, kid_std = score_images(images, ref, extractor=extractor)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(_quality_line(fid, kid, kid_std, n, str(ref.meta.get("source") or fid_ref)))
+        return out
+    folder = Path(outdir)  # type: ignore[arg-type]
+    width = max(6, len(str(max(seeds))))
+    for s, img in zip(seeds, images):
+        save_png(img, folder / f"{s:0{width}d}.png")
+    return f"{folder}/ ({len(seeds)} PNGs)"
 
 
 def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device: str, num: int, shape):
