@@ -14,7 +14,7 @@ from diffsamp.samplers import (  # noqa: E402
     get_sampler,
     get_schedule,
 )
-from diffsamp.api import GenerateResult, generate  # noqa: E402
+from diffsamp.api import GenerateResult, generate, integrate, make_grid  # noqa: E402
 
 __all__ = [
     "ClampDenoiser",
@@ -27,4 +27,6 @@ __all__ = [
     "generate",
     "get_sampler",
     "get_schedule",
+    "integrate",
+    "make_grid",
 ]

@@ -38,6 +38,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 class SeedList(click.ParamType):
+    """A click type for ``parse_seeds`` lists."""
+
     name = "SEEDS"
 
     def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature

@@ -27,6 +27,7 @@ Sampler = Callable[[int, torch.Generator], Tensor]
 
 
 def normal(n: int, g: torch.Generator) -> Tensor:
+    """N(0, I) in 2-D."""
     return torch.randn(n, 2, generator=g)
 
 
@@ -41,6 +42,7 @@ def moons(n: int, g: torch.Generator, noise: float = 0.08) -> Tensor:
 
 
 def ring_of_gaussians(k: int, radius: float, std: float) -> Sampler:
+    """``k`` equal Gaussians of std ``std`` evenly spaced on a circle of ``radius``."""
     def sample(n: int, g: torch.Generator) -> Tensor:
         idx = torch.randint(0, k, (n,), generator=g)
         ang = 2 * math.pi * idx.float() / k
@@ -51,6 +53,7 @@ def ring_of_gaussians(k: int, radius: float, std: float) -> Sampler:
 
 
 def two_gaussians(x: float, y: float, std: float) -> Sampler:
+    """Two equal Gaussians of std ``std`` at (x, ±y)."""
     def sample(n: int, g: torch.Generator) -> Tensor:
         sign = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, -1.0)
         centres = torch.stack([torch.full((n,), x), sign * y], dim=1)
@@ -61,6 +64,8 @@ def two_gaussians(x: float, y: float, std: float) -> Sampler:
 
 @dataclass(frozen=True)
 class Toy:
+    """A named (source, target) coupling of 2-D distributions."""
+
     name: str
     source_name: str
     source: Sampler
@@ -84,6 +89,7 @@ TOYS: dict[str, Toy] = {
 
 
 def get_toy(name: str) -> Toy:
+    """The toy ``name`` (with or without the ``toy:`` prefix); an unknown name lists the valid ones."""
     key = name.removeprefix("toy:")
     try:
         return TOYS[key]

@@ -117,6 +117,7 @@ def save_checkpoint(
     config: dict[str, Any],
     elapsed: float,
 ) -> None:
+    """Write the whole training state to ``path`` atomically (see the module docstring)."""
     tensors = {**_prefixed("model", model), **_prefixed("ema", ema)}
     opt_t, opt_meta = _optimizer_split(optimizer)
     rng_t, rng_meta = _rng_tensors_and_meta(loss_gen, batches)
@@ -147,6 +148,7 @@ def load_checkpoint_into(
     loss_gen: torch.Generator,
     batches: BatchSource,
 ) -> dict:
+    """Restore a checkpoint into the given objects in place; returns its JSON state."""
     tensors, state = read_checkpoint(path)
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")

@@ -73,6 +73,8 @@ class DDPMLoss:
 
 @dataclass
 class DDPMTrainOptions:
+    """What a DDPM run trains and on what (the loop's own settings are a ``TrainConfig``)."""
+
     dataset: str = "mnist"
     data_dir: str | None = None
     prediction_type: str = "epsilon"

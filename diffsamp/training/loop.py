@@ -78,6 +78,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """How a call of ``train_loop`` ended."""
+
     step: int
     finished: bool  # reached config.steps (False: stopped by time budget or a signal)
     last_loss: float | None
@@ -109,6 +111,7 @@ class EMA:
 
 
 def set_seed(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -50,6 +50,7 @@ class PairsError(ValueError):
 
 
 def shard_name(i: int) -> str:
+    """The file name of shard ``i``."""
     return f"shard-{i:05d}.safetensors"
 
 
@@ -95,6 +96,8 @@ def read_shard(path: Path, shape: Sequence[int] | None = None, count: int | None
 
 @dataclass(frozen=True)
 class PairsPlan:
+    """How ``num`` pairs split into shards of ``shard_size``."""
+
     shape: tuple[int, ...]
     num: int
     shard_size: int
@@ -109,6 +112,7 @@ class PairsPlan:
 
 
 def read_meta(pairs_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of a pairs directory; ``PairsError`` if there is none or it is not one."""
     p = Path(pairs_dir) / META
     if not p.is_file():
         raise PairsError(f"{pairs_dir} is not a pairs directory (no {META}); make one with `diffsamp reflow pairs`")
