@@ -3,6 +3,7 @@ loading a model with a one-line error."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,18 @@ def parse_channels(value: str) -> tuple[int, ...]:
     if not channels:
         raise click.BadParameter("at least one level", param_hint="--channels")
     return channels
+
+
+def pop_options(cls: type, kw: dict[str, Any], **given: Any) -> Any:
+    """A ``cls`` dataclass from the command's keyword arguments named like its fields (popped from ``kw``),
+    with ``channels``/``attention_levels`` parsed as integer lists and ``given`` set as is."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(given)
+    values = {k: kw.pop(k) for k in list(kw) if k in names}
+    if "channels" in values:
+        values["channels"] = parse_channels(values["channels"])
+    if "attention_levels" in values:
+        values["attention_levels"] = parse_int_list(values["attention_levels"])
+    return cls(**values, **given)
 
 
 def knob_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,9 +21,8 @@ from diffsamp.cli._common import (
     knob_option,
     load_or_fail,
     main,
-    parse_channels,
-    parse_int_list,
     parse_knobs,
+    pop_options,
     resolve_device,
 )
 from diffsamp.cli.train import loop_config, loop_options, train
@@ -54,21 +53,7 @@ def _arch_options(f):
 def _options(kw: dict[str, Any], **extra: Any):
     from diffsamp.training.rectified_flow import RFTrainOptions
 
-    channels = parse_channels(kw.pop("channels"))
-    return RFTrainOptions(
-        batch_size=kw.pop("batch_size"),
-        t_sampling=kw.pop("t_sampling"),
-        logit_mean=kw.pop("logit_mean"),
-        logit_std=kw.pop("logit_std"),
-        channels=channels,
-        layers_per_block=kw.pop("layers_per_block"),
-        attention_levels=parse_int_list(kw.pop("attention_levels")),
-        dropout=kw.pop("dropout"),
-        mlp_hidden=kw.pop("mlp_hidden"),
-        mlp_depth=kw.pop("mlp_depth"),
-        num_grid=kw.pop("num_grid"),
-        **extra,
-    )
+    return pop_options(RFTrainOptions, kw, **extra)
 
 
 def _report(result: Any, out: str) -> None:
