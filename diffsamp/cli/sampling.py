@@ -10,7 +10,7 @@ import click
 from diffsamp.cli._common import knob_option, load_or_fail, main, parse_knobs, resolve_device
 from diffsamp.samplers import available_samplers, available_schedules
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEEDS = 1_000_000
 
 
@@ -59,7 +59,7 @@ class SeedList(click.ParamType):
 @click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per network call (default: all seeds at once, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="Network weights' precision.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPES), help="Network weights' precision.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write one grid PNG.")
 @click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed.")
 @click.option("--clip-denoised/--no-clip-denoised", default=None, help="Clamp the denoised estimate D(x, σ) to [-1, 1] at every step (diffusers' clip_sample). Default: as the model's scheduler config says.")
@@ -109,7 +109,7 @@ def sample_cmd(
         raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
     knob_values = parse_knobs(sampler, knobs)
     device = resolve_device(device)
-    torch_dtype = None if dtype == "float32" else getattr(torch, DTYPES[dtype])  # None: as stored (fp32)
+    torch_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]  # None: as stored
     t0 = time.perf_counter()
     model = load_or_fail(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
     try:

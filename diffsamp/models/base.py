@@ -8,10 +8,14 @@ everything code outside ``diffsamp.models`` may read from a model; ``DenoiserBas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from diffsamp.models.parameterization import rf_sigma_from_t, rf_t_from_sigma, velocity_from_x0
 
 Prior = Literal["ve", "vp", "rf"]
 
@@ -89,6 +93,25 @@ class DenoiserBase:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TimeCoordinates:
+    """A prior's own ODE coordinates (SPEC §7.2–7.3): its time ``t(σ)`` and ``sigma(t)``, its state
+    ``to_state(x̄, σ)`` and back, and the velocity dx/dt from (x̄, D, σ)."""
+
+    t: Callable[[Any], Any]
+    sigma: Callable[[Any], Any]
+    to_state: Callable[[Tensor, Any], Tensor]
+    from_state: Callable[[Tensor, Any], Tensor]
+    velocity: Callable[[Tensor, Tensor, Any], Tensor]
+
+
+# RF: t = σ/(1 + σ), x_t = x̄/(1 + σ), dx_t/dt = ε̂ − x̂0 (smooth in t where σ spans six decades)
+PRIOR_TIMES: dict[str, TimeCoordinates] = {
+    "rf": TimeCoordinates(rf_t_from_sigma, rf_sigma_from_t, lambda x, s: x / (1 + s), lambda x, s: x * (1 + s),
+                          velocity_from_x0),
+}
 
 
 def prior_scale(prior: Prior, sigma: float) -> float:

@@ -19,8 +19,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from diffsamp.models.base import Denoiser
-from diffsamp.models.parameterization import rf_sigma_from_t, rf_t_from_sigma, velocity_from_x0
+from diffsamp.models.base import PRIOR_TIMES, Denoiser
 from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, final_nfe, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import register_alias, register_sampler
@@ -251,18 +250,19 @@ def rk45(
     in t — on ``mnist-rf`` at rtol = atol = 1e-3 (a batch of 250, final denoising step included), 63 NFE in t
     against 225 in σ, end points within RMS 0.033 — and ``"sigma"`` for every other model.
     """
-    if time is None:
-        time = "rf" if model.prior == "rf" else "sigma"
-    if time not in ("sigma", "rf"):
-        raise ValueError(f"rk45 time must be 'sigma' or 'rf', got {time!r}")
+    if time is None:  # the model's own time when its prior declares one (rectified flows: "rf")
+        time = model.prior if model.prior in PRIOR_TIMES else "sigma"
+    if time != "sigma" and time not in PRIOR_TIMES:
+        raise ValueError(f"rk45 time must be one of {', '.join(['sigma', *PRIOR_TIMES])}, got {time!r}")
     sigmas = grid.sigmas.tolist()
     s_end = sigmas[-2] if grid.ends_at_zero else sigmas[-1]
     shape, dtype, device = x.shape, x.dtype, x.device
+    coords = PRIOR_TIMES.get(time)
 
     def state(y: np.ndarray) -> Tensor:
         return torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
 
-    if time == "sigma":
+    if coords is None:
         def rhs(s: float, y: np.ndarray) -> np.ndarray:
             xs = state(y)
             d = to_d(xs, s, model(xs, sigma_batch(xs, s)))
@@ -271,19 +271,19 @@ def rk45(
         span, y0 = (sigmas[0], s_end), x.reshape(-1).to(torch.float64).cpu().numpy()
     else:
         def rhs(t: float, y: np.ndarray) -> np.ndarray:
-            s = rf_sigma_from_t(t)
-            xbar = state(y) * (1 + s)
-            v = velocity_from_x0(xbar, model(xbar, sigma_batch(xbar, s)), s)
+            s = coords.sigma(t)
+            xbar = coords.from_state(state(y), s)
+            v = coords.velocity(xbar, model(xbar, sigma_batch(xbar, s)), s)
             return v.reshape(-1).to(torch.float64).cpu().numpy()
 
-        span = (rf_t_from_sigma(sigmas[0]), rf_t_from_sigma(s_end))
-        y0 = (x / (1 + sigmas[0])).reshape(-1).to(torch.float64).cpu().numpy()
+        span = (coords.t(sigmas[0]), coords.t(s_end))
+        y0 = coords.to_state(x, sigmas[0]).reshape(-1).to(torch.float64).cpu().numpy()
     sol = solve_ivp(rhs, span, y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"rk45 failed: {sol.message}")
     x = torch.from_numpy(sol.y[:, -1].copy()).reshape(shape).to(device=device, dtype=dtype)
-    if time == "rf":
-        x = x * (1 + s_end)
+    if coords is not None:
+        x = coords.from_state(x, s_end)
     if grid.ends_at_zero:
         denoised = model(x, sigma_batch(x, s_end))
         if callback is not None:
