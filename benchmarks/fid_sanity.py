@@ -6,7 +6,7 @@
 Rows: MNIST train[:N] vs MNIST test[:N] (the data-vs-data floor: FID is biased upward at small N, so
 every FID at this N should be read against it), MNIST vs Fashion-MNIST, and the images/s of the whole
 pipeline (float images → uint8 → TF1 resize → network → float64 moments) against the bare network
-forward at the same batch size. Reference statistics are cached (``diffsamp.fid.reference_stats``), so
+forward at the same batch size. Reference statistics are cached (``diffsamp.metrics.fid.reference_stats``), so
 a second run only re-measures throughput. Needs the Inception weights (``DIFFSAMP_INCEPTION``) and the
 idx files (``DIFFSAMP_DATA`` or ``--data-dir``).
 """
@@ -20,7 +20,7 @@ import time
 import torch
 
 from diffsamp.data import load_dataset_uint8, to_float, to_uint8
-from diffsamp.fid import compute_stats, fid_from_stats, kid_from_stats, load_extractor, reference_stats
+from diffsamp.metrics.fid import compute_stats, fid_from_stats, kid_from_stats, load_extractor, reference_stats
 
 
 def _throughput(extractor, images: torch.Tensor, batch_size: int, rounds: int) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from diffsamp import generate
-from diffsamp.models.rectified_flow import load_model
+from diffsamp.models import load as load_model
 from diffsamp.models.zoo import sample_shape
 
 DEFAULT = ("euler/rf/32,euler/rf/100,heun/rf/12,heun/karras/12,heun/karras/18,dpmpp2m/rf/10,dpmpp2m/rf/20,"

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
-from diffsamp.atomic import atomic_write_text
-from diffsamp.evaluate import data_floor, score_model
-from diffsamp.fid import load_extractor
+from diffsamp.io import write_text
+from diffsamp.metrics.scoring import data_floor, score_model
+from diffsamp.metrics.fid import load_extractor
 from diffsamp.models.base import default_schedule
-from diffsamp.models.rectified_flow import load_model, shipped_rf_models, straightness
-from diffsamp.models.zoo import WEIGHTS_DIR, model_dataset, sample_shape
+from diffsamp.metrics.straightness import straightness
+from diffsamp.models import load as load_model
+from diffsamp.models.zoo import model_path
+from diffsamp.models.zoo import WEIGHTS_DIR, available_models, model_dataset, sample_shape
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -73,7 +75,7 @@ class Cache:
     def put(self, key: str, value) -> None:
         self.data["cells"][key] = value
         if self.path:
-            atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
+            write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 def main() -> None:
@@ -189,7 +191,7 @@ def main() -> None:
 def write_card(row: dict, floor: dict, args: argparse.Namespace) -> None:
     """Record a shipped flow's measured quality in its config's ``card`` (other models are left alone)."""
     path = WEIGHTS_DIR / f"{row['model']}.json"
-    if row["model"] not in shipped_rf_models():
+    if row["model"] not in available_models() or model_path(row["model"]).suffix != ".json":
         print(f"{row['model']}: not a shipped rectified flow, card not written")
         return
     config = json.loads(path.read_text())
@@ -199,7 +201,7 @@ def write_card(row: dict, floor: dict, args: argparse.Namespace) -> None:
         "cells": row["cells"], "floor": floor, "straightness": row.get("straightness"),
         "device": "cpu" if args.device in (None, "cpu") else args.device, "torch_threads": torch.get_num_threads(),
     }
-    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    write_text(path, json.dumps(config, indent=2) + "\n")
     print(f"card written: {path}")
 
 

@@ -18,9 +18,9 @@ import json
 
 import torch
 
-from diffsamp.atomic import atomic_write_text
-from diffsamp.evaluate import data_floor, score_model
-from diffsamp.fid import load_extractor
+from diffsamp.io import write_text
+from diffsamp.metrics.scoring import data_floor, score_model
+from diffsamp.metrics.fid import load_extractor
 from diffsamp.models.zoo import WEIGHTS_DIR, available_models, load, model_card, sample_shape
 
 
@@ -67,10 +67,10 @@ def main() -> None:
                 "num": args.num, "seeds": f"{seeds.start}-{seeds.stop - 1}", "reference": f"{dataset} test[:{args.num}]",
                 "floor": f"{dataset} train[:{args.num}] vs test[:{args.num}]",
                 "sampler": f"{args.sampler}, {args.schedule}, {args.steps} steps", "nfe": q.nfe,
-                "x0_clip": getattr(model, "clip_sample", None),
+                "x0_clip": model.clip_sample,
                 "extractor": ext.name, "device": str(device), "date": datetime.date.today().isoformat(),
             }
-            atomic_write_text(path, json.dumps(card, indent=2) + "\n")
+            write_text(path, json.dumps(card, indent=2) + "\n")
 
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"N = {args.num} samples per model (seeds {seeds.start}–{seeds.stop - 1}), "

@@ -4,7 +4,7 @@ x = x0 + σ·ε, a model is a denoiser D(x, σ) ≈ E[x0 | x], grids are decreas
 a stateless function ``sampler(model, x, grid, *, generator=None, callback=None, **knobs) -> x``.
 """
 
-__version__ = "0.1.0"
+from diffsamp._version import __version__  # noqa: E402
 
 from diffsamp.models.base import ClampDenoiser, CountingDenoiser, Denoiser  # noqa: E402
 from diffsamp.samplers import (  # noqa: E402
@@ -14,7 +14,7 @@ from diffsamp.samplers import (  # noqa: E402
     get_sampler,
     get_schedule,
 )
-from diffsamp.api import GenerateResult, generate  # noqa: E402
+from diffsamp.api import GenerateResult, generate, integrate, make_grid  # noqa: E402
 
 __all__ = [
     "ClampDenoiser",
@@ -27,4 +27,6 @@ __all__ = [
     "generate",
     "get_sampler",
     "get_schedule",
+    "integrate",
+    "make_grid",
 ]

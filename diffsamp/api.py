@@ -1,4 +1,9 @@
-"""Library entry points that the command line calls."""
+"""The one sampling core: a grid from a schedule (adaptive samplers included), the NFE counter, the prior's
+initial state and the sampler, run under ``torch.inference_mode()``.
+
+``integrate(model, z, ...)`` runs it from given source draws z (reflow pairs, straightness, FID streaming);
+``generate(model, shape, seeds=...)`` draws z per seed and calls it batch by batch.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ import torch
 from torch import Tensor
 
 from diffsamp.models.base import CountingDenoiser, Denoiser, default_schedule, prior_scale
-from diffsamp.samplers import Grid, get_sampler, get_schedule
-from diffsamp.samplers._util import StepInfo
+from diffsamp.samplers import Grid, SamplerSpec, get_sampler, get_schedule
+from diffsamp.samplers._util import Generator, StepInfo
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,62 @@ class GenerateResult:
     nfe: int
     seconds: float
     grid: Grid
+
+
+def make_grid(
+    model: Denoiser,
+    sampler: str | SamplerSpec,
+    *,
+    schedule: str | None = None,
+    steps: int = 18,
+    final_zero: bool = True,
+    schedule_params: Mapping[str, Any] | None = None,
+    knobs: Mapping[str, Any] | None = None,
+) -> Grid:
+    """The grid ``sampler`` runs on: ``steps`` intervals of ``schedule`` (default ``default_schedule(model)``).
+
+    An adaptive sampler (declared NFE None, e.g. rk45) only uses the ends: it gets [σ_max, σ_min] (+ 0 with
+    ``final_zero``), whatever ``steps`` says.
+    """
+    spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    sched = get_schedule(schedule or default_schedule(model), model=model, **dict(schedule_params or {}))
+    grid = sched.grid(steps, final_zero=final_zero)
+    if spec.expected_nfe(grid, **dict(knobs or {})) is None:
+        grid = sched.grid(1, final_zero=False)
+        if final_zero:
+            grid = Grid(torch.cat([grid.sigmas, grid.sigmas.new_zeros(1)]))
+    if len(grid) < spec.min_steps:
+        raise ValueError(f"sampler {spec.name!r} needs at least {spec.min_steps} steps, got {len(grid)}")
+    return grid
+
+
+def integrate(
+    model: Denoiser,
+    z: Tensor,
+    *,
+    sampler: str | SamplerSpec,
+    grid: Grid,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    generator: Generator = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    knobs: Mapping[str, Any] | None = None,
+) -> tuple[Tensor, int]:
+    """Run ``sampler`` on ``grid`` from source draws ``z`` (the state at σ_0 is prior_scale(prior, σ_0)·z).
+
+    ``device``/``dtype`` default to the model's. The model is wrapped in a checking ``CountingDenoiser``
+    (shape, NaN/inf); a non-finite result is a ValueError. Returns (samples as float32 on CPU, NFE).
+    """
+    spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    device = torch.device(model.device if device is None else device)
+    counter = CountingDenoiser(model, check=True)
+    scale = prior_scale(model.prior, float(grid.sigmas[0]))
+    with torch.inference_mode():
+        x0 = z.to(device=device, dtype=dtype or model.dtype) * scale
+        x = spec(counter, x0, grid, generator=generator, callback=callback, **dict(knobs or {}))
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"sampler {spec.name!r} produced NaN/inf samples; check the model and the sampler's knobs")
+    return x.float().cpu(), counter.calls
 
 
 def generate(
@@ -60,57 +121,28 @@ def generate(
     if not seeds:
         raise ValueError("no seeds given: pass at least one, e.g. seeds=[0]")
     if grid is None:
-        sched = get_schedule(schedule or default_schedule(model), model=model, **dict(schedule_params or {}))
-        grid = sched.grid(steps, final_zero=final_zero)
-        if spec.expected_nfe(grid, **knobs) is None:  # adaptive (rk45): only σ_max and σ_min matter, not steps
-            grid = sched.grid(1, final_zero=False)
-            if final_zero:
-                grid = Grid(torch.cat([grid.sigmas, grid.sigmas.new_zeros(1)]))
-    if len(grid) < spec.min_steps:
+        grid = make_grid(model, spec, schedule=schedule, steps=steps, final_zero=final_zero,
+                         schedule_params=schedule_params, knobs=knobs)
+    elif len(grid) < spec.min_steps:
         raise ValueError(f"sampler {sampler!r} needs at least {spec.min_steps} steps, got {len(grid)}")
     batch_size = batch_size or len(seeds)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if device is None:
-        device = _model_device(model)
-    device = torch.device(device)
-    dtype = _model_dtype(model)
-
-    counter = CountingDenoiser(model, check=True)
-    sigma0 = float(grid.sigmas[0])
-    scale = prior_scale(model.prior, sigma0)
+    device = torch.device(model.device if device is None else device)
     outs: list[Tensor] = []
     nfe_per_batch: list[int] = []
     start = time.perf_counter()
-    with torch.inference_mode():
-        for b in range(0, len(seeds), batch_size):
-            chunk = seeds[b : b + batch_size]
-            gens = [torch.Generator().manual_seed(s) for s in chunk]
-            z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
-            before = counter.calls
-            x = spec(counter, z * scale, grid, generator=gens, callback=callback, **knobs)
-            nfe_per_batch.append(counter.calls - before)
-            outs.append(x.float().cpu())
-            if progress is not None:
-                progress(min(b + batch_size, len(seeds)), len(seeds))
+    for b in range(0, len(seeds), batch_size):
+        chunk = seeds[b : b + batch_size]
+        gens = [torch.Generator().manual_seed(s) for s in chunk]
+        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        x, nfe = integrate(model, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
+                           knobs=knobs)
+        nfe_per_batch.append(nfe)
+        outs.append(x)
+        if progress is not None:
+            progress(min(b + batch_size, len(seeds)), len(seeds))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return GenerateResult(torch.cat(outs), seeds, max(nfe_per_batch), seconds, grid)
-
-
-def _model_device(model: Any) -> torch.device:
-    params = _parameters(model)
-    return params[0].device if params else torch.device("cpu")
-
-
-def _model_dtype(model: Any) -> torch.dtype:
-    params = _parameters(model)
-    return params[0].dtype if params and params[0].is_floating_point() else torch.float32
-
-
-def _parameters(model: Any) -> list[Tensor]:
-    net = getattr(model, "network", None)
-    if isinstance(net, torch.nn.Module):
-        return list(net.parameters())
-    return []

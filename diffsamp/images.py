@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from diffsamp.data import to_float, to_uint8  # the one quantizer: x ∈ [-1, 1] → round((x + 1)·127.5)
+from diffsamp.io import atomic_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -39,6 +37,17 @@ __all__ = [
     "to_float",
     "to_uint8",
 ]
+
+# the one quantizer: x ∈ [-1, 1] ↔ round((x + 1)·127.5)
+def to_float(x: Tensor) -> Tensor:
+    """uint8 [0, 255] → float32 [-1, 1]."""
+    return x.float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float [-1, 1] → uint8 [0, 255] (rounded, clipped); the inverse of ``to_float`` on its image."""
+    return x.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _GRAY_MODES = {"1", "L", "LA"}
@@ -155,20 +164,6 @@ def _as_uint8(images: Tensor) -> Tensor:
     raise TypeError(f"expected uint8 images or float images in [-1, 1], got {images.dtype}")
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path`` that is renamed onto it only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(image: Tensor, path: str | os.PathLike) -> Path:
     """Write one image — uint8 or float in [-1, 1]; shape (C, H, W), (1, C, H, W) or (H, W) — as a PNG."""
     x = _as_uint8(image)
@@ -181,7 +176,7 @@ def save_png(image: Tensor, path: str | os.PathLike) -> Path:
     arr = x.numpy()
     pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), mode="RGB")
     path = Path(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
     return path
 

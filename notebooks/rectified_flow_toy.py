@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from diffsamp.samplers import get_schedule  # noqa: E402
 from diffsamp.models.base import prior_scale  # noqa: E402
 from diffsamp.samplers import get_sampler  # noqa: E402
-from diffsamp.toys import TOYS, rectify_toy  # noqa: E402
+from diffsamp.data.toys import TOYS  # noqa: E402
+from diffsamp.training.toy_recipe import rectify_toy  # noqa: E402
 
 
 def trajectories(model, z: torch.Tensor, steps: int = 100) -> torch.Tensor:

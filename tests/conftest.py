@@ -73,7 +73,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random UNet (8×8, channels 8-16) saved in diffusers' pipeline layout, as `train ddpm` exports."""
-    from diffsamp.training.ddpm import make_unet, save_diffusers
+    from diffsamp.models.diffusers_unet import save_diffusers
+    from diffsamp.models.networks import make_unet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "tiny"

@@ -8,13 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import diffsamp.evaluate
-import diffsamp.fid
+import diffsamp.metrics.fid
+import diffsamp.metrics.scoring
 from diffsamp.cli import main
-from diffsamp.fid import compute_stats, save_stats
+from diffsamp.metrics.fid import compute_stats, save_stats
 from diffsamp.metrics.bench import bench, plan_cell
 from diffsamp.models import load
-from diffsamp.models.zoo import sample_shape
 from diffsamp.training.amed import AmedTrainOptions, train_amed
 from tests.fid_fakes import tiny_extractor
 
@@ -32,7 +31,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     model = load(tiny_model_dir)
     preds = {}
     for nfe in (3, 4):
-        preds[f"amed:{nfe}"] = str(train_amed(model, sample_shape(model), AmedTrainOptions(nfe=nfe, trajectories=8, batch=8),
+        preds[f"amed:{nfe}"] = str(train_amed(model, model.sample_shape, AmedTrainOptions(nfe=nfe, trajectories=8, batch=8),
                                               tmp / f"amed{nfe}", model_name=str(tiny_model_dir)))
     return model, ext, tmp, preds
 
@@ -67,14 +66,14 @@ def test_bench_writes_tables_measures_nfe_and_resumes(setup, tiny_model_dir, mon
     def boom(*a, **k):
         raise AssertionError("a cached cell was sampled again")
 
-    monkeypatch.setattr(diffsamp.evaluate, "score_model", boom)
+    monkeypatch.setattr(diffsamp.metrics.scoring, "score_model", boom)
     again, table2 = bench(model, str(tiny_model_dir), **kw)
     assert [c.fid for c in again] == [c.fid for c in cells] and table2 == table
 
 
 def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     _, ext, tmp, _ = setup
-    monkeypatch.setattr(diffsamp.fid, "load_extractor", lambda *a, **k: ext)
+    monkeypatch.setattr(diffsamp.metrics.fid, "load_extractor", lambda *a, **k: ext)
     monkeypatch.setattr("diffsamp.metrics.inception.load_extractor", lambda *a, **k: ext)
     base = ["bench", "--model", str(tiny_model_dir), "--ref", str(tmp / "ref.npz"), "--out", str(tmp / "cli"),
             "--num", "6", "--quiet", "--no-reference"]

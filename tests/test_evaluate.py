@@ -1,4 +1,4 @@
-"""In-memory scoring of a model's samples (``diffsamp.evaluate``, ``diffsamp sample --fid-ref``) agrees with
+"""In-memory scoring of a model's samples (``diffsamp.metrics.scoring``, ``diffsamp sample --fid-ref``) agrees with
 the PNG round trip (sample → folder → ``folder_stats``), whatever the batch size; bad references fail clearly."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import diffsamp.fid
+import diffsamp.metrics.fid
 from diffsamp import generate
 from diffsamp.cli import main
-from diffsamp.evaluate import data_floor, resolve_reference, score_images, score_model
-from diffsamp.fid import compute_stats, fid_from_stats, folder_stats, kid_from_stats, reference_stats, save_stats
+from diffsamp.metrics.scoring import data_floor, resolve_reference, score_images, score_model
+from diffsamp.metrics.fid import compute_stats, fid_from_stats, folder_stats, kid_from_stats, reference_stats, save_stats
 from diffsamp.images import save_png
 from diffsamp.models import load
 from tests.fid_fakes import tiny_extractor, write_idx
@@ -82,7 +82,7 @@ def test_bad_references_fail_clearly(ext, bad, words):
 
 
 def test_sample_cli_fid_ref_with_and_without_images(tiny_model_dir, ext, ref, tmp_path, monkeypatch):
-    monkeypatch.setattr(diffsamp.fid, "load_extractor", lambda *a, **k: ext)
+    monkeypatch.setattr(diffsamp.metrics.fid, "load_extractor", lambda *a, **k: ext)
     save_stats(ref, tmp_path / "ref.npz")
     args = ["sample", "--model", str(tiny_model_dir), "--sampler", "euler", "--steps", "3", "--seeds", "0-11",
             "--fid-ref", str(tmp_path / "ref.npz")]

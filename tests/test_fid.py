@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from diffsamp import images as dimages
-from diffsamp.fid import IncompatibleStatsError, fid_from_stats, kid_from_stats
+from diffsamp.metrics.fid import IncompatibleStatsError, fid_from_stats, kid_from_stats
 from diffsamp.metrics import distances
 from diffsamp.metrics.distances import frechet_distance, kernel_inception_distance
 from diffsamp.metrics.resize import resize_tf1_bilinear, tf1_bilinear_matrix

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffsamp import fid
+from diffsamp.metrics import fid
 from diffsamp.data import to_float
 from diffsamp.metrics import inception
 from diffsamp.metrics.inception import FeatureExtractor, WeightsNotFoundError, find_weights, load_extractor

@@ -66,8 +66,10 @@ def test_unknown_sampler_lists_valid_names(mixture2d):
 
 
 def test_nan_from_model_is_named(mixture2d):
-    class Broken:
-        sigma_min, sigma_max, prior, alphas_cumprod, feature_module = 0.01, 10.0, "ve", None, None
+    from diffsamp.models.base import DenoiserBase
+
+    class Broken(DenoiserBase):
+        sigma_min, sigma_max, prior = 0.01, 10.0, "ve"
 
         def __call__(self, x, sigma):
             return torch.full_like(x, float("nan"))

@@ -11,16 +11,10 @@ from diffsamp import generate, get_sampler, get_schedule
 from diffsamp.models.analytic import GaussianMixtureDenoiser
 from diffsamp.models.base import default_schedule, prior_scale
 from diffsamp.models.parameterization import velocity_from_x0
-from diffsamp.models.rectified_flow import (
-    T_MAX,
-    MLPVelocity,
-    RFDenoiser,
-    euler_rf_native,
-    load_model,
-    load_rf,
-    save_rf,
-    straightness,
-)
+from diffsamp.metrics.straightness import straightness
+from diffsamp.models.networks import MLPVelocity
+from diffsamp.models.rectified_flow import T_MAX, RFDenoiser, euler_rf_native, load_rf, save_rf
+from diffsamp.models.zoo import load as load_model
 from diffsamp.training.rectified_flow import RFLoss
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsamp.toys import TOYS, ToyBatches, get_toy, mmd_rbf, rectify_toy, sliced_wasserstein
+from diffsamp.data.toys import TOYS, ToyBatches, get_toy
+from diffsamp.metrics.toy_distances import mmd_rbf, sliced_wasserstein
+from diffsamp.training.toy_recipe import rectify_toy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +54,7 @@ def test_distilled_one_step_beats_1rf_and_2rf_one_step(mix2):
 
 def test_training_lowers_the_loss(mix2):
     """The trained 1-RF's velocity loss on fresh pairs is far below a fresh network's (same seed, same draws)."""
-    from diffsamp.models.rectified_flow import MLPVelocity
+    from diffsamp.models.networks import MLPVelocity
     from diffsamp.training.rectified_flow import RFLoss
 
     batch = ToyBatches("mix2", 4096, seed=123).next()

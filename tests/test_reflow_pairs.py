@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from diffsamp.models.rectified_flow import MLPVelocity, RFDenoiser, save_rf
+from diffsamp.models.networks import MLPVelocity
+from diffsamp.models.rectified_flow import RFDenoiser, save_rf
 from diffsamp.training import pairs as pairs_mod
 from diffsamp.training.pairs import PairsError, generate_pairs, load_pairs, shard_name
 
@@ -156,3 +157,14 @@ def test_cli_bad_pairs_give_one_line_errors(tmp_path):
     (tmp_path / "pairs" / shard_name(2)).write_bytes(b"garbage")
     r = _cli("train", "reflow", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "run"), "--device", "cpu")
     assert r.returncode != 0 and "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rk45_pairs_on_the_rf_schedule_reach_the_end_point_generate_reaches(tmp_path):
+    """Regression: pairs integrated on the full 100-step grid stopped at its second-to-last σ (≈ 0.0101)."""
+    import diffsamp
+
+    model = _flow(3)
+    meta = _make(tmp_path, model=model, num=6, sampler="rk45", schedule="rf", steps=100, shard_size=6, batch_size=6)
+    pairs = load_pairs(tmp_path)
+    ref = diffsamp.generate(model, (2,), sampler="rk45", schedule="rf", seeds=range(6))
+    assert torch.equal(pairs.sample, ref.images) and meta["nfe"] == ref.nfe

@@ -11,16 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffsamp.training.ddpm import (
-    DDPMLoss,
-    DDPMTrainOptions,
-    export_checkpoint,
-    linear_alphas_cumprod,
-    make_unet,
-    train_ddpm,
-    unet_from_checkpoint,
-)
-from diffsamp.training.loop import CHECKPOINT, TrainConfig, lr_at, read_checkpoint, read_log, train_loop
+from diffsamp.models.diffusers_unet import unet_from_checkpoint
+from diffsamp.models.networks import make_unet
+from diffsamp.models.parameterization import ddpm_alphas_cumprod
+from diffsamp.training.checkpoint import CHECKPOINT, read_checkpoint
+from diffsamp.training.ddpm import DDPMLoss, DDPMTrainOptions, export_checkpoint, train_ddpm
+from diffsamp.training.loop import TrainConfig, lr_at, read_log, train_loop
+
+
+def linear_alphas_cumprod():
+    """The shipped DDPMs' table as diffusers computes it (float32)."""
+    return ddpm_alphas_cumprod(dtype=torch.float32)
 
 @pytest.fixture(autouse=True)
 def _one_thread():

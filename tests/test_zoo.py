@@ -67,7 +67,8 @@ def test_load_dtype_and_device():
 
 
 def test_load_local_dirs_and_errors(tmp_path):
-    from diffsamp.training.ddpm import make_unet, save_diffusers
+    from diffsamp.models.diffusers_unet import save_diffusers
+    from diffsamp.models.networks import make_unet
 
     torch.manual_seed(0)
     unet = make_unet(channels=(8, 16), sample_size=8)

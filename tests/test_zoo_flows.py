@@ -7,7 +7,8 @@ import torch
 
 from diffsamp import generate
 from diffsamp.models import available_models, model_card, sample_shape
-from diffsamp.models.rectified_flow import load_model, straightness
+from diffsamp.metrics.straightness import straightness
+from diffsamp.models import load as load_model
 from diffsamp.models.zoo import WEIGHTS_DIR
 
 FLOWS = ("mnist-rf", "mnist-2rf", "mnist-ddpm-reflow", "mnist-2rf-distill")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from diffsamp.cli.train import resolve_device, train
+from diffsamp.cli._common import load_or_fail, resolve_device
+from diffsamp.cli.train import train
 from diffsamp.samplers.grid import available_schedules
 
 AMED_SAMPLERS = ["amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed"]
@@ -45,13 +46,12 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
     """
     from tqdm import tqdm
 
-    from diffsamp.models.zoo import load, sample_shape
     from diffsamp.training.amed import AmedTrainOptions, train_amed
 
     device = resolve_device(device)
     try:
-        model = load(model_name, device=device, clip=clip)
-        shape = sample_shape(model)
+        model = load_or_fail(model_name, device=device, clip=clip)
+        shape = model.sample_shape
         opts = AmedTrainOptions(sampler=sampler, nfe=nfe, schedule=schedule, afs=afs, teacher=teacher,
                                 teacher_m=teacher_m, static=static, scale_dir=scale_dir, scale_time=scale_time,
                                 trajectories=trajectories, batch=batch, lr=lr, seed=seed)

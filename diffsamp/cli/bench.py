@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diffsamp.cli import main
-from diffsamp.cli.train import resolve_device
+from diffsamp.cli._common import load_or_fail, main, resolve_device
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -56,7 +55,6 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     """
     from diffsamp.metrics.bench import bench
     from diffsamp.metrics.inception import load_extractor
-    from diffsamp.models.zoo import load
     from diffsamp.samplers import available_samplers
 
     names = [s.strip() for s in samplers.split(",") if s.strip()]
@@ -68,7 +66,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     device = resolve_device(device)
     clip_text = {None: "as the model's scheduler config", True: "on", False: "off"}[clip]
     try:
-        model = load(model_name, device=device, clip=clip)
+        model = load_or_fail(model_name, device=device, clip=clip)
         extractor = load_extractor(inception, device)
         _, table = bench(model, model_name, samplers=names, nfes=targets, num=num, reference=reference, out=out,
                          extractor=extractor, data_dir=data_dir, batch_size=batch_size,

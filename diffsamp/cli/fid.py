@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli import main
+from diffsamp.cli._common import main
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 
@@ -35,7 +35,7 @@ def _errors(f):
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         from diffsamp.data import DataNotFoundError
-        from diffsamp.fid import IncompatibleStatsError, WeightsNotFoundError
+        from diffsamp.metrics.fid import IncompatibleStatsError, WeightsNotFoundError
         from diffsamp.images import ImageFolderError
 
         try:
@@ -49,7 +49,7 @@ def _errors(f):
 
 
 def _extractor(inception, download_weights, device):
-    from diffsamp.fid import load_extractor
+    from diffsamp.metrics.fid import load_extractor
 
     return load_extractor(inception, device, download=download_weights)
 
@@ -97,7 +97,7 @@ def ref_cmd(folder, dataset, split, data_dir, num, pad_to, padding, features, no
       diffsamp fid ref --dataset cifar10 --split train --data-dir ~/data --out cifar10-train.npz
       diffsamp fid ref my_images/ --out my_images.npz
     """
-    from diffsamp.fid import FEATURES_UP_TO, folder_stats, reference_stats, save_stats
+    from diffsamp.metrics.fid import FEATURES_UP_TO, folder_stats, reference_stats, save_stats
     from diffsamp.images import scan_image_folder
 
     if (folder is None) == (dataset is None):
@@ -167,7 +167,7 @@ def calc_cmd(a, b, num, padding_a, padding_b, kid, kid_subsets, kid_subset_size,
       diffsamp fid calc samples_a/ samples_b/ --num 2000
       diffsamp fid calc mnist-train-2k.npz mnist-test-2k.npz
     """
-    from diffsamp.fid import fid_from_stats, folder_stats, kid_from_stats, load_stats
+    from diffsamp.metrics.fid import fid_from_stats, folder_stats, kid_from_stats, load_stats
     from diffsamp.images import scan_image_folder
     from diffsamp.metrics.stats import preprocessing_mismatches
 

@@ -1,28 +1,41 @@
-"""``diffsamp samplers`` and ``diffsamp schedules``: what is registered, one line each."""
+"""``diffsamp samplers [NAME]`` and ``diffsamp schedules``: what is registered, one line each."""
 
 from __future__ import annotations
 
 import click
 
-from diffsamp.cli import main
+from diffsamp.cli._common import main
 from diffsamp.samplers import available_samplers, available_schedules, get_sampler, schedule_description
+from diffsamp.samplers.registry import describe_knobs
 
 
 @main.command("samplers")
-def samplers_cmd() -> None:
-    """List every registered sampler with its kind and a one-line description.
+@click.argument("name", required=False, type=click.Choice(available_samplers()))
+def samplers_cmd(name: str | None) -> None:
+    """List every registered sampler with its kind and a one-line description; with NAME, that sampler's
+    knobs with their types and defaults (set them with --knob NAME=VALUE).
 
     \b
-    Example:
+    Examples:
       diffsamp samplers
+      diffsamp samplers dpm2
     """
-    names = available_samplers()
-    width = max(len(n) for n in names)
-    for name in names:
+    if name is not None:
         spec = get_sampler(name)
         alias = f" (= {spec.alias_of} {dict(spec.defaults)})" if spec.alias_of else ""
+        click.echo(f"{name}  {spec.kind}  {spec.description}{alias}")
+        for knob, (tp, default) in spec.knob_specs().items():
+            click.echo(f"  {describe_knobs({knob: (tp, default)})}")
+        if not spec.knobs:
+            click.echo("  (no knobs)")
+        return
+    names = available_samplers()
+    width = max(len(n) for n in names)
+    for n in names:
+        spec = get_sampler(n)
+        alias = f" (= {spec.alias_of} {dict(spec.defaults)})" if spec.alias_of else ""
         knobs = f"  [knobs: {', '.join(spec.knobs)}]" if spec.knobs else ""
-        click.echo(f"{name:<{width}}  {spec.kind:<3}  {spec.description}{alias}{knobs}")
+        click.echo(f"{n:<{width}}  {spec.kind:<3}  {spec.description}{alias}{knobs}")
 
 
 @main.command("schedules")
@@ -35,5 +48,5 @@ def schedules_cmd() -> None:
     """
     names = available_schedules()
     width = max(len(n) for n in names)
-    for name in names:
-        click.echo(f"{name:<{width}}  {schedule_description(name)}")
+    for n in names:
+        click.echo(f"{n:<{width}}  {schedule_description(n)}")

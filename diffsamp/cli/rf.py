@@ -17,8 +17,15 @@ from typing import Any
 
 import click
 
-from diffsamp.cli import main
-from diffsamp.cli.train import loop_config, loop_options, parse_int_list, resolve_device, train
+from diffsamp.cli._common import (
+    knob_option,
+    load_or_fail,
+    main,
+    parse_knobs,
+    pop_options,
+    resolve_device,
+)
+from diffsamp.cli.train import loop_config, loop_options, train
 from diffsamp.samplers import available_samplers, available_schedules, get_sampler
 
 ODE_SAMPLERS = [s for s in available_samplers() if get_sampler(s).kind == "ode"]
@@ -46,23 +53,7 @@ def _arch_options(f):
 def _options(kw: dict[str, Any], **extra: Any):
     from diffsamp.training.rectified_flow import RFTrainOptions
 
-    channels = parse_int_list(kw.pop("channels"))
-    if not channels:
-        raise click.BadParameter("at least one level", param_hint="--channels")
-    return RFTrainOptions(
-        batch_size=kw.pop("batch_size"),
-        t_sampling=kw.pop("t_sampling"),
-        logit_mean=kw.pop("logit_mean"),
-        logit_std=kw.pop("logit_std"),
-        channels=channels,
-        layers_per_block=kw.pop("layers_per_block"),
-        attention_levels=parse_int_list(kw.pop("attention_levels")),
-        dropout=kw.pop("dropout"),
-        mlp_hidden=kw.pop("mlp_hidden"),
-        mlp_depth=kw.pop("mlp_depth"),
-        num_grid=kw.pop("num_grid"),
-        **extra,
-    )
+    return pop_options(RFTrainOptions, kw, **extra)
 
 
 def _report(result: Any, out: str) -> None:
@@ -181,7 +172,7 @@ def reflow_group() -> None:
 @click.option("--model", "model_name", required=True, help="Zoo name (mnist-rf, mnist-ddpm, …), saved model or run dir.")
 @click.option("--sampler", default="euler", show_default=True, type=click.Choice(ODE_SAMPLERS), help="A deterministic ODE sampler.")
 @click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="Default: rf for rectified flows, karras otherwise.")
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Sampler steps (rk45: ignored, adaptive).")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Sampler steps (rk45: ignored, adaptive: it integrates the schedule's σ_max → σ_min).")
 @click.option("--num", required=True, type=click.IntRange(min=1), help="Number of pairs.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pairs directory (resumes if it exists).")
 @click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(min=1))
@@ -191,8 +182,10 @@ def reflow_group() -> None:
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "no"]), help="auto: bf16 autocast for the network on CUDA.")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="Stop after the shard in flight once this time is up (run again to resume).")
 @click.option("--no-progress", is_flag=True)
+@knob_option
 def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, num: int, out: str, shard_size: int,
-              batch_size: int, seed: int, device: str, precision: str, max_minutes: float | None, no_progress: bool) -> None:
+              batch_size: int, seed: int, device: str, precision: str, max_minutes: float | None, no_progress: bool,
+              knobs: tuple[str, ...]) -> None:
     """Integrate a model from fixed noise and store (noise, sample) pairs in resumable shards.
 
     \b
@@ -203,27 +196,26 @@ def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, n
       diffsamp reflow pairs --model mnist-rf --sampler euler --steps 100 --num 50000 --out runs/pairs1
       diffsamp reflow pairs --model mnist-ddpm --sampler heun --schedule karras --steps 18 --num 20000 --out runs/ddpm-pairs
     """
-    from diffsamp.models.rectified_flow import RFDenoiser, load_model
-    from diffsamp.models.base import default_schedule
-    from diffsamp.models.zoo import model_dataset, sample_shape
+    from diffsamp.models.base import AutocastDenoiser, default_schedule
+    from diffsamp.models.rectified_flow import RFDenoiser
+    from diffsamp.models.zoo import model_dataset
     from diffsamp.training.pairs import PairsError, generate_pairs
 
+    knob_values = parse_knobs(sampler, knobs)
     dev = resolve_device(device)
-    try:
-        model = load_model(model_name, device=dev)
-        shape = sample_shape(model)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    is_rf = isinstance(model, RFDenoiser)
-    use_bf16 = precision == "bf16" or (precision == "auto" and dev.startswith("cuda"))
-    if use_bf16:
-        model = _autocast(model)
-    rect = int((model.info if is_rf else {}).get("rectification") or 1) if is_rf else 0
+    model = load_or_fail(model_name, device=dev)
+    is_rf = model.prior == "rf"
+    if precision == "bf16" or (precision == "auto" and dev.startswith("cuda")):
+        if isinstance(model, RFDenoiser):
+            model.autocast = True  # the σ-space conversion stays in float32
+        else:
+            model = AutocastDenoiser(model)
+    rect = int(model.info.get("rectification") or 1) if is_rf else 0
     try:
         meta = generate_pairs(
-            model, out, num=num, shape=shape, sampler=sampler, schedule=schedule or default_schedule(model),
-            steps=steps, model_name=model_name, rectification=rect,
-            dataset=model_dataset(model_name, model), source=getattr(model, "source", "normal"),
+            model, out, num=num, shape=model.sample_shape, sampler=sampler,
+            schedule=schedule or default_schedule(model), steps=steps, knobs=knob_values, model_name=model_name,
+            rectification=rect, dataset=model_dataset(model_name, model), source=model.source,
             shard_size=shard_size, batch_size=batch_size, seed=seed, device=dev, max_minutes=max_minutes,
             progress=not no_progress,
         )
@@ -232,15 +224,6 @@ def pairs_cmd(model_name: str, sampler: str, schedule: str | None, steps: int, n
     state = "complete" if meta["complete"] else "incomplete (run again to resume)"
     click.echo(f"{meta['done']}/{num} pairs in {out}: {state}; NFE per sample {meta.get('nfe')}; "
                f"{meta['seconds']:.0f} s this run")
-
-
-def _autocast(model: Any) -> Any:
-    from diffsamp.models.rectified_flow import AutocastDenoiser, RFDenoiser
-
-    if isinstance(model, RFDenoiser):
-        model.autocast = True
-        return model
-    return AutocastDenoiser(model)
 
 
 # ------------------------------------------------------------------------------------------ rf straightness
@@ -272,17 +255,12 @@ def straightness_cmd(model_name: str, num: int, steps: int, seed: int, batch_siz
     Example:
       diffsamp rf straightness --model mnist-2rf --num 1000 --steps 100
     """
-    from diffsamp.models.rectified_flow import load_model, straightness
-    from diffsamp.models.zoo import sample_shape
-    from diffsamp.training.pairs import draw_noise
+    from diffsamp.data.toys import draw_noise
+    from diffsamp.metrics.straightness import straightness
 
     dev = resolve_device(device)
-    try:
-        model = load_model(model_name, device=dev)
-        shape = sample_shape(model)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    z = draw_noise(getattr(model, "source", "normal"), shape, 0, num, seed)
+    model = load_or_fail(model_name, device=dev)
+    z = draw_noise(model.source, model.sample_shape, 0, num, seed)
     res = straightness(model, z, steps=steps, batch_size=batch_size, device=dev)
     if as_json:
         click.echo(json.dumps({"model": model_name, **res}))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli import main
+from diffsamp.cli._common import knob_option, load_or_fail, main, parse_knobs, resolve_device
 from diffsamp.samplers import available_samplers, available_schedules
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEEDS = 1_000_000
 
 
@@ -38,6 +38,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 class SeedList(click.ParamType):
+    """A click type for ``parse_seeds`` lists."""
+
     name = "SEEDS"
 
     def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
@@ -49,16 +51,6 @@ class SeedList(click.ParamType):
             self.fail(f"{exc} (expected e.g. 0-63, 1,5,9 or 0-3,10)", param, ctx)
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
-    return device
-
-
 @main.command("sample")
 @click.option("--model", "model_name", required=True, help="Zoo name (see `diffsamp models`), a local model/run directory, or a Hub id.")
 @click.option("--sampler", default="heun", show_default=True, type=click.Choice(available_samplers()))
@@ -67,7 +59,7 @@ def _resolve_device(device: str) -> str:
 @click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per network call (default: all seeds at once, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)), help="Network weights' precision.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPES), help="Network weights' precision.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write one grid PNG.")
 @click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed.")
 @click.option("--clip-denoised/--no-clip-denoised", default=None, help="Clamp the denoised estimate D(x, σ) to [-1, 1] at every step (diffusers' clip_sample). Default: as the model's scheduler config says.")
@@ -75,6 +67,7 @@ def _resolve_device(device: str) -> str:
 @click.option("--fid-ref", default=None, help="Score the images: FID (and KID) against a stats .npz (`diffsamp fid ref`) or DATASET:SPLIT, e.g. mnist:test (its first N images).")
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network weights (else $DIFFSAMP_INCEPTION, then the cache).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data set folder for a DATASET:SPLIT --fid-ref (else $DIFFSAMP_DATA).")
+@knob_option
 @click.option("--predictor", default=None, help="AMED predictor: a trained run directory/.json or a shipped name (see `diffsamp models`); sets the sampler, grid and NFE it was trained for.")
 @click.pass_context
 def sample_cmd(
@@ -94,6 +87,7 @@ def sample_cmd(
     fid_ref: str | None,
     inception: str | None,
     data_dir: str | None,
+    knobs: tuple[str, ...],
     predictor: str | None,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
@@ -104,89 +98,79 @@ def sample_cmd(
       diffsamp sample --model fashion-mnist-ddpm --sampler dpmpp2m --steps 10 --seeds 0-999 --outdir samples/
       diffsamp sample --model runs/mnist --sampler ddpm --schedule ddpm --steps 1000 --seeds 0-15 --out g.png
       diffsamp sample --model mnist-ddpm --steps 18 --seeds 0-1999 --fid-ref mnist:test --data-dir ~/data
+      diffsamp sample --model mnist-ddpm --sampler dpm2 --knob r=0.3 --steps 10 --out grid.png
       diffsamp sample --model mnist-ddpm --sampler amed --predictor mnist-ddpm/amed-nfe5 --seeds 0-63 --out g.png
     Image i depends only on its seed, whatever --batch-size and --device.
     With --fid-ref alone, samples stream into the FID statistics and nothing is written.
     """
-    import math
-
     import torch
 
     from diffsamp.api import generate
-    from diffsamp.images import save_grid, save_png
-    from diffsamp.models.base import default_schedule
-    from diffsamp.models.zoo import load, sample_shape
+    from diffsamp.models.base import ClampDenoiser, default_schedule
 
     if out is not None and outdir is not None:
         raise click.UsageError("give one of --out (a grid PNG) or --outdir (one PNG per seed), not both")
     if out is None and outdir is None and fid_ref is None:
         raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
-    device = _resolve_device(device)
-    torch_dtype = None if dtype == "float32" else getattr(torch, DTYPES[dtype])  # None: as stored (fp32)
+    amed_knobs: dict = {}
+    if predictor is not None:  # the sampler, grid and knobs the predictor was trained with
+        sampler, amed_knobs = _predictor_knobs(predictor, model_name, sampler, ctx)
+        steps, schedule = len(amed_knobs["grid"]), amed_knobs["predictor"].config["schedule"]
+    knob_values = {**parse_knobs(sampler, knobs), **amed_knobs}
+    device = resolve_device(device)
+    torch_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]  # None: as stored
     t0 = time.perf_counter()
+    model = load_or_fail(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
     try:
-        model = load(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
-        shape = sample_shape(model)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+        shape = model.sample_shape
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     load_s = time.perf_counter() - t0
     schedule = schedule or default_schedule(model)
-    knobs: dict = {}
-    if predictor is not None:
-        sampler, knobs = _predictor_knobs(predictor, model_name, sampler, ctx)
-        steps, schedule = len(knobs["grid"]), knobs["predictor"].config["schedule"]
-    if clip_denoised and getattr(model, "clip_sample", None) is None:
-        from diffsamp.models.base import ClampDenoiser
-
+    if clip_denoised and model.clip_sample is None:
         model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
-    bs = batch_size or min(len(seeds), 256)
+    run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch_size or min(len(seeds), 256),
+               **knob_values)
+    what = (f"{len(seeds)} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}")
     scoring = _fid_reference(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
-    if scoring is not None and out is None and outdir is None:
-        from diffsamp.evaluate import score_model
-
-        extractor, ref = scoring
-        try:
-            q = score_model(model, ref, seeds=seeds, extractor=extractor, sampler=sampler, schedule=schedule,
-                            steps=steps, batch_size=bs, **knobs)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        n = len(seeds)
-        click.echo(
-            f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}: NFE {q.nfe} per image, "
-            f"sampling {q.sampling_seconds:.2f} s on {device} {dtype}; model loaded in {load_s:.1f} s"
-        )
-        click.echo(_quality_line(q.fid, q.kid, q.kid_std, n, q.reference))
-        return
     try:
-        result = generate(model, shape, sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=bs,
-                          device=device, **knobs)
+        if scoring is not None and out is None and outdir is None:  # stream into the statistics, write nothing
+            from diffsamp.metrics.scoring import score_model
+
+            q = score_model(model, scoring[1], extractor=scoring[0], **run)
+            click.echo(f"{what}: NFE {q.nfe} per image, sampling {q.sampling_seconds:.2f} s on {device} {dtype}; "
+                       f"model loaded in {load_s:.1f} s")
+            click.echo(_quality_line(q.fid, q.kid, q.kid_std, len(seeds), q.reference))
+            return
+        result = generate(model, shape, device=device, **run)
+        images = result.images.clamp(-1, 1)
+        where = _write_images(images, result.seeds, out, outdir, nrow)
+        click.echo(f"{what}: NFE {result.nfe} per image, {result.seconds:.2f} s "
+                   f"({len(seeds) / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
+                   f"model loaded in {load_s:.1f} s -> {where}")
+        if scoring is not None:
+            from diffsamp.metrics.scoring import score_images
+
+            fid, kid, kid_std = score_images(images, scoring[1], extractor=scoring[0])
+            click.echo(_quality_line(fid, kid, kid_std, len(seeds), str(scoring[1].meta.get("source") or fid_ref)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    images = result.images.clamp(-1, 1)
+
+
+def _write_images(images, seeds: list[int], out: str | None, outdir: str | None, nrow: int | None) -> str:
+    """A grid PNG at ``out`` or one PNG per seed in ``outdir``; returns where they went."""
+    import math
+
+    from diffsamp.images import save_grid, save_png
+
     if out is not None:
         save_grid(images, out, nrow=nrow or max(1, math.ceil(math.sqrt(len(seeds)))))
-        where = out
-    else:
-        folder = Path(outdir)  # type: ignore[arg-type]
-        width = max(6, len(str(max(seeds))))
-        for s, img in zip(result.seeds, images):
-            save_png(img, folder / f"{s:0{width}d}.png")
-        where = f"{folder}/ ({len(seeds)} PNGs)"
-    n = len(seeds)
-    click.echo(
-        f"{n} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}: NFE {result.nfe} per image, "
-        f"{result.seconds:.2f} s ({n / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
-        f"model loaded in {load_s:.1f} s -> {where}"
-    )
-    if scoring is not None:
-        from diffsamp.evaluate import score_images
-
-        extractor, ref = scoring
-        try:
-            fid, kid, kid_std = score_images(images, ref, extractor=extractor)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(_quality_line(fid, kid, kid_std, n, str(ref.meta.get("source") or fid_ref)))
+        return out
+    folder = Path(outdir)  # type: ignore[arg-type]
+    width = max(6, len(str(max(seeds))))
+    for s, img in zip(seeds, images):
+        save_png(img, folder / f"{s:0{width}d}.png")
+    return f"{folder}/ ({len(seeds)} PNGs)"
 
 
 def _predictor_knobs(name: str, model_name: str, sampler: str, ctx: click.Context) -> tuple[str, dict]:
@@ -207,8 +191,8 @@ def _predictor_knobs(name: str, model_name: str, sampler: str, ctx: click.Contex
 def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device: str, num: int, shape):
     """The feature network and the --fid-ref statistics, resolved before any sampling (so a missing weights
     file or data set fails at once)."""
-    from diffsamp.evaluate import resolve_reference
-    from diffsamp.fid import WeightsNotFoundError, load_extractor
+    from diffsamp.metrics.scoring import resolve_reference
+    from diffsamp.metrics.fid import WeightsNotFoundError, load_extractor
 
     if num < 2:
         raise click.BadParameter("FID needs at least 2 seeds", param_hint="--seeds")

@@ -16,29 +16,7 @@ from typing import Any
 
 import click
 
-from diffsamp.cli import main
-
-
-def parse_int_list(value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    value = value.strip()
-    if value.lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 32,64,128, got {value!r}") from None
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
-    return device
+from diffsamp.cli._common import main, pop_options, resolve_device
 
 
 def loop_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,26 +96,9 @@ def ddpm_cmd(**kw: Any) -> None:
     from diffsamp.data import DataNotFoundError
     from diffsamp.training.ddpm import DDPMTrainOptions, train_ddpm
 
-    channels = parse_int_list(kw.pop("channels"))
-    if not channels:
-        raise click.BadParameter("at least one level", param_hint="--channels")
-    attention = parse_int_list(kw.pop("attention_levels"))
+    options = pop_options(DDPMTrainOptions, kw, sample_size=kw.pop("image_size"))
     config = loop_config(kw)
     device = resolve_device(kw.pop("device"))
-    options = DDPMTrainOptions(
-        dataset=kw.pop("dataset"),
-        data_dir=kw.pop("data_dir"),
-        prediction_type=kw.pop("prediction_type"),
-        batch_size=kw.pop("batch_size"),
-        channels=channels,
-        layers_per_block=kw.pop("layers_per_block"),
-        attention_levels=attention,
-        dropout=kw.pop("dropout"),
-        random_flip=kw.pop("random_flip"),
-        sample_size=kw.pop("image_size"),
-        num_grid=kw.pop("num_grid"),
-        init=kw.pop("init"),
-    )
     try:
         result = train_ddpm(
             kw.pop("out"), options, config, device=device, resume=kw.pop("resume"), progress=not kw.pop("no_progress")

@@ -1,8 +1,7 @@
-"""Image-quality metrics: the FID feature network, feature statistics, Fréchet distance and KID.
-
-``diffsamp.fid`` puts these together (images → features → statistics → distances, reference caches);
-this package holds the pieces, one concern per module.
-"""
+"""Metrics: the FID feature network, feature statistics, Fréchet distance and KID (``inception``, ``resize``,
+``stats``, ``distances``), FID/KID of images, folders and data sets (``fid``), scoring a model's samples
+against a reference (``scoring``), the straightness of a model's ODE (``straightness``) and distances between
+toy point clouds (``toy_distances``)."""
 
 from diffsamp.metrics.distances import frechet_distance, kernel_inception_distance
 from diffsamp.metrics.inception import (

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from diffsamp.atomic import atomic_write_text
+from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import FixedPredictor
@@ -121,7 +121,7 @@ def run_cell(
     cache_dir: Path, cache_parts: Mapping[str, Any], progress: bool = False,
 ) -> CellResult:
     """Score one cell (or read it from ``cache_dir``): ``num`` samples, seeds 0…num−1, streamed into FID/KID."""
-    from diffsamp.evaluate import score_model
+    from diffsamp.metrics.scoring import score_model
 
     parts = {**cache_parts, "sampler": plan.sampler, "nfe": plan.nfe, "method": plan.method,
              "grid": plan.grid.sigmas.tolist(), "predictor": plan.predictor, "setting": plan.setting, "num": num}
@@ -135,7 +135,7 @@ def run_cell(
                      plan.grid.sigmas.tolist(), plan.predictor)
     if q.nfe != plan.nfe:
         raise RuntimeError(f"{plan.sampler} at NFE {plan.nfe}: measured {q.nfe} evaluations")
-    atomic_write_text(path, json.dumps(asdict(res), indent=2) + "\n")
+    write_text(path, json.dumps(asdict(res), indent=2) + "\n")
     return res
 
 
@@ -172,7 +172,7 @@ def write_csv(cells: Sequence[CellResult], path: Path) -> None:
         d = asdict(c)
         d["grid"] = " ".join(f"{v:.6g}" for v in c.grid)
         w.writerow({k: d[k] for k in fields})
-    atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference: CellResult | None, path: Path,
@@ -211,14 +211,12 @@ def bench(
     reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False,
 ) -> tuple[list[CellResult], str]:
     """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``."""
-    from diffsamp.evaluate import data_floor, resolve_reference
+    from diffsamp.metrics.scoring import data_floor, resolve_reference
 
     out = Path(out)
     cache = out / "cells"
     cache.mkdir(parents=True, exist_ok=True)
-    from diffsamp.models.zoo import sample_shape
-
-    shape = tuple(sample_shape(model))
+    shape = tuple(model.sample_shape)
     plans = [plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors) for s in samplers for n in nfes]
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
@@ -232,7 +230,7 @@ def bench(
               "clip": clip, "schedules": dict(schedules or {}), "predictors": dict(predictors or {}),
               "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     cells = []
     for plan in plans:
         c = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size, clip=clip,
@@ -249,7 +247,7 @@ def bench(
     table = format_table(cells, nfes, floor, ref_cell)
     head = (f"{model_name}: FID (KID×10³) of N = {num} samples (seeds 0–{num - 1}) vs {reference}; "
             f"x̂0 clipping: {clip}\n\n")
-    atomic_write_text(out / "table.md", head + table)
+    write_text(out / "table.md", head + table)
     write_csv(cells + ([ref_cell] if ref_cell else []), out / "table.csv")
     plot_fid_vs_nfe(cells, floor[0] if floor else None, ref_cell, out / "fid_vs_nfe.png", f"{model_name}, N = {num}")
     return cells, head + table

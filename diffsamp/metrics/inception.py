@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import urllib.request
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffsamp.io import atomic_path
 from diffsamp.metrics.resize import resize_tf1_bilinear
 
 WEIGHTS_ENV = "DIFFSAMP_INCEPTION"
@@ -87,15 +87,10 @@ def download_weights(url: str = NVLABS_URL, dest: str | os.PathLike | None = Non
     if dest.is_file() and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
             shutil.copyfileobj(r, f, length=1 << 20)
-        _load_module(Path(tmp), "cpu")  # refuse to install something that is not a usable network
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _load_module(tmp, "cpu")  # refuse to install something that is not a usable network
     return dest
 
 

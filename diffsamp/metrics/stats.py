@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from diffsamp.io import save_npz
 
 STATS_FORMAT = "diffsamp-fid-stats/1"
 # Preprocessing keys that must agree between the two sides of a comparison (when both record them).
@@ -118,15 +119,7 @@ def save_stats(stats: FIDStats, path: str | os.PathLike, *, include_features: bo
     }
     if include_features and stats.features is not None:
         arrays["features"] = np.asarray(stats.features, dtype=np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_npz(path, **arrays)
 
 
 def load_stats(path: str | os.PathLike) -> FIDStats:

@@ -14,14 +14,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from diffsamp.models.base import Prior
+from diffsamp.models.base import DenoiserBase, Prior
 
 
-class GaussianMixtureDenoiser:
+class GaussianMixtureDenoiser(DenoiserBase):
     """Exact denoiser of an isotropic Gaussian mixture in d dimensions (x of shape (B, d) or (B, ...))."""
 
     prior: Prior = "ve"
-    alphas_cumprod: Tensor | None = None
 
     def __init__(
         self,
@@ -50,6 +49,11 @@ class GaussianMixtureDenoiser:
     @property
     def dim(self) -> int:
         return self.means.shape[1]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """(d,): one point of the mixture."""
+        return (self.dim,)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1).to(torch.float64)

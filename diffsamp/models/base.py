@@ -1,15 +1,21 @@
 """The one model interface of diffsamp: a σ-space denoiser D(x, σ) ≈ E[x0 | x], x = x0 + σ·ε.
 
 Every foreign convention (DDPM ε/v/x0 prediction, VP-SDE time, rectified-flow velocity) is converted
-to this form once, in ``diffsamp.models`` (SPEC §7.1, §7.3; EDM, Karras et al. 2022).
+to this form once, in ``diffsamp.models`` (SPEC §7.1, §7.3; EDM, Karras et al. 2022). ``Denoiser`` lists
+everything code outside ``diffsamp.models`` may read from a model; ``DenoiserBase`` gives the defaults and
+``Wrapper`` forwards all of it, so Counting, Clamp and Autocast wrappers are models like any other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from diffsamp.models.parameterization import rf_sigma_from_t, rf_t_from_sigma, velocity_from_x0
 
 Prior = Literal["ve", "vp", "rf"]
 
@@ -18,20 +24,94 @@ Prior = Literal["ve", "vp", "rf"]
 class Denoiser(Protocol):
     """x̂0 = D(x, σ) for x = x0 + σ·ε.  ``x``: (B, ...), ``sigma``: (B,).
 
-    Attributes every denoiser declares (no guessing by ``hasattr``):
+    Attributes every denoiser declares (no guessing by ``getattr``/``hasattr``):
       sigma_min, sigma_max: the σ range the model was trained on.
       prior: how the initial state at σ_max is drawn: "ve" → σ·z, "vp" → √(1+σ²)·z, "rf" → (1+σ)·z.
-      alphas_cumprod: the discrete DDPM ᾱ_t table for models trained on one (else None).
-      feature_module: the bottleneck block whose output AMED reads (else None).
+      source: the distribution z is drawn from: "normal" (N(0, I)) or a toy source (``diffsamp.data.toys``).
+      sample_shape: one sample's shape, (C, H, W) or (d,).
+      device, dtype: where and in which precision the model takes its input.
+      feature_module: the module whose output AMED reads (the UNet bottleneck; else None).
+      clip_sample: the range the model clamps its own x̂0 to (diffusers' ``clip_sample``), or None.
+      info: what the model's files record about it (data set, training, card); {} if nothing.
+      network: the trained ``nn.Module`` behind the model, or None (closed-form models).
     """
 
     sigma_min: float
     sigma_max: float
     prior: Prior
-    alphas_cumprod: Tensor | None
+    source: str
+    sample_shape: tuple[int, ...]
+    device: torch.device
+    dtype: torch.dtype
     feature_module: nn.Module | None
+    clip_sample: float | None
+    info: dict[str, Any]
+    network: nn.Module | None
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor: ...
+
+
+class DenoiserBase:
+    """Defaults of the protocol for a model family: device and dtype follow ``network``'s first parameter
+    (CPU float32 without one); no features, no self-clamping, no info, N(0, I) source."""
+
+    sigma_min: float
+    sigma_max: float
+    prior: Prior = "ve"
+    source: str = "normal"
+    network: nn.Module | None = None
+    feature_module: nn.Module | None = None
+    clip_sample: float | None = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.__dict__.setdefault("_info", {})
+
+    @info.setter
+    def info(self, value: dict[str, Any]) -> None:
+        self.__dict__["_info"] = dict(value)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        raise ValueError(f"cannot tell the sample shape of {type(self).__name__}; pass the shape explicitly")
+
+    def _first_param(self) -> Tensor | None:
+        if isinstance(self.network, nn.Module):
+            for p in self.network.parameters():
+                return p
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        p = self._first_param()
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = self._first_param()
+        return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TimeCoordinates:
+    """A prior's own ODE coordinates (SPEC §7.2–7.3): its time ``t(σ)`` and ``sigma(t)``, its state
+    ``to_state(x̄, σ)`` and back, and the velocity dx/dt from (x̄, D, σ)."""
+
+    t: Callable[[Any], Any]
+    sigma: Callable[[Any], Any]
+    to_state: Callable[[Tensor, Any], Tensor]
+    from_state: Callable[[Tensor, Any], Tensor]
+    velocity: Callable[[Tensor, Tensor, Any], Tensor]
+
+
+# RF: t = σ/(1 + σ), x_t = x̄/(1 + σ), dx_t/dt = ε̂ − x̂0 (smooth in t where σ spans six decades)
+PRIOR_TIMES: dict[str, TimeCoordinates] = {
+    "rf": TimeCoordinates(rf_t_from_sigma, rf_sigma_from_t, lambda x, s: x / (1 + s), lambda x, s: x * (1 + s),
+                          velocity_from_x0),
+}
 
 
 def prior_scale(prior: Prior, sigma: float) -> float:
@@ -49,34 +129,42 @@ def prior_scale(prior: Prior, sigma: float) -> float:
     raise ValueError(f"unknown prior {prior!r}; expected one of 've', 'vp', 'rf'")
 
 
-class _Wrapper:
-    """Forwards the declared attributes of the wrapped denoiser."""
+class Wrapper:
+    """A denoiser around another one: forwards every declared attribute of ``inner`` (and the call).
+
+    Subclasses change ``__call__``; ``unwrap()`` is the innermost model (its family's own attributes).
+    """
 
     def __init__(self, inner: Denoiser) -> None:
         self.inner = inner
 
-    @property
-    def sigma_min(self) -> float:
-        return self.inner.sigma_min
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.inner(x, sigma)
 
-    @property
-    def sigma_max(self) -> float:
-        return self.inner.sigma_max
+    def unwrap(self) -> Denoiser:
+        return unwrap(self.inner)
 
-    @property
-    def prior(self) -> Prior:
-        return self.inner.prior
-
-    @property
-    def alphas_cumprod(self) -> Tensor | None:
-        return self.inner.alphas_cumprod
-
-    @property
-    def feature_module(self) -> nn.Module | None:
-        return self.inner.feature_module
+    sigma_min = property(lambda self: self.inner.sigma_min)
+    sigma_max = property(lambda self: self.inner.sigma_max)
+    prior = property(lambda self: self.inner.prior)
+    source = property(lambda self: self.inner.source)
+    sample_shape = property(lambda self: self.inner.sample_shape)
+    device = property(lambda self: self.inner.device)
+    dtype = property(lambda self: self.inner.dtype)
+    feature_module = property(lambda self: self.inner.feature_module)
+    clip_sample = property(lambda self: self.inner.clip_sample)
+    info = property(lambda self: self.inner.info)
+    network = property(lambda self: self.inner.network)
 
 
-class CountingDenoiser(_Wrapper):
+def unwrap(model: Denoiser) -> Denoiser:
+    """The innermost model under any ``Wrapper``s."""
+    while isinstance(model, Wrapper):
+        model = model.inner
+    return model
+
+
+class CountingDenoiser(Wrapper):
     """Counts network evaluations (NFE): one call on a batch is one evaluation (DESIGN principle 5).
 
     With ``check=True`` it also rejects what would otherwise fail deep inside torch: a ``sigma`` that is
@@ -107,7 +195,7 @@ class CountingDenoiser(_Wrapper):
         return out
 
 
-class ClampDenoiser(_Wrapper):
+class ClampDenoiser(Wrapper):
     """x̂0 clipping as a wrapper (diffusers' ``clip_sample``), so it applies to every sampler alike."""
 
     def __init__(self, inner: Denoiser, lo: float = -1.0, hi: float = 1.0) -> None:
@@ -120,7 +208,16 @@ class ClampDenoiser(_Wrapper):
         return self.inner(x, sigma).clamp(self.lo, self.hi)
 
 
-def default_schedule(model: Any) -> str:
+class AutocastDenoiser(Wrapper):
+    """Runs any denoiser under bf16 autocast on CUDA (for fast pair generation); output in the input dtype."""
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out = self.inner(x, sigma)
+        return out.to(x.dtype)
+
+
+def default_schedule(model: Denoiser) -> str:
     """The σ-grid a model is sampled on unless told otherwise: ``rf`` (uniform in RF time t, the RF paper's
     Euler grid) for rectified flows, ``karras`` (EDM's ρ = 7) for every other denoiser."""
-    return "rf" if getattr(model, "prior", None) == "rf" else "karras"
+    return "rf" if model.prior == "rf" else "karras"

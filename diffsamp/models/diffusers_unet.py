@@ -1,4 +1,5 @@
-"""A diffusers ``UNet2DModel`` trained on a discrete DDPM schedule, seen as a σ-space denoiser.
+"""The DDPM/diffusers family: a ``UNet2DModel`` trained on a discrete DDPM schedule, seen as a σ-space denoiser,
+and its on-disk formats (a diffusers directory or Hub id; a ``diffsamp train ddpm`` checkpoint).
 
 σ_t = √((1−ᾱ_t)/ᾱ_t); the network is called on x_VP = x̄/√(1+σ²) at the timestep t(σ) found by
 linear interpolation of log σ_t (optionally quantized to an integer step), and its output is converted
@@ -13,20 +14,31 @@ With ε-prediction it matters most at high σ, where x̂0 = x̄ − σε̂ ampli
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from diffsamp.models.base import Prior
-from diffsamp.models.parameterization import ddpm_timestep_from_sigma, vp_scale, x0_from_eps, x0_from_v
-from diffsamp.samplers.grid import ddpm_sigmas
+from diffsamp.io import read_state_file
+from diffsamp.models.base import Denoiser, DenoiserBase, Prior, unwrap
+from diffsamp.models.parameterization import (
+    BETA_END,
+    BETA_START,
+    NUM_TRAIN_TIMESTEPS,
+    ddpm_alphas_cumprod,
+    ddpm_sigmas,
+    ddpm_timestep_from_sigma,
+    vp_scale,
+    x0_from_eps,
+    x0_from_v,
+)
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 
 
-class DiffusersUNetDenoiser:
+class DiffusersUNetDenoiser(DenoiserBase):
     """D(x̄, σ) from ``unet`` + its scheduler's ᾱ_t table + ``prediction_type``.
 
     ``feature_module`` is the UNet's ``mid_block`` (the bottleneck AMED reads).
@@ -56,8 +68,16 @@ class DiffusersUNetDenoiser:
         self.clip_sample = clip_sample
         sig = ddpm_sigmas(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
-        self.feature_module: nn.Module | None = getattr(unet, "mid_block", None)
+        self.feature_module = getattr(unet, "mid_block", None)
         self._ac_cache: dict[torch.device, Tensor] = {}
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) from the UNet's config."""
+        cfg = self.network.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(cfg.in_channels), int(h), int(w))
 
     def _table(self, device: torch.device) -> Tensor:
         if device not in self._ac_cache:
@@ -176,3 +196,103 @@ def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
         except Exception:  # noqa: BLE001
             continue
     raise ValueError(f"{repo_id!r} has a UNet but no scheduler config on the Hub")
+
+
+# ------------------------------------------------------------------------------------------- formats
+def scheduler_kwargs(prediction_type: str) -> dict[str, Any]:
+    """The DDPMScheduler config of models trained by ``diffsamp train ddpm`` (linear β, T = 1000, clipped x̂0)."""
+    return dict(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_start=BETA_START,
+        beta_end=BETA_END,
+        beta_schedule="linear",
+        prediction_type=prediction_type,
+        clip_sample=True,
+        variance_type="fixed_small",
+    )
+
+
+def training_alphas_cumprod() -> Tensor:
+    """ᾱ_t of ``scheduler_kwargs`` exactly as diffusers computes it (float32), widened to float64."""
+    return ddpm_alphas_cumprod(dtype=torch.float32).double()
+
+
+def save_diffusers(unet: nn.Module, out_dir: str | os.PathLike, prediction_type: str = "epsilon") -> Path:
+    """Save ``unet`` and its DDPM scheduler as a diffusers pipeline directory (fp32 safetensors)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    out_dir = Path(out_dir)
+    unet = unet.to("cpu")
+    if any(p.dtype != torch.float32 for p in unet.parameters()):
+        unet = unet.float()
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_kwargs(prediction_type)))
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def unet_from_checkpoint(path: str | os.PathLike, *, which: str = "ema") -> tuple[nn.Module, Tensor, str]:
+    """(UNet2DModel, ᾱ_t, prediction_type) of a DDPM training checkpoint; ``which``: "ema" or "model"."""
+    from diffusers import UNet2DModel
+
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    tensors, state = read_state_file(path)
+    extra = state["config"].get("extra", {})
+    if extra.get("trainer") != "ddpm" or "unet" not in extra:
+        raise ValueError(f"{path} is not a DDPM training checkpoint")
+    cfg = {k: v for k, v in extra["unet"].items() if not k.startswith("_")}
+    unet = UNet2DModel.from_config(cfg)
+    n = len(which) + 1
+    unet.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(which + ".")})
+    return unet, training_alphas_cumprod(), extra.get("prediction_type", "epsilon")
+
+
+def is_diffusers_dir(path: str | os.PathLike) -> bool:
+    """A diffusers model directory: pipeline layout (``unet/``) or flat (``config.json`` + scheduler config)."""
+    path = Path(path)
+    return (path / "unet" / "config.json").is_file() or (
+        (path / "config.json").is_file() and (path / "scheduler_config.json").is_file()
+    )
+
+
+def is_ddpm_checkpoint(path: str | os.PathLike) -> bool:
+    """A ``diffsamp train ddpm`` run directory (its checkpoint) or checkpoint file."""
+    path = Path(path)
+    return (path.is_dir() and (path / "checkpoint.safetensors").is_file()) or (
+        path.is_file() and path.suffix == ".safetensors"
+    )
+
+
+def load_ddpm_checkpoint(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    clip: bool | None = None,
+) -> DiffusersUNetDenoiser:
+    """The EMA model of a ``diffsamp train ddpm`` checkpoint as a denoiser (sample while it trains).
+
+    Its x̂0 is clamped to [−1, 1] unless ``clip=False``, as the exported model's scheduler config says.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+    unet, alphas_cumprod, prediction_type = unet_from_checkpoint(path)
+    unet.eval().requires_grad_(False)
+    if device is not None or dtype is not None:
+        unet.to(device=device, dtype=dtype)
+    clip_sample = clip_range(scheduler_kwargs(prediction_type), clip)
+    return DiffusersUNetDenoiser(unet, alphas_cumprod, prediction_type, clip_sample=clip_sample)
+
+
+def load_diffusers(
+    path: str | os.PathLike, *, device: Any = None, dtype: torch.dtype | None = None, clip: bool | None = None
+) -> DiffusersUNetDenoiser:
+    """A diffusers directory or Hub id as a denoiser (``DiffusersUNetDenoiser.from_pretrained``)."""
+    return DiffusersUNetDenoiser.from_pretrained(path, device=device, dtype=dtype, clip=clip)
+
+
+def alphas_cumprod_of(model: Denoiser) -> Tensor | None:
+    """The discrete ᾱ_t table of a DDPM-family model (through any wrappers), None for other families."""
+    inner = unwrap(model)
+    return inner.alphas_cumprod if isinstance(inner, DiffusersUNetDenoiser) else None

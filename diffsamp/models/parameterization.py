@@ -87,10 +87,30 @@ def vp_sde_t(sigma: Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> Te
     return (torch.sqrt(beta_min**2 + 2 * beta_d * torch.log1p(sigma**2)) - beta_min) / beta_d
 
 
-def ddpm_alphas_cumprod(beta_start: float = 1e-4, beta_end: float = 0.02, num_steps: int = 1000) -> Tensor:
-    """ᾱ_t = ∏(1 − β_s) for DDPM's linear β schedule (Ho et al. 2020 §4), float64."""
-    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
+
+
+def ddpm_alphas_cumprod(
+    beta_start: float = BETA_START,
+    beta_end: float = BETA_END,
+    num_steps: int = NUM_TRAIN_TIMESTEPS,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """ᾱ_t = ∏(1 − β_s) for DDPM's linear β schedule (Ho et al. 2020 §4), the one definition.
+
+    Computed in ``dtype``: float64 for exact analysis; float32 is what diffusers' DDPMScheduler computes
+    (``scheduler_kwargs`` models train and sample on that table, widened to float64).
+    """
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=dtype)
     return torch.cumprod(1 - betas, dim=0)
+
+
+def ddpm_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for each discrete DDPM timestep t (SPEC §7.2), float64."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return ((1 - ac) / ac).sqrt()
 
 
 def ddpm_timestep_from_sigma(sigma: Tensor, alphas_cumprod: Tensor, *, quantize: bool = False) -> Tensor:

@@ -11,6 +11,9 @@
   caches it).
 
 and returns a σ-space ``Denoiser``. ``available_models()`` lists the zoo, ``model_card(name)`` its card.
+
+Formats are a registry of ``(detect, load)`` pairs tried in order (``register_format``); a model family is its
+module (adapter + format) plus one registration below.
 """
 
 from __future__ import annotations
@@ -18,38 +21,70 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from diffsamp.models import diffusers_unet, rectified_flow
 from diffsamp.models.base import Denoiser
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
-
-def _is_diffusers_dir(path: Path) -> bool:
-    return (path / "unet" / "config.json").is_file() or (
-        (path / "config.json").is_file() and (path / "scheduler_config.json").is_file()
-    )
+Loader = Callable[..., Denoiser]  # loader(path, *, device, dtype, clip) -> Denoiser
 
 
-def _shipped_diffusers() -> list[str]:
+@dataclass(frozen=True)
+class ModelFormat:
+    """An on-disk model format: ``detect(path)`` says whether a local path holds one, ``load`` reads it."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Loader
+
+
+_FORMATS: list[ModelFormat] = []
+
+
+def register_format(name: str, detect: Callable[[Path], bool], load: Loader) -> None:
+    """Add a format; formats are tried in registration order, the first whose ``detect`` is true loads."""
+    if any(f.name == name for f in _FORMATS):
+        raise ValueError(f"model format {name!r} is already registered")
+    _FORMATS.append(ModelFormat(name, detect, load))
+
+
+def _load_rf(path: Path, *, device: Any = None, dtype: torch.dtype | None = None, clip: bool | None = None) -> Denoiser:
+    return rectified_flow.load_rf(path, device=device, dtype=dtype or torch.float32)
+
+
+register_format("rectified-flow", rectified_flow.is_rf_model, _load_rf)
+register_format("diffusers", lambda p: p.is_dir() and diffusers_unet.is_diffusers_dir(p), diffusers_unet.load_diffusers)
+register_format("ddpm-checkpoint", diffusers_unet.is_ddpm_checkpoint, diffusers_unet.load_ddpm_checkpoint)
+
+
+def find_format(path: str | os.PathLike) -> ModelFormat | None:
+    """The first registered format that recognises ``path`` (None if none does)."""
+    path = Path(path).expanduser()
+    return next((f for f in _FORMATS if path.exists() and f.detect(path)), None)
+
+
+def _shipped() -> dict[str, Path]:
+    """Zoo name → path: every folder or ``NAME.json`` in ``diffsamp/weights`` that a format recognises."""
     if not WEIGHTS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if p.is_dir() and _is_diffusers_dir(p))
-
-
-def _shipped_rf() -> list[str]:
-    try:
-        from diffsamp.models.rectified_flow import shipped_rf_models
-    except ImportError:
-        return []
-    return list(shipped_rf_models())
+        return {}
+    out = {}
+    for p in sorted(WEIGHTS_DIR.iterdir()):
+        if p.is_dir() and diffusers_unet.is_diffusers_dir(p):
+            out[p.name] = p
+        elif p.suffix == ".json" and not p.name.endswith(".card.json") and rectified_flow.is_rf_model(p):
+            out[p.stem] = p
+    return out
 
 
 def available_models() -> list[str]:
     """Names of every model shipped with diffsamp (what ``diffsamp models`` lists)."""
-    return sorted(set(_shipped_diffusers()) | set(_shipped_rf()))
+    return sorted(_shipped())
 
 
 def model_card(name: str) -> dict[str, Any]:
@@ -68,11 +103,10 @@ def model_card(name: str) -> dict[str, Any]:
 
 def model_path(name: str) -> Path:
     """Where a zoo model's files are."""
-    if (WEIGHTS_DIR / name).is_dir():
-        return WEIGHTS_DIR / name
-    if (WEIGHTS_DIR / f"{name}.json").is_file():
-        return WEIGHTS_DIR / f"{name}.json"
-    raise KeyError(f"no model {name!r} in the zoo; available: {', '.join(available_models()) or 'none'}")
+    shipped = _shipped()
+    if name not in shipped:
+        raise KeyError(f"no model {name!r} in the zoo; available: {', '.join(available_models()) or 'none'}")
+    return shipped[name]
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -92,79 +126,32 @@ def load(
     ``clip`` (diffusers UNets only): clamp x̂0 to the data range as the model's scheduler config says
     (None), always (True) or never (False); see ``DiffusersUNetDenoiser``.
     """
-    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
-
     name = str(name_or_path)
-    if name in _shipped_diffusers():
-        return DiffusersUNetDenoiser.from_pretrained(WEIGHTS_DIR / name, device=device, dtype=dtype, clip=clip)
-    if name in _shipped_rf():
-        return _load_rf(WEIGHTS_DIR / f"{name}.json", device, dtype)
-    path = Path(name).expanduser()
+    shipped = _shipped()
+    path = shipped[name] if name in shipped else Path(name).expanduser()
     if path.exists():
-        if _is_rf(path):
-            return _load_rf(path, device, dtype)
-        if path.is_dir() and _is_diffusers_dir(path):
-            return DiffusersUNetDenoiser.from_pretrained(path, device=device, dtype=dtype, clip=clip)
-        if path.is_dir() and (path / "checkpoint.safetensors").is_file():
-            return load_ddpm_checkpoint(path / "checkpoint.safetensors", device=device, dtype=dtype, clip=clip)
-        if path.is_file() and path.suffix == ".safetensors":
-            return load_ddpm_checkpoint(path, device=device, dtype=dtype, clip=clip)
-        raise ValueError(
-            f"{path} is neither a diffusers model directory (unet/ + scheduler/, or config.json + "
-            "scheduler_config.json), a diffsamp run directory, nor a saved rectified flow"
-        )
+        fmt = find_format(path)
+        if fmt is None:
+            raise ValueError(
+                f"{path} is neither a diffusers model directory (unet/ + scheduler/, or config.json + "
+                "scheduler_config.json), a diffsamp run directory, nor a saved rectified flow"
+            )
+        return fmt.load(path, device=device, dtype=dtype, clip=clip)
     if _looks_like_hub_id(name):
-        return DiffusersUNetDenoiser.from_pretrained(name, device=device, dtype=dtype, clip=clip)
+        return diffusers_unet.load_diffusers(name, device=device, dtype=dtype, clip=clip)
     raise ValueError(
         f"unknown model {name!r}: not in the zoo ({', '.join(available_models()) or 'empty'}), not an existing "
         "path, and not a Hugging Face Hub id of the form owner/name"
     )
 
 
-def _is_rf(path: Path) -> bool:
-    try:
-        from diffsamp.models.rectified_flow import is_rf_model
-    except ImportError:
-        return False
-    return bool(is_rf_model(path))
-
-
-def _load_rf(path: Path, device: Any, dtype: torch.dtype | None) -> Denoiser:
-    from diffsamp.models.rectified_flow import load_rf
-
-    return load_rf(path, device=device, dtype=dtype or torch.float32)
-
-
-def load_ddpm_checkpoint(
-    path: str | os.PathLike,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    clip: bool | None = None,
-) -> Denoiser:
-    """The EMA model of a ``diffsamp train ddpm`` checkpoint as a denoiser (sample while it trains).
-
-    Its x̂0 is clamped to [−1, 1] unless ``clip=False``, as the exported model's scheduler config says.
-    """
-    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser, clip_range
-    from diffsamp.training.ddpm import scheduler_kwargs
-    from diffsamp.training.ddpm import unet_from_checkpoint
-
-    unet, alphas_cumprod, prediction_type = unet_from_checkpoint(path)
-    unet.eval().requires_grad_(False)
-    if device is not None or dtype is not None:
-        unet.to(device=device, dtype=dtype)
-    clip_sample = clip_range(scheduler_kwargs(prediction_type), clip)
-    return DiffusersUNetDenoiser(unet, alphas_cumprod, prediction_type, clip_sample=clip_sample)
-
-
-def model_dataset(name: str, model: Any = None) -> str | None:
+def model_dataset(name: str, model: Denoiser | None = None) -> str | None:
     """The data set a model was trained on (``mnist``, ``fashion-mnist``, …), from its own info or its card.
 
     Looks at ``model.info["dataset"]`` (rectified flows), then the zoo card of ``name``, then a ``card.json``
     in ``name`` when it is a local model directory; None when none of them records it.
     """
-    info = getattr(model, "info", None) or {}
+    info = model.info if model is not None else {}
     if info.get("dataset"):
         return str(info["dataset"])
     if name in available_models():
@@ -175,14 +162,6 @@ def model_dataset(name: str, model: Any = None) -> str | None:
     return None
 
 
-def sample_shape(model: Any) -> tuple[int, ...]:
-    """One sample's shape (C, H, W) for a loaded model."""
-    shape = getattr(model, "sample_shape", None)
-    if shape is not None:
-        return tuple(int(s) for s in shape)
-    cfg = getattr(getattr(model, "network", None), "config", None)
-    if cfg is not None and hasattr(cfg, "in_channels") and hasattr(cfg, "sample_size"):
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(cfg.in_channels), int(h), int(w))
-    raise ValueError(f"cannot tell the sample shape of {type(model).__name__}; pass the shape explicitly")
+def sample_shape(model: Denoiser) -> tuple[int, ...]:
+    """One sample's shape (C, H, W) for a loaded model (its declared ``sample_shape``)."""
+    return tuple(int(s) for s in model.sample_shape)

@@ -1,13 +1,18 @@
-"""Small helpers shared by every sampler: broadcasting, the ε̂ direction, seeded noise, step records."""
+"""Small helpers shared by every sampler: broadcasting, the ε̂ direction, seeded noise, step records, the
+optional final denoising step, and ``capture`` (a module's output through a forward hook)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from diffsamp.models.base import Denoiser
+from diffsamp.samplers.grid import Grid
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -57,6 +62,18 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     return torch.stack(
         [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in gens]
     ).to(x.device)
+
+
+def final_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
+    """The extra evaluation of the ``final_denoise`` knob: 1 when it is on and the grid ends above 0."""
+    return int(bool(knobs.get("final_denoise")) and not grid.ends_at_zero)
+
+
+def final_denoise_step(model: Denoiser, x: Tensor, grid: Grid, enabled: bool) -> Tensor:
+    """Tweedie's x̂0 = D(x, σ_K) after a grid that ends above 0 (Score-SDE App. G; SPEC §7.4 row 11)."""
+    if enabled and not grid.ends_at_zero:
+        return model(x, sigma_batch(x, float(grid.sigmas[-1])))
+    return x
 
 
 @dataclass

@@ -27,9 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from diffsamp.models.base import Denoiser
-from diffsamp.samplers._util import Generator, StepInfo, append_dims, capture, sigma_batch, to_d
+from diffsamp.samplers._util import (
+    Generator, StepInfo, append_dims, capture, final_denoise_step, final_nfe, sigma_batch, to_d,
+)
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.ode import _final_nfe, adams_bashforth, dpmpp_update, final_denoise_step
+from diffsamp.samplers.ode import adams_bashforth, dpmpp_update
 from diffsamp.samplers.registry import register_sampler
 
 Callback = Callable[[StepInfo], None] | None
@@ -266,7 +268,7 @@ def dynamic_threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:
 def _amed_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
     """2 NFE per interval, one fewer with AFS, one fewer when the last step goes to σ = 0 (x = D), +1 for
     ``final_denoise`` on a grid ending above 0."""
-    return 2 * len(grid) - int(bool(knobs.get("afs"))) - int(grid.ends_at_zero) + _final_nfe(grid, knobs)
+    return 2 * len(grid) - int(bool(knobs.get("afs"))) - int(grid.ends_at_zero) + final_nfe(grid, knobs)
 
 
 def _run(

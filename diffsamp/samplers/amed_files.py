@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from diffsamp.atomic import atomic_write_text
+from diffsamp.io import save_safetensors, write_text
 from diffsamp.models.zoo import WEIGHTS_DIR
 from diffsamp.samplers.amed import AmedPredictor, StaticPredictor
 from diffsamp.samplers.grid import Grid
@@ -35,15 +35,13 @@ def save_predictor(predictor: AmedPredictor | StaticPredictor, path: str | os.Pa
     """Write the predictor's weights and ``config`` (written last, atomically: its presence marks a complete file)."""
     weights, cfg_path = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in predictor.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
+    save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in predictor.state_dict().items()}, weights)
     arch: dict[str, Any] = {"scale_dir": predictor.scale_dir, "scale_time": predictor.scale_time}
     if isinstance(predictor, StaticPredictor):
         arch.update(kind="static", num_steps=predictor.num_steps)
     else:
         arch.update(kind="features", feature_dim=predictor.feature_dim)
-    atomic_write_text(cfg_path, json.dumps({"format": FORMAT, "predictor": arch, **config}, indent=2) + "\n")
+    write_text(cfg_path, json.dumps({"format": FORMAT, "predictor": arch, **config}, indent=2) + "\n")
     return cfg_path
 
 

@@ -37,7 +37,7 @@ def ancestral_coefficients(
     return math.sqrt(max(sigma_next**2 - noise**2, 0.0)), noise
 
 
-@register_sampler("ancestral", kind="sde", nfe=lambda grid, knobs: len(grid), eta=1.0)
+@register_sampler("ancestral", kind="sde", nfe=lambda grid, knobs: len(grid))
 def ancestral(
     model: Denoiser,
     x: Tensor,

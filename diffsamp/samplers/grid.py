@@ -17,6 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffsamp.models.base import Denoiser
+from diffsamp.models.diffusers_unet import alphas_cumprod_of
+from diffsamp.models.parameterization import ddpm_sigmas
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -129,12 +133,6 @@ class TimeUniformSchedule(Schedule):
         return torch.sqrt(torch.expm1(0.5 * beta_d * tau**2 + beta_min * tau))
 
 
-def ddpm_sigmas(alphas_cumprod: Tensor) -> Tensor:
-    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for each discrete DDPM timestep t (SPEC §7.2), float64."""
-    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    return ((1 - ac) / ac).sqrt()
-
-
 @dataclass(frozen=True)
 class DDPMSchedule(Schedule):
     """The model's own discrete timesteps, chosen as diffusers does (``timestep_spacing``).
@@ -232,6 +230,14 @@ _SCHEDULES: dict[str, _ScheduleEntry] = {
 }
 
 
+# what a schedule may take from a model: the σ range every model declares, the ᾱ table of the DDPM family
+_MODEL_VALUES: dict[str, Callable[[Denoiser], Any]] = {
+    "sigma_min": lambda m: m.sigma_min,
+    "sigma_max": lambda m: m.sigma_max,
+    "alphas_cumprod": alphas_cumprod_of,
+}
+
+
 def available_schedules() -> list[str]:
     """Names of every registered schedule, sorted."""
     return sorted(_SCHEDULES)
@@ -249,7 +255,7 @@ def _entry(name: str) -> _ScheduleEntry:
         raise ValueError(f"unknown schedule {name!r}; available: {', '.join(available_schedules())}") from None
 
 
-def get_schedule(name: str, *, model: Any = None, **params: Any) -> Schedule:
+def get_schedule(name: str, *, model: Denoiser | None = None, **params: Any) -> Schedule:
     """Build schedule ``name``; σ range / ᾱ table default to ``model``'s declared ones.
 
     Example: ``get_schedule("karras", sigma_min=0.002, sigma_max=80).grid(18)`` (EDM's 18 steps).
@@ -258,7 +264,7 @@ def get_schedule(name: str, *, model: Any = None, **params: Any) -> Schedule:
     kwargs = dict(params)
     for key in entry.from_model:
         if key not in kwargs:
-            value = getattr(model, key, None) if model is not None else None
+            value = _MODEL_VALUES[key](model) if model is not None else None
             if value is None:
                 raise ValueError(f"schedule {name!r} needs {key}: pass it or a model that declares it")
             kwargs[key] = value

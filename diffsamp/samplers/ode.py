@@ -19,32 +19,20 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-from diffsamp.models.base import Denoiser
-from diffsamp.models.parameterization import rf_sigma_from_t, rf_t_from_sigma, velocity_from_x0
-from diffsamp.samplers._util import Generator, StepInfo, sigma_batch, to_d
+from diffsamp.models.base import PRIOR_TIMES, Denoiser
+from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, final_nfe, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import register_alias, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 
 
-def _final_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return int(bool(knobs.get("final_denoise")) and not grid.ends_at_zero)
-
-
-def final_denoise_step(model: Denoiser, x: Tensor, grid: Grid, enabled: bool) -> Tensor:
-    """Tweedie's x̂0 = D(x, σ_K) after a grid that ends above 0 (Score-SDE App. G; SPEC §7.4 row 11)."""
-    if enabled and not grid.ends_at_zero:
-        return model(x, sigma_batch(x, float(grid.sigmas[-1])))
-    return x
-
-
 def _two_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return 2 * len(grid) - int(grid.ends_at_zero) + _final_nfe(grid, knobs)
+    return 2 * len(grid) - int(grid.ends_at_zero) + final_nfe(grid, knobs)
 
 
 def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return len(grid) + _final_nfe(grid, knobs)
+    return len(grid) + final_nfe(grid, knobs)
 
 
 @register_sampler("euler", kind="ode", nfe=_one_stage_nfe)
@@ -90,7 +78,7 @@ def heun(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe, r=0.5)
+@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe)
 def dpm2(
     model: Denoiser,
     x: Tensor,
@@ -193,7 +181,7 @@ def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int) -> Multiste
     return rule
 
 
-@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe, order=2)
+@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe)
 def dpmpp(
     model: Denoiser,
     x: Tensor,
@@ -237,7 +225,7 @@ def adams_bashforth(ds: list[Tensor]) -> Tensor:
     return out
 
 
-@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe, max_order=4)
+@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe)
 def ipndm(
     model: Denoiser,
     x: Tensor,
@@ -283,18 +271,19 @@ def rk45(
     in t — on ``mnist-rf`` at rtol = atol = 1e-3 (a batch of 250, final denoising step included), 63 NFE in t
     against 225 in σ, end points within RMS 0.033 — and ``"sigma"`` for every other model.
     """
-    if time is None:
-        time = "rf" if getattr(model, "prior", None) == "rf" else "sigma"
-    if time not in ("sigma", "rf"):
-        raise ValueError(f"rk45 time must be 'sigma' or 'rf', got {time!r}")
+    if time is None:  # the model's own time when its prior declares one (rectified flows: "rf")
+        time = model.prior if model.prior in PRIOR_TIMES else "sigma"
+    if time != "sigma" and time not in PRIOR_TIMES:
+        raise ValueError(f"rk45 time must be one of {', '.join(['sigma', *PRIOR_TIMES])}, got {time!r}")
     sigmas = grid.sigmas.tolist()
     s_end = sigmas[-2] if grid.ends_at_zero else sigmas[-1]
     shape, dtype, device = x.shape, x.dtype, x.device
+    coords = PRIOR_TIMES.get(time)
 
     def state(y: np.ndarray) -> Tensor:
         return torch.from_numpy(y).reshape(shape).to(device=device, dtype=dtype)
 
-    if time == "sigma":
+    if coords is None:
         def rhs(s: float, y: np.ndarray) -> np.ndarray:
             xs = state(y)
             d = to_d(xs, s, model(xs, sigma_batch(xs, s)))
@@ -303,19 +292,19 @@ def rk45(
         span, y0 = (sigmas[0], s_end), x.reshape(-1).to(torch.float64).cpu().numpy()
     else:
         def rhs(t: float, y: np.ndarray) -> np.ndarray:
-            s = rf_sigma_from_t(t)
-            xbar = state(y) * (1 + s)
-            v = velocity_from_x0(xbar, model(xbar, sigma_batch(xbar, s)), s)
+            s = coords.sigma(t)
+            xbar = coords.from_state(state(y), s)
+            v = coords.velocity(xbar, model(xbar, sigma_batch(xbar, s)), s)
             return v.reshape(-1).to(torch.float64).cpu().numpy()
 
-        span = (rf_t_from_sigma(sigmas[0]), rf_t_from_sigma(s_end))
-        y0 = (x / (1 + sigmas[0])).reshape(-1).to(torch.float64).cpu().numpy()
+        span = (coords.t(sigmas[0]), coords.t(s_end))
+        y0 = coords.to_state(x, sigmas[0]).reshape(-1).to(torch.float64).cpu().numpy()
     sol = solve_ivp(rhs, span, y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"rk45 failed: {sol.message}")
     x = torch.from_numpy(sol.y[:, -1].copy()).reshape(shape).to(device=device, dtype=dtype)
-    if time == "rf":
-        x = x * (1 + s_end)
+    if coords is not None:
+        x = coords.from_state(x, s_end)
     if grid.ends_at_zero:
         denoised = model(x, sigma_batch(x, s_end))
         if callback is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,8 +24,9 @@ class SamplerSpec:
     """A registered sampler.
 
     ``nfe(grid, knobs)`` is the expected number of network evaluations (None when adaptive, as for
-    ``rk45``); tests assert it against a CountingDenoiser. ``defaults`` are knobs bound by an alias
-    (``ddim`` = ``ancestral`` with eta=0). ``min_steps`` is the fewest grid intervals the method accepts.
+    ``rk45``), given every knob's value; tests assert it against a CountingDenoiser. Knob defaults are
+    written once, in the function's signature; ``defaults`` are the knobs an alias binds (``ddim`` =
+    ``ancestral`` with eta=0). ``min_steps`` is the fewest grid intervals the method accepts.
     """
 
     name: str
@@ -51,12 +54,82 @@ class SamplerSpec:
     @property
     def knobs(self) -> list[str]:
         """The keyword-only tuning parameters of the sampler (besides generator and callback)."""
+        return list(self.knob_specs())
+
+    def knob_specs(self) -> dict[str, tuple[Any, Any]]:
+        """Knob name → (type from the signature, default: the alias's binding, else the signature's)."""
+        hints = typing.get_type_hints(self.fn)
         params = inspect.signature(self.fn).parameters.values()
-        return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback")]
+        return {
+            p.name: (hints.get(p.name, Any), self.defaults.get(p.name, p.default))
+            for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback")
+        }
+
+    def knob_values(self, **knobs: Any) -> dict[str, Any]:
+        """Every knob's value: ``knobs`` over the alias's bindings over the signature's defaults."""
+        return {**{k: d for k, (_, d) in self.knob_specs().items()}, **knobs}
 
     def expected_nfe(self, grid: Grid, **knobs: Any) -> int | None:
         """The declared NFE for ``grid`` and ``knobs`` (None: adaptive)."""
-        return self.nfe(grid, {**self.defaults, **knobs})
+        return self.nfe(grid, self.knob_values(**knobs))
+
+    def parse_knob(self, name: str, text: str) -> Any:
+        """``text`` converted to knob ``name``'s type (bool, int, float, str, a Literal's choices, or None for
+        an optional knob given "none"); a ValueError naming the valid knobs or values otherwise."""
+        specs = self.knob_specs()
+        if name not in specs:
+            raise ValueError(f"sampler {self.name!r} has no knob {name!r}; its knobs: {describe_knobs(specs) or 'none'}")
+        return _convert(text, specs[name][0], f"knob {name!r} of sampler {self.name!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def describe_knobs(specs: Mapping[str, tuple[Any, Any]]) -> str:
+    """``name: type = default`` for each knob, comma-separated."""
+    return ", ".join(f"{k}: {_type_name(t)} = {d!r}" for k, (t, d) in specs.items())
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(text: str, tp: Any, what: str) -> Any:
+    """Convert ``text`` to the annotation ``tp`` (see ``SamplerSpec.parse_knob``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.strip().lower() == "none":
+            return None
+        rest = [a for a in args if a is not type(None)]
+        errors = []
+        for a in rest:
+            try:
+                return _convert(text, a, what)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{what}: cannot read {text!r}")
+    if origin is Literal:
+        for a in args:
+            if str(a) == text:
+                return a
+        raise ValueError(f"{what} must be one of {', '.join(map(str, args))}, got {text!r}")
+    if tp is bool:
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise ValueError(f"{what} is a bool (true/false), got {text!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ValueError(f"{what} is {tp.__name__}, got {text!r}") from None
+    raise ValueError(f"{what} has type {_type_name(tp)}, which cannot be given as text")
 
 
 def register_sampler(
@@ -65,9 +138,9 @@ def register_sampler(
     kind: Literal["ode", "sde"],
     nfe: NfeRule,
     min_steps: int = 1,
-    **defaults: Any,
 ) -> Callable[[SamplerFn], SamplerFn]:
-    """Decorator: register ``fn`` under ``name``; the first docstring line is its description."""
+    """Decorator: register ``fn`` under ``name``; the first docstring line is its description, its signature's
+    keyword-only parameters (besides generator and callback) are its knobs, with their defaults."""
 
     def deco(fn: SamplerFn) -> SamplerFn:
         if name in _SAMPLERS:
@@ -75,7 +148,7 @@ def register_sampler(
         if not fn.__doc__:
             raise ValueError(f"sampler {name!r} needs a docstring citing what it implements")
         desc = fn.__doc__.strip().splitlines()[0]
-        _SAMPLERS[name] = SamplerSpec(name, fn, kind, nfe, desc, dict(defaults), min_steps)
+        _SAMPLERS[name] = SamplerSpec(name, fn, kind, nfe, desc, {}, min_steps)
         return fn
 
     return deco

@@ -17,9 +17,17 @@ import torch
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser
-from diffsamp.samplers._util import Generator, StepInfo, append_dims, randn_like, sigma_batch, to_d
+from diffsamp.samplers._util import (
+    Generator,
+    StepInfo,
+    append_dims,
+    final_denoise_step,
+    final_nfe,
+    randn_like,
+    sigma_batch,
+    to_d,
+)
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.ode import _final_nfe, final_denoise_step
 from diffsamp.samplers.registry import register_sampler
 
 Callback = Callable[[StepInfo], None] | None
@@ -36,7 +44,7 @@ def _em_step(x: Tensor, denoised: Tensor, s: float, s_next: float, gamma: float,
 
 
 @register_sampler(
-    "euler_maruyama", kind="sde", nfe=lambda grid, knobs: len(grid) + _final_nfe(grid, knobs), gamma=1.0
+    "euler_maruyama", kind="sde", nfe=lambda grid, knobs: len(grid) + final_nfe(grid, knobs)
 )
 def euler_maruyama(
     model: Denoiser,
@@ -90,9 +98,7 @@ def langevin_correct(
 @register_sampler(
     "pc",
     kind="sde",
-    nfe=lambda grid, knobs: len(grid) * (1 + int(knobs.get("corrector_steps", 1))) + _final_nfe(grid, knobs),
-    snr=0.16,
-    corrector_steps=1,
+    nfe=lambda grid, knobs: len(grid) * (1 + int(knobs["corrector_steps"])) + final_nfe(grid, knobs),
 )
 def pc(
     model: Denoiser,

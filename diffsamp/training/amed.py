@@ -10,10 +10,8 @@ atomically after every iteration, and at SIGINT/SIGTERM at an iteration boundary
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser, prior_scale
@@ -38,7 +34,10 @@ from diffsamp.samplers.amed import (
 )
 from diffsamp.samplers.amed_files import save_predictor
 from diffsamp.samplers.grid import Grid
-from diffsamp.training.loop import _optimizer_join, _optimizer_split, _StopFlag, atomic_save_safetensors
+from diffsamp.io import read_state_file, save_state_file
+from diffsamp.training.cards import hardware
+from diffsamp.training.checkpoint import _optimizer_join, _optimizer_split
+from diffsamp.training.loop import _StopFlag
 
 CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "predictor"
@@ -128,12 +127,6 @@ def _detach(v: Any) -> Any:
     return v
 
 
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} threads"
-
-
 def train_amed(
     model: Denoiser,
     sample_shape: tuple[int, ...],
@@ -195,7 +188,7 @@ def train_amed(
         return {
             **{k: v for k, v in asdict(opts).items() if k not in skip},
             "iterations_done": it, "iterations": iterations, "trajectories_done": it * opts.batch,
-            "finished": it >= iterations, "wall_seconds": round(elapsed, 1), "hardware": _hardware(device),
+            "finished": it >= iterations, "wall_seconds": round(elapsed, 1), "hardware": hardware(device),
             "torch": torch.__version__, "final_loss_per_step": losses[-1] if losses else None,
             "loss_per_iteration": [round(sum(v), 6) for v in losses],
         }
@@ -244,22 +237,19 @@ def _save_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     opt_t, opt_meta = _optimizer_split(optimizer)
     tensors.update(opt_t)
     state = {"iteration": it, "elapsed_seconds": elapsed, "options": asdict(opts), "optimizer": opt_meta, "losses": losses}
-    atomic_save_safetensors(tensors, path, {"diffsamp_amed_state": json.dumps(state)})
+    save_state_file(path, tensors, {"kind": "amed", **state})
 
 
 def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      opts: AmedTrainOptions) -> tuple[int, float, list[list[float]]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "diffsamp_amed_state" not in meta:
+    tensors, state = read_state_file(path)
+    if state.get("kind") != "amed":
         raise ValueError(f"{path} is not an AMED training checkpoint")
-    state = json.loads(meta["diffsamp_amed_state"])
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
     theirs = {k: v for k, v in state["options"].items() if k != "trajectories"}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         raise ValueError(f"{path} was trained with other settings ({', '.join(diff)}); use a new --out")
-    tensors = load_file(str(path))
     n = len("predictor.")
     predictor.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith("predictor.")})
     optimizer.load_state_dict(_optimizer_join(tensors, state["optimizer"]))

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,69 +27,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffsamp.training.loop import TrainConfig, TrainResult, read_log, train_loop
+from diffsamp.io import write_json
+from diffsamp.models.diffusers_unet import (
+    DiffusersUNetDenoiser,
+    clip_range,
+    save_diffusers,
+    scheduler_kwargs,
+    training_alphas_cumprod,
+    unet_from_checkpoint,
+)
+from diffsamp.models.networks import DEFAULT_CHANNELS, DEFAULT_LAYERS_PER_BLOCK, make_unet
+from diffsamp.models.zoo import load
+from diffsamp.training.checkpoint import CHECKPOINT, read_checkpoint
+from diffsamp.training.cards import hardware, training_record
+from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
 
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 1e-4, 0.02
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-# The architecture of the shipped models: 3 resolutions (32, 16, 8), one ResNet block per level and
-# self-attention at 8×8 only. 1.5 M parameters (6 MB in fp32); ~0.37 GFLOP per image: 2 000 images at
-# 35 NFE took ~8 minutes on one CPU core, and it trains at ~90 images/s on one idle core with bf16 autocast.
-DEFAULT_CHANNELS = (16, 48, 96)
-DEFAULT_LAYERS_PER_BLOCK = 1
-
-
-def linear_alphas_cumprod(
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
-) -> Tensor:
-    """ᾱ_t for the DDPM paper's linear β schedule, computed as diffusers' DDPMScheduler does (float32)."""
-    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def make_unet(
-    *,
-    in_channels: int = 1,
-    sample_size: int = 32,
-    channels: Sequence[int] = DEFAULT_CHANNELS,
-    layers_per_block: int = DEFAULT_LAYERS_PER_BLOCK,
-    attention_levels: Sequence[int] | None = None,
-    attention_head_dim: int = 32,
-    norm_num_groups: int | None = None,
-    dropout: float = 0.0,
-) -> nn.Module:
-    """A diffusers ``UNet2DModel``; attention at the lowest resolution by default (``attention_levels``
-    lists the indices of levels with self-attention; ``()`` for none)."""
-    from diffusers import UNet2DModel
-
-    channels = tuple(int(c) for c in channels)
-    if len(channels) < 1:
-        raise ValueError("channels must list at least one level, e.g. 32,64,128")
-    if sample_size % (2 ** (len(channels) - 1)):
-        raise ValueError(f"sample_size {sample_size} is not divisible by 2^{len(channels) - 1}")
-    if attention_levels is None:
-        attention_levels = (len(channels) - 1,) if len(channels) > 1 else ()
-    groups = norm_num_groups or min(32, min(channels) // 4 if min(channels) >= 8 else 1)
-    if any(c % groups for c in channels):
-        raise ValueError(f"every channel count must be divisible by norm_num_groups={groups}: {channels}")
-    down = tuple("AttnDownBlock2D" if i in attention_levels else "DownBlock2D" for i in range(len(channels)))
-    up = tuple(
-        "AttnUpBlock2D" if (len(channels) - 1 - i) in attention_levels else "UpBlock2D" for i in range(len(channels))
-    )
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=channels,
-        layers_per_block=layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        attention_head_dim=min(attention_head_dim, channels[-1]),
-        norm_num_groups=groups,
-        dropout=dropout,
-    )
-
 
 class DDPMLoss:
     """L_simple for ε- or v-prediction with uniformly drawn t ∈ {0, …, T−1} (SPEC §1.5)."""
@@ -122,6 +73,8 @@ class DDPMLoss:
 
 @dataclass
 class DDPMTrainOptions:
+    """What a DDPM run trains and on what (the loop's own settings are a ``TrainConfig``)."""
+
     dataset: str = "mnist"
     data_dir: str | None = None
     prediction_type: str = "epsilon"
@@ -136,41 +89,15 @@ class DDPMTrainOptions:
     init: str | None = None  # warm start: a DDPM UNet (zoo name, diffusers dir, run dir) whose architecture wins
 
 
-def scheduler_kwargs(prediction_type: str) -> dict[str, Any]:
-    return dict(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_start=BETA_START,
-        beta_end=BETA_END,
-        beta_schedule="linear",
-        prediction_type=prediction_type,
-        clip_sample=True,
-        variance_type="fixed_small",
-    )
-
-
-def save_diffusers(unet: nn.Module, out_dir: str | os.PathLike, prediction_type: str = "epsilon") -> Path:
-    """Save ``unet`` and its DDPM scheduler as a diffusers pipeline directory (fp32 safetensors)."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    out_dir = Path(out_dir)
-    unet = unet.to("cpu")
-    if any(p.dtype != torch.float32 for p in unet.parameters()):
-        unet = unet.float()
-    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_kwargs(prediction_type)))
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
 def _grid_sampler(prediction_type: str, n: int, shape: tuple[int, int, int]):
     """A ``sample_fn`` for the loop: an EMA sample grid with diffsamp's own Heun sampler, fixed seeds."""
 
     def sample(model: nn.Module, step: int, run_dir: Path) -> None:
         from diffsamp.api import generate
         from diffsamp.images import save_grid
-        from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser, clip_range
 
         clip = clip_range(scheduler_kwargs(prediction_type))  # as the exported model will sample
-        den = DiffusersUNetDenoiser(model, linear_alphas_cumprod().double(), prediction_type, clip_sample=clip)
+        den = DiffusersUNetDenoiser(model, training_alphas_cumprod(), prediction_type, clip_sample=clip)
         res = generate(den, shape, sampler="heun", schedule="karras", steps=18, seeds=range(n))
         save_grid(res.images.clamp(-1, 1), run_dir / "samples" / f"step{step:07d}.png", nrow=8)
 
@@ -226,12 +153,12 @@ def train_ddpm(
         "parameters": n_params,
         "unet": {k: v for k, v in unet.config.items() if k != "_name_or_path"},  # no local paths
         "device": str(device),
-        "hardware": _hardware(device),
+        "hardware": hardware(device),
     }
     batches = BatchSampler(
         images, options.batch_size, seed=config.seed, device=device, random_flip=options.random_flip
     )
-    loss_fn = DDPMLoss(linear_alphas_cumprod(), options.prediction_type)
+    loss_fn = DDPMLoss(training_alphas_cumprod().float(), options.prediction_type)
     sample_fn = _grid_sampler(options.prediction_type, options.num_grid, (c, h, w)) if options.num_grid else None
     result, ema = train_loop(
         unet,
@@ -255,17 +182,14 @@ def train_ddpm(
 def init_unet(init: str, shape: tuple[int, int, int], prediction_type: str) -> nn.Module:
     """The UNet of an existing DDPM model (zoo name, diffusers directory or run directory) to continue training
     from: same image shape, same prediction type and the same linear β schedule, else a ValueError."""
-    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
-    from diffsamp.models.zoo import load, sample_shape
-
     model = load(init, clip=False)
     if not isinstance(model, DiffusersUNetDenoiser):
         raise ValueError(f"--init {init!r} is not a DDPM UNet model (got {type(model).__name__})")
-    if tuple(sample_shape(model)) != tuple(shape):
-        raise ValueError(f"--init {init!r} makes samples of shape {tuple(sample_shape(model))}, the data are {tuple(shape)}")
+    if tuple(model.sample_shape) != tuple(shape):
+        raise ValueError(f"--init {init!r} makes samples of shape {tuple(model.sample_shape)}, the data are {tuple(shape)}")
     if model.prediction_type != prediction_type:
         raise ValueError(f"--init {init!r} predicts {model.prediction_type!r}, this run trains {prediction_type!r}")
-    if not torch.allclose(model.alphas_cumprod, linear_alphas_cumprod().double(), rtol=1e-6, atol=1e-9):
+    if not torch.allclose(model.alphas_cumprod, training_alphas_cumprod(), rtol=1e-6, atol=1e-9):
         raise ValueError(f"--init {init!r} was trained on another noise schedule than DDPM's linear β 1e-4 → 0.02")
     return model.network.float().train().requires_grad_(True)
 
@@ -282,9 +206,7 @@ def write_card(
 ) -> Path:
     """``card.json``: what was trained, on what, for how long, on which hardware, and the final loss
     (the mean of the last 10 logged losses, from ``log_dir``'s log, default ``out``)."""
-    log = [r for r in read_log(log_dir or out) if "loss" in r and r.get("step", 0) <= result.step]
-    tail = log[-10:]
-    hw = config.extra.get("hardware") or _hardware(device)
+    record = training_record(config, result, device, Path(log_dir or out), hw=config.extra.get("hardware"))
     card = {
         "architecture": "diffusers UNet2DModel",
         "unet": config.extra.get("unet"),
@@ -296,55 +218,20 @@ def write_card(
         "image_size": options.sample_size,
         "steps": result.step,
         "batch_size": options.batch_size,
-        "optimizer": {
-            "name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps, "decay_steps": config.decay_steps,
-            "weight_decay": config.weight_decay, "betas": list(config.adam_betas), "grad_clip": config.grad_clip,
-        },
-        "ema_decay": config.ema_decay,
-        "mixed_precision": "bf16 autocast" if (config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")) else "fp32",
-        "seed": config.seed,
+        **{k: record[k] for k in ("optimizer", "ema_decay", "mixed_precision", "seed")},
         "training_seconds": round(result.seconds, 1),
-        "hardware": hw,
-        "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "final_loss": (sum(r["loss"] for r in tail) / len(tail)) if tail else None,
+        **{k: record[k] for k in ("hardware", "software", "final_loss")},
         "weights": "EMA, fp32 safetensors",
-        "date": time.strftime("%Y-%m-%d"),
+        "date": record["date"],
     }
     path = Path(out) / "card.json"
-    path.write_text(json.dumps(card, indent=2) + "\n")
+    write_json(path, card)
     return path
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
-def unet_from_checkpoint(path: str | os.PathLike, *, which: str = "ema") -> tuple[nn.Module, Tensor, str]:
-    """(UNet2DModel, ᾱ_t, prediction_type) of a DDPM training checkpoint; ``which``: "ema" or "model"."""
-    from diffusers import UNet2DModel
-
-    from diffsamp.training.loop import read_checkpoint
-
-    if which not in ("ema", "model"):
-        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    tensors, state = read_checkpoint(path)
-    extra = state["config"].get("extra", {})
-    if extra.get("trainer") != "ddpm" or "unet" not in extra:
-        raise ValueError(f"{path} is not a DDPM training checkpoint")
-    cfg = {k: v for k, v in extra["unet"].items() if not k.startswith("_")}
-    unet = UNet2DModel.from_config(cfg)
-    n = len(which) + 1
-    unet.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(which + ".")})
-    return unet, linear_alphas_cumprod().double(), extra.get("prediction_type", "epsilon")
 
 
 def export_checkpoint(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, which: str = "ema") -> Path:
     """Write the EMA weights of ``run_dir``'s latest checkpoint in diffusers' format into ``out``
     (default: the run directory itself), with a card; training can go on meanwhile."""
-    from diffsamp.training.loop import CHECKPOINT, read_checkpoint
-
     run_dir = Path(run_dir)
     ckpt = run_dir / CHECKPOINT if run_dir.is_dir() else run_dir
     unet, _, prediction_type = unet_from_checkpoint(ckpt, which=which)

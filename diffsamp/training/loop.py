@@ -33,22 +33,20 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
-CHECKPOINT = "checkpoint.safetensors"
+from diffsamp.io import write_text
+from diffsamp.training.checkpoint import (
+    CHECKPOINT,
+    BatchSource,
+    load_checkpoint_into,
+    read_checkpoint,
+    save_checkpoint,
+)
+
 LOG = "log.jsonl"
-FORMAT_VERSION = 1
 
 LossFn = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
-
-
-class BatchSource(Protocol):
-    """Endless batches whose order is restorable (``diffsamp.data.BatchSampler`` is one)."""
-
-    def next(self) -> Tensor: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -80,6 +78,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """How a call of ``train_loop`` ended."""
+
     step: int
     finished: bool  # reached config.steps (False: stopped by time budget or a signal)
     last_loss: float | None
@@ -111,6 +111,7 @@ class EMA:
 
 
 def set_seed(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -128,150 +129,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.decay_steps > 0:
         scale = min(scale, max(0.0, (cfg.steps - step) / cfg.decay_steps))
     return cfg.lr * scale
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-def _rng_tensors_and_meta(loss_gen: torch.Generator, batches: BatchSource) -> tuple[dict[str, Tensor], dict]:
-    t: dict[str, Tensor] = {"rng.torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            t[f"rng.cuda.{i}"] = s
-    t["rng.loss_generator"] = loss_gen.get_state()
-    mt = np.random.get_state()
-    t["rng.numpy_keys"] = torch.from_numpy(np.asarray(mt[1], dtype=np.int64))
-    data_state = batches.state_dict()
-    meta_data: dict[str, Any] = {}
-    for k, v in data_state.items():
-        if isinstance(v, Tensor):
-            t[f"data.{k}"] = v.cpu()
-        else:
-            meta_data[k] = v
-    py = random.getstate()
-    meta = {
-        "numpy": [mt[0], int(mt[2]), int(mt[3]), float(mt[4])],
-        "python": [py[0], list(py[1]), py[2]],
-        "data": meta_data,
-    }
-    return t, meta
-
-
-def _restore_rng(tensors: dict[str, Tensor], meta: dict, loss_gen: torch.Generator, batches: BatchSource) -> None:
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
-    loss_gen.set_state(tensors["rng.loss_generator"])
-    n = meta["numpy"]
-    np.random.set_state((n[0], tensors["rng.numpy_keys"].numpy().astype(np.uint32), n[1], n[2], n[3]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    data_state: dict[str, Any] = dict(meta["data"])
-    for k, v in tensors.items():
-        if k.startswith("data."):
-            data_state[k[len("data.") :]] = v
-    batches.load_state_dict(data_state)
-
-
-def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_join(tensors: dict[str, Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, sc in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(sc)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _prefixed(prefix: str, module: nn.Module) -> dict[str, Tensor]:
-    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file so a reader sees the old file or the complete new one (tmp + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # safetensors refuses tensors sharing memory; clone any views to be safe
-    save_file({k: v.clone() if not v.is_contiguous() else v for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(
-    path: Path,
-    *,
-    step: int,
-    model: nn.Module,
-    ema: EMA,
-    optimizer: torch.optim.Optimizer,
-    loss_gen: torch.Generator,
-    batches: BatchSource,
-    config: TrainConfig,
-    elapsed: float,
-) -> None:
-    tensors = {**_prefixed("model", model), **_prefixed("ema", ema.shadow)}
-    opt_t, opt_meta = _optimizer_split(optimizer)
-    rng_t, rng_meta = _rng_tensors_and_meta(loss_gen, batches)
-    tensors.update(opt_t)
-    tensors.update(rng_t)
-    state = {
-        "format": FORMAT_VERSION,
-        "step": step,
-        "elapsed_seconds": elapsed,
-        "config": config.to_json(),
-        "optimizer": opt_meta,
-        "rng": rng_meta,
-    }
-    atomic_save_safetensors(tensors, path, {"diffsamp_state": json.dumps(state)})
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """(tensors, state) of a checkpoint; ``state['config']`` is the TrainConfig as a dict."""
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "diffsamp_state" not in meta:
-        raise ValueError(f"{path} is not a diffsamp training checkpoint")
-    return load_file(str(path)), json.loads(meta["diffsamp_state"])
-
-
-def load_checkpoint_into(
-    path: Path,
-    *,
-    model: nn.Module,
-    ema: EMA,
-    optimizer: torch.optim.Optimizer,
-    loss_gen: torch.Generator,
-    batches: BatchSource,
-) -> dict:
-    tensors, state = read_checkpoint(path)
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT_VERSION}")
-    model.load_state_dict(_unprefixed("model", tensors))
-    ema.shadow.load_state_dict(_unprefixed("ema", tensors))
-    opt_state = _optimizer_join(tensors, state["optimizer"])
-    optimizer.load_state_dict(opt_state)
-    _restore_rng(tensors, state["rng"], loss_gen, batches)
-    return state
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -394,7 +251,7 @@ def _train_loop_locked(
     elapsed_before = 0.0
     if resume and ckpt_path.is_file():
         state = load_checkpoint_into(
-            ckpt_path, model=model, ema=ema, optimizer=optimizer, loss_gen=loss_gen, batches=batches
+            ckpt_path, model=model, ema=ema.shadow, optimizer=optimizer, loss_gen=loss_gen, batches=batches
         )
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_seconds", 0.0))
@@ -404,18 +261,18 @@ def _train_loop_locked(
     elif ckpt_path.is_file():
         raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) to continue it, or use a new run dir")
     if step == 0:
-        (run_dir / "train_config.json").write_text(json.dumps(config.to_json(), indent=2))
+        write_text(run_dir / "train_config.json", json.dumps(config.to_json(), indent=2))
 
     def checkpoint() -> None:
         save_checkpoint(
             ckpt_path,
             step=step,
             model=model,
-            ema=ema,
+            ema=ema.shadow,
             optimizer=optimizer,
             loss_gen=loss_gen,
             batches=batches,
-            config=config,
+            config=config.to_json(),
             elapsed=elapsed_before + (time.perf_counter() - t_start),
         )
 

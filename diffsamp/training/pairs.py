@@ -10,7 +10,7 @@ Layout of a pairs directory::
 drawn for pair i with ``torch.Generator().manual_seed(seed + i)`` (so pair i does not depend on the shard
 or batch size), and the ODE starts from x̄ = prior_scale(prior, σ_0)·z. A rectified flow trained on the pairs
 therefore maps z → sample whatever model produced them (a flow, or a DDPM through its probability-flow ODE).
-Toy sources (``diffsamp.toys``) are drawn per shard from ``manual_seed(seed + first index)``.
+Toy sources (``diffsamp.data.toys``) are drawn per shard from ``manual_seed(seed + first index)``.
 
 Each shard is written to a temporary name and renamed (``os.replace``), so a crash never leaves a
 half-written file under a shard's name; its metadata carries a SHA-256 of its tensors, so a damaged file
@@ -21,7 +21,6 @@ the shards already there: an interrupted run resumes without redoing them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -33,9 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsamp.atomic import atomic_write_text
-from diffsamp.models.base import CountingDenoiser, Denoiser, prior_scale
-from diffsamp.samplers import get_sampler, get_schedule
+from diffsamp.io import read_json, save_safetensors, write_json
+from diffsamp.api import integrate as api_integrate
+from diffsamp.api import make_grid
+from diffsamp.data import BatchSampler
+from diffsamp.data.toys import draw_noise
+from diffsamp.models.base import Denoiser
+from diffsamp.samplers import get_sampler
 
 FORMAT = "diffsamp-reflow-pairs"
 FORMAT_VERSION = 1
@@ -47,6 +50,7 @@ class PairsError(ValueError):
 
 
 def shard_name(i: int) -> str:
+    """The file name of shard ``i``."""
     return f"shard-{i:05d}.safetensors"
 
 
@@ -59,16 +63,10 @@ def _digest(noise: Tensor, sample: Tensor, index: Tensor) -> str:
 
 def write_shard(path: Path, noise: Tensor, sample: Tensor, index: Tensor, shard: int) -> None:
     """Write one shard atomically (temporary name, fsync, rename)."""
-    from safetensors.torch import save_file
-
     noise, sample, index = noise.float().cpu().contiguous(), sample.float().cpu().contiguous(), index.long().cpu()
     meta = {"format": FORMAT, "shard": str(shard), "count": str(noise.shape[0]),
             "sha256": _digest(noise, sample, index)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"noise": noise, "sample": sample, "index": index}, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    save_safetensors({"noise": noise, "sample": sample, "index": index}, path, meta)
 
 
 def read_shard(path: Path, shape: Sequence[int] | None = None, count: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,6 +96,8 @@ def read_shard(path: Path, shape: Sequence[int] | None = None, count: int | None
 
 @dataclass(frozen=True)
 class PairsPlan:
+    """How ``num`` pairs split into shards of ``shard_size``."""
+
     shape: tuple[int, ...]
     num: int
     shard_size: int
@@ -112,28 +112,14 @@ class PairsPlan:
 
 
 def read_meta(pairs_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of a pairs directory; ``PairsError`` if there is none or it is not one."""
     p = Path(pairs_dir) / META
     if not p.is_file():
         raise PairsError(f"{pairs_dir} is not a pairs directory (no {META}); make one with `diffsamp reflow pairs`")
-    try:
-        meta = json.loads(p.read_text())
-    except ValueError as exc:
-        raise PairsError(f"{p} is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise PairsError(f"{p} is not a reflow-pairs description (format {meta.get('format')!r})")
-    return meta
+    return read_json(p, fmt=FORMAT, what="a reflow-pairs description", error=PairsError)
 
 
 _MATCH_KEYS = ("shape", "num", "shard_size", "seed", "model", "source", "sampler", "schedule", "steps", "knobs")
-
-
-def draw_noise(source: str, shape: tuple[int, ...], lo: int, hi: int, seed: int) -> Tensor:
-    """The source draws of pairs lo … hi−1 (see the module docstring)."""
-    if source == "normal":
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(lo, hi)])
-    from diffsamp.toys import source_sampler
-
-    return source_sampler(source)(hi - lo, torch.Generator().manual_seed(seed + lo)).reshape(hi - lo, *shape)
 
 
 def integrate(
@@ -147,14 +133,10 @@ def integrate(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, int]:
-    """Run ``sampler`` from the source draws ``z`` (x̄ = prior_scale·z at σ_0): (samples on CPU, NFE)."""
-    spec = get_sampler(sampler)
-    grid = get_schedule(schedule, model=model).grid(steps)
-    counter = CountingDenoiser(model, check=True)
-    scale = prior_scale(model.prior, float(grid.sigmas[0]))
-    with torch.inference_mode():
-        x = spec(counter, z.to(device=device, dtype=dtype) * scale, grid, **(knobs or {}))
-    return x.float().cpu(), counter.calls
+    """Run ``sampler`` from the source draws ``z`` on ``steps`` of ``schedule`` through the sampling core
+    (``diffsamp.api``; adaptive samplers get the schedule's end points): (samples on CPU, NFE)."""
+    grid = make_grid(model, sampler, schedule=schedule, steps=steps, knobs=knobs)
+    return api_integrate(model, z, sampler=sampler, grid=grid, device=device, dtype=dtype, knobs=knobs)
 
 
 def generate_pairs(
@@ -212,7 +194,7 @@ def generate_pairs(
                              "use a new --out or the same options to resume")
         meta = {**old, **{k: meta[k] for k in _MATCH_KEYS}, "dataset": old.get("dataset") or dataset}
     else:
-        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+        write_json(meta_path, meta)
 
     todo: list[int] = []
     done = 0
@@ -246,8 +228,6 @@ def generate_pairs(
         for b in range(0, hi - lo, batch_size):
             x, calls = integrate(model, z[b : b + batch_size], sampler=sampler, schedule=schedule, steps=steps,
                                  knobs=knobs, device=device)
-            if not bool(torch.isfinite(x).all()):
-                raise RuntimeError(f"the model produced NaN/inf samples in shard {i}; check the model and sampler")
             samples.append(x)
             nfe = max(int(nfe or 0), calls)
             if bar is not None:
@@ -258,8 +238,7 @@ def generate_pairs(
         bar.close()
     if nfe is not None and meta.get("nfe") != nfe:
         meta["nfe"] = nfe
-        atomic_write_text(meta_path, json.dumps({k: v for k, v in meta.items() if k not in ("complete", "done")},
-                                                indent=2) + "\n")
+        write_json(meta_path, {k: v for k, v in meta.items() if k not in ("complete", "done")})
     return {**meta, "done": done, "complete": done == plan.num, "seconds": time.perf_counter() - start}
 
 
@@ -307,35 +286,6 @@ def load_pairs(pairs_dir: str | os.PathLike, *, allow_partial: bool = False) -> 
     return PairSet(torch.cat(noises), torch.cat(samples), meta)
 
 
-class PairBatches:
-    """Endless shuffled batches of a ``PairSet`` as (B, 2, *shape): [:, 0] = sample (t = 0), [:, 1] = noise (t = 1).
-
-    Restorable like ``diffsamp.data.BatchSampler`` (generator state + permutation + position).
-    """
-
-    def __init__(self, pairs: PairSet, batch_size: int, *, seed: int = 0, device: str | torch.device = "cpu") -> None:
-        self.data = torch.stack([pairs.sample, pairs.noise], dim=1).to(device)
-        self.n = self.data.shape[0]
-        self.batch_size = min(batch_size, self.n)
-        self.generator = torch.Generator().manual_seed(seed)
-        self._perm: Tensor | None = None
-        self._pos = 0
-
-    def next(self) -> Tensor:
-        if self._perm is None or self._pos + self.batch_size > self.n:
-            self._perm = torch.randperm(self.n, generator=self.generator)
-            self._pos = 0
-        idx = self._perm[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return self.data[idx.to(self.data.device)]
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(),
-                "perm": self._perm.clone() if self._perm is not None else torch.empty(0, dtype=torch.long),
-                "pos": self._pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        perm = state["perm"]
-        self._perm = perm.clone().long() if perm.numel() else None
-        self._pos = int(state["pos"])
+def pair_batches(pairs: PairSet, batch_size: int, *, seed: int = 0, device: str | torch.device = "cpu") -> BatchSampler:
+    """Endless shuffled batches of a ``PairSet`` as (B, 2, *shape): [:, 0] = sample (t = 0), [:, 1] = noise (t = 1)."""
+    return BatchSampler(torch.stack([pairs.sample, pairs.noise], dim=1), batch_size, seed=seed, device=device)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,15 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffsamp.models.rectified_flow import (
-    T_MAX,
-    MLPVelocity,
-    RFDenoiser,
-    call_velocity,
-    load_rf,
-    save_rf,
-)
-from diffsamp.training.loop import TrainConfig, TrainResult, read_log, train_loop
+from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+from diffsamp.models.networks import MLPVelocity, call_velocity, make_unet
+from diffsamp.models.rectified_flow import T_MAX, RFDenoiser, save_rf
+from diffsamp.models.zoo import load
+from diffsamp.training.cards import training_record
+from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
+from diffsamp.training.pairs import load_pairs, pair_batches
 
 T_SAMPLINGS = ("uniform", "logit-normal")
 
@@ -130,17 +126,9 @@ class RFTrainOptions:
     extra_info: dict[str, Any] = field(default_factory=dict)
 
 
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
-
-
 def resolve_rf(name_or_path: str, *, what: str = "--init") -> RFDenoiser:
     """A rectified flow by zoo name or path; a clear error for anything else (e.g. a DDPM)."""
-    from diffsamp.models.rectified_flow import load_model
-
-    model = load_model(name_or_path)
+    model = load(name_or_path)
     if not isinstance(model, RFDenoiser):
         raise ValueError(f"{what} {name_or_path!r} is not a rectified flow (it is a {type(model).__name__} with "
                          f"prior {model.prior!r}); reflow and distillation fine-tune a velocity network: pass a "
@@ -151,8 +139,6 @@ def resolve_rf(name_or_path: str, *, what: str = "--init") -> RFDenoiser:
 def _new_network(options: RFTrainOptions, shape: tuple[int, ...]) -> tuple[nn.Module, float]:
     if len(shape) == 1:
         return MLPVelocity(shape[0], options.mlp_hidden, options.mlp_depth), 1.0
-    from diffsamp.training.ddpm import make_unet
-
     c, h, w = shape
     if h != w:
         raise ValueError(f"square images expected, got {h}×{w}")
@@ -186,7 +172,8 @@ def _toy_scatter(den: RFDenoiser, n: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffsamp.training.pairs import draw_noise, integrate
+    from diffsamp.data.toys import draw_noise
+    from diffsamp.training.pairs import integrate
 
     z = draw_noise(den.source, (2,), 0, n, 0)
     dev = next(den.network.parameters()).device
@@ -211,25 +198,13 @@ def _finish(
     result: TrainResult,
     device: torch.device,
 ) -> Path:
-    log = [r for r in read_log(out) if "loss" in r]
-    tail = log[-10:]
+    record = training_record(config, result, device, out)
     keep = ("trainer", "rectification", "distill_steps", "sampling", "dataset", "shape", "warm_start")
     card = {
         **info,
-        "training": {
-            "steps": result.step,
-            "optimizer": {"name": "AdamW", "lr": config.lr, "warmup_steps": config.warmup_steps, "decay_steps": config.decay_steps,
-                          "weight_decay": config.weight_decay, "grad_clip": config.grad_clip},
-            "ema_decay": config.ema_decay,
-            "mixed_precision": "bf16 autocast" if (config.mixed_precision == "bf16" or
-                                                   (config.mixed_precision == "auto" and device.type == "cuda")) else "fp32",
-            "seed": config.seed,
-            "seconds": round(result.seconds, 1),
-            "hardware": hardware(device),
-            "software": {"torch": torch.__version__, "python": platform.python_version()},
-            "final_loss": (sum(r["loss"] for r in tail) / len(tail)) if tail else None,
-            "date": time.strftime("%Y-%m-%d"),
-        },
+        "training": {"steps": result.step, **{k: v for k, v in record.items() if k not in ("hardware", "software",
+                     "final_loss", "date")}, "seconds": round(result.seconds, 1),
+                     **{k: record[k] for k in ("hardware", "software", "final_loss", "date")}},
         "parameters": sum(p.numel() for p in ema_model.parameters()),
         "weights": "EMA",
     }
@@ -286,13 +261,9 @@ def _init_network(
         net, ts = _new_network(options, shape)
         return net, ts, {}
     if allow_diffusion:
-        from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
-        from diffsamp.models.rectified_flow import load_model
-        from diffsamp.models.zoo import sample_shape
-
-        model = load_model(options.init)
+        model = load(options.init)
         if isinstance(model, DiffusersUNetDenoiser):
-            _check_init_shape(options.init, sample_shape(model), shape)
+            _check_init_shape(options.init, model.sample_shape, shape)
             net = copy.deepcopy(model.network).float().train().requires_grad_(True)
             return net, 999.0, {"warm_start": f"{options.init} (diffusion UNet weights)"}
     init = resolve_rf(options.init)
@@ -327,7 +298,7 @@ def train_rf(
     torch.manual_seed(config.seed)  # the initial weights are a function of the seed
     dataset = options.dataset
     if dataset.startswith("toy:"):
-        from diffsamp.toys import ToyBatches, get_toy
+        from diffsamp.data.toys import ToyBatches, get_toy
 
         toy = get_toy(dataset)
         shape: tuple[int, ...] = (2,)
@@ -356,8 +327,6 @@ def train_rf(
 
 
 def _pairs_for(pairs_dir: str | os.PathLike, allow_partial: bool):
-    from diffsamp.training.pairs import load_pairs
-
     pairs = load_pairs(pairs_dir, allow_partial=allow_partial)
     return pairs, tuple(pairs.shape)
 
@@ -375,14 +344,12 @@ def train_reflow(
     allow_partial: bool = False,
 ) -> TrainResult:
     """Train the (k+1)-rectified flow on the pairs of a k-rectified flow (or any model's ODE), from ``options.init``."""
-    from diffsamp.training.pairs import PairBatches
-
     device = torch.device(device)
     torch.manual_seed(config.seed)
     pairs, shape = _pairs_for(pairs_dir, allow_partial)
     net, time_scale, init_info = _init_network(options, shape)
     source = pairs.meta.get("source", "normal")
-    batches = PairBatches(pairs, options.batch_size, seed=config.seed, device=device)
+    batches = pair_batches(pairs, options.batch_size, seed=config.seed, device=device)
     loss_fn = RFLoss(time_scale=time_scale, paired=True, t_sampling=options.t_sampling,
                      logit_mean=options.logit_mean, logit_std=options.logit_std)
     teacher_k = pairs.meta.get("rectification")
@@ -410,8 +377,6 @@ def train_distill(
     allow_partial: bool = False,
 ) -> TrainResult:
     """Distill the coupling of ``pairs_dir`` into a ``distill_steps``-step Euler generator (L2), from ``options.init``."""
-    from diffsamp.training.pairs import PairBatches
-
     if distill_steps < 1:
         raise ValueError(f"distill steps must be ≥ 1, got {distill_steps}")
     device = torch.device(device)
@@ -419,7 +384,7 @@ def train_distill(
     pairs, shape = _pairs_for(pairs_dir, allow_partial)
     net, time_scale, init_info = _init_network(options, shape)
     source = pairs.meta.get("source", "normal")
-    batches = PairBatches(pairs, options.batch_size, seed=config.seed, device=device)
+    batches = pair_batches(pairs, options.batch_size, seed=config.seed, device=device)
     loss_fn = RFLoss(time_scale=time_scale, paired=True, distill_steps=distill_steps)
     info = {"trainer": "distill", "distill_steps": distill_steps,
             "rectification": pairs.meta.get("rectification"), "dataset": _pairs_dataset(pairs, init_info),
@@ -442,15 +407,9 @@ def _pairs_summary(pairs_dir: str | os.PathLike, pairs: Any) -> dict[str, Any]:
             "schedule": m.get("schedule"), "steps": m.get("steps"), "nfe": m.get("nfe"), "seed": m.get("seed")}
 
 
-def load_run_model(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> RFDenoiser:
-    """The EMA model a finished run exported (``RUN_DIR/model.safetensors``)."""
-    return load_rf(Path(run_dir) / "model.safetensors", device=device)
-
-
 __all__ = [
     "RFLoss",
     "RFTrainOptions",
-    "load_run_model",
     "resolve_rf",
     "train_distill",
     "train_reflow",

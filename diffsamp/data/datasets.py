@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from diffsamp.images import load_image_folder, to_float, to_uint8
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -181,10 +182,6 @@ def _load_cifar10(split: str, data_dir: str | os.PathLike | None, download: bool
 
 
 def _load_folder(folder: Path) -> Tensor:
-    try:
-        from diffsamp.images import load_image_folder
-    except ImportError as exc:
-        raise RuntimeError("loading a folder of images needs diffsamp.images.load_image_folder") from exc
     x = load_image_folder(folder)
     if not isinstance(x, Tensor):
         x = torch.as_tensor(np.asarray(x))
@@ -193,16 +190,6 @@ def _load_folder(folder: Path) -> Tensor:
     if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)
     return x
-
-
-def to_float(x: Tensor) -> Tensor:
-    """uint8 [0, 255] → float32 [-1, 1]."""
-    return x.float().div(127.5).sub(1.0)
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """float [-1, 1] → uint8 [0, 255] (rounded, clipped); the inverse of ``to_float`` on its image."""
-    return x.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def load_dataset(
@@ -225,77 +212,6 @@ class ImageTensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Tensor:
         return to_float(self.images[i])
-
-
-class BatchSampler:
-    """Endless shuffled mini-batches of a uint8 image tensor, as float [-1, 1] on ``device``.
-
-    The order is a pure function of a seeded ``torch.Generator``, whose state (with the position in
-    the current epoch) is part of ``state_dict()``, so a resumed run sees exactly the batches the
-    uninterrupted run would have seen. Data sets as small as MNIST live in memory (on the GPU when
-    training there), which is faster than a DataLoader with workers; ``random_flip`` mirrors images
-    horizontally at random (for CIFAR-10; not for digits).
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        random_flip: bool = False,
-    ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-        if not 0 < batch_size:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.images = images.to(device)
-        self.n = images.shape[0]
-        self.batch_size = min(batch_size, self.n)
-        self.random_flip = random_flip
-        self.generator = torch.Generator().manual_seed(seed)
-        self._perm: Tensor | None = None
-        self._pos = 0
-        self.epoch = 0
-
-    def _new_epoch(self) -> None:
-        self._perm = torch.randperm(self.n, generator=self.generator)
-        self._pos = 0
-
-    def next(self) -> Tensor:
-        if self._perm is None or self._pos + self.batch_size > self.n:  # drop the last partial batch
-            if self._perm is not None:
-                self.epoch += 1
-            self._new_epoch()
-        assert self._perm is not None
-        idx = self._perm[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
-        x = to_float(self.images[idx.to(self.images.device)])
-        if self.random_flip:
-            flip = torch.rand(x.shape[0], generator=self.generator) < 0.5
-            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-        return x
-
-    def __iter__(self) -> Iterator[Tensor]:
-        while True:
-            yield self.next()
-
-    def state_dict(self) -> dict:
-        """Generator state (uint8 tensor) + epoch permutation + position: enough to replay the order."""
-        return {
-            "generator": self.generator.get_state(),
-            "perm": self._perm.clone() if self._perm is not None else torch.empty(0, dtype=torch.long),
-            "pos": self._pos,
-            "epoch": self.epoch,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        perm = state["perm"]
-        self._perm = perm.clone().long() if perm.numel() else None
-        self._pos = int(state["pos"])
-        self.epoch = int(state["epoch"])
 
 
 def make_loader(

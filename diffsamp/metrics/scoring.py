@@ -1,7 +1,7 @@
 """Scoring a model's samples in memory: sample → uint8 → Inception features → FID / KID, no PNG round trip.
 
 Samples are generated a batch at a time and streamed straight into the float64 feature moments
-(``diffsamp.fid.compute_stats``), so N = 50 000 never sits in memory. The reference is a statistics
+(``diffsamp.metrics.fid.compute_stats``), so N = 50 000 never sits in memory. The reference is a statistics
 object, a stats ``.npz`` (``diffsamp fid ref``), or a data set split written ``DATASET:SPLIT`` (e.g.
 ``mnist:test``), whose first N images are taken, padded to the model's image size, with cached statistics.
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from diffsamp.api import generate
-from diffsamp.fid import FIDStats, compute_stats, fid_from_stats, kid_from_stats, load_stats, reference_stats
+from diffsamp.metrics.fid import FIDStats, compute_stats, fid_from_stats, kid_from_stats, load_stats, reference_stats
 from diffsamp.metrics.inception import FeatureExtractor, load_extractor
 from diffsamp.models.base import Denoiser, default_schedule
 
@@ -161,14 +161,12 @@ def score_model(
     is compared with references padded alike). KID needs the reference's features: a ``DATASET:SPLIT``
     reference keeps them; a stats file may not, and then KID is None.
     """
-    from diffsamp.models.zoo import sample_shape
-
     schedule = schedule or default_schedule(model)
     seeds = list(range(num)) if seeds is None else [int(s) for s in seeds]
     num = len(seeds)
     if num < 2:
         raise ValueError(f"FID needs at least 2 samples, got {num}")
-    shape = tuple(shape) if shape is not None else tuple(sample_shape(model))
+    shape = tuple(shape) if shape is not None else tuple(model.sample_shape)
     extractor = extractor or load_extractor(inception, device)
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)

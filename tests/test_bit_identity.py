@@ -1,0 +1,36 @@
+"""Every sample, FID statistic and training checkpoint stays bit-identical to the stored fixture
+(``tests/bit_identity.py`` computes it; see its docstring for when to regenerate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.bit_identity import FIXTURE, MODELS, SAMPLERS, compute
+
+
+@pytest.fixture(scope="module")
+def stored() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(FIXTURE))
+
+
+@pytest.fixture(scope="module")
+def now() -> dict[str, torch.Tensor]:
+    return compute()
+
+
+def test_fixture_covers_every_model_and_sampler(stored):
+    for m in MODELS:
+        for s in SAMPLERS:
+            assert f"sample/{m}/{s}" in stored
+
+
+def test_bit_identical(stored, now):
+    keys = set(stored)
+    if "fid/mu" not in now:  # no Inception weights here: the FID statistic is not recomputed
+        keys -= {k for k in keys if k.startswith("fid/")}
+    assert keys <= set(now), f"missing: {sorted(keys - set(now))}"
+    changed = [k for k in sorted(keys) if not torch.equal(stored[k], now[k])]
+    assert not changed, f"no longer bit-identical: {changed}"
