@@ -218,3 +218,14 @@ def test_cli_train_then_sample_with_the_predictor(tiny_model_dir, tmp_path, one_
     assert res.exit_code != 0 and "trained for --sampler amed" in res.output
     res = CliRunner().invoke(main, ["train", "amed", "--model", str(tiny_model_dir), "--nfe", "3", "--out", str(run)])
     assert res.exit_code != 0 and "--resume" in res.output
+
+
+def test_dynamic_thresholding_clamps_to_the_quantile_and_rescales():
+    from diffsamp.samplers.amed import dynamic_threshold
+
+    inside = torch.linspace(-0.9, 0.9, 200).reshape(2, 1, 10, 10)
+    assert torch.equal(dynamic_threshold(inside), inside)  # s = max(q, 1) = 1: nothing changes
+    wide = torch.linspace(-4, 4, 1000).reshape(1, 1000)
+    out = dynamic_threshold(wide)
+    q = torch.quantile(wide.abs(), 0.995)
+    assert out.abs().max() == pytest.approx(1.0) and out[0, 500].item() == pytest.approx(wide[0, 500].item() / q.item())
