@@ -14,9 +14,16 @@ from diffsamp.samplers import (  # noqa: E402
     get_sampler,
     get_schedule,
 )
+from diffsamp.samplers.amed import AmedPredictor, FixedPredictor, StaticPredictor  # noqa: E402
+from diffsamp.samplers.amed_files import load_predictor, shipped_predictors  # noqa: E402
 from diffsamp.api import GenerateResult, generate, integrate, make_grid  # noqa: E402
 
 __all__ = [
+    "AmedPredictor",
+    "FixedPredictor",
+    "StaticPredictor",
+    "load_predictor",
+    "shipped_predictors",
     "ClampDenoiser",
     "CountingDenoiser",
     "Denoiser",
