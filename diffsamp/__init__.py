@@ -2,6 +2,7 @@
 
 x = x0 + σ·ε, a model is a denoiser D(x, σ) ≈ E[x0 | x], grids are decreasing σ's, and every sampler is
 a stateless function ``sampler(model, x, grid, *, generator=None, callback=None, **knobs) -> x``.
+Samples are in [-1, 1]: ``save_images(out.images, "grid.png")`` writes them, ``to_uint8`` converts them.
 """
 
 from diffsamp._version import __version__  # noqa: E402
@@ -15,6 +16,7 @@ from diffsamp.samplers import (  # noqa: E402
     get_schedule,
 )
 from diffsamp.api import GenerateResult, generate, integrate, make_grid  # noqa: E402
+from diffsamp.images import save_images, to_float, to_uint8  # noqa: E402
 
 __all__ = [
     "ClampDenoiser",
@@ -29,4 +31,7 @@ __all__ = [
     "get_schedule",
     "integrate",
     "make_grid",
+    "save_images",
+    "to_float",
+    "to_uint8",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli._common import main
+from diffsamp.cli._common import main, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 
@@ -20,7 +20,8 @@ def _inception_options(f):
                      help="Inception weights (TorchScript); default $DIFFSAMP_INCEPTION, then the cache folder."),
         click.option("--download-weights", is_flag=True,
                      help="If no weights are found, download NVlabs' inception-2015-12-05.pt into the cache."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).",
+                     callback=lambda ctx, param, value: None if value is None else resolve_device(value)),
         click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
