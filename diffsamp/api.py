@@ -44,20 +44,30 @@ class GenerateResult:
         return self.sigma_grid
 
 
+def _worst_ratio(grid: Grid) -> float:
+    s = grid.sigmas[grid.sigmas > 0]
+    return float((s[1:] / s[:-1]).min()) if len(s) > 1 else 1.0
+
+
 def setting_warnings(spec: SamplerSpec, grid: Grid, *, dtype: torch.dtype | None = None,
-                     device: str | torch.device | None = None) -> list[str]:
+                     device: str | torch.device | None = None,
+                     regrid: Callable[[int], Grid] | None = None) -> list[str]:
     """Known-bad settings, one sentence each: a stochastic sampler on a grid too coarse for it (the sampler
-    declares the smallest σ_{i+1}/σ_i it is stable at) and half-precision weights on the CPU."""
+    declares the smallest σ_{i+1}/σ_i it is stable at) and half-precision weights on the CPU.
+
+    ``regrid(n)``: the same schedule at n steps, to say how many steps would do."""
     out = []
     ratio = spec.min_sigma_ratio
-    if ratio is not None:
-        s = grid.sigmas[grid.sigmas > 0]
-        worst = float((s[1:] / s[:-1]).min()) if len(s) > 1 else 1.0
-        if worst < ratio:
-            out.append(
-                f"{spec.name} at {len(grid)} steps shrinks σ by up to ×{worst:.2f} per step; its reverse-SDE Euler "
-                f"step is unstable below ×{ratio} and gives noise. Use more steps (σ ratio ≥ {ratio}) or an ODE "
-                "sampler (heun, dpmpp2m)")
+    if ratio is not None and (worst := _worst_ratio(grid)) < ratio:
+        enough = ""
+        if regrid is not None:
+            n = len(grid)
+            while n < 4096 and _worst_ratio(regrid(n)) < ratio:
+                n = max(n + 1, int(n * 1.25))
+            enough = f"{n}+ steps of this schedule or " if n < 4096 else ""
+        out.append(
+            f"{spec.name} at {len(grid)} steps shrinks σ by up to ×{worst:.2f} in one step; its reverse-SDE Euler "
+            f"step is unstable below ×{ratio} and gives noise. Use {enough}an ODE sampler (heun, dpmpp2m)")
     if dtype in (torch.bfloat16, torch.float16) and device is not None and torch.device(device).type == "cpu":
         name = str(dtype).removeprefix("torch.")
         out.append(f"{name} weights on the CPU run far slower (~20×) than float32 and are no more accurate; "
@@ -157,16 +167,19 @@ def generate(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given: pass at least one, e.g. seeds=[0]")
+    regrid = None
     if grid is None:
         grid = make_grid(model, spec, schedule=schedule, steps=steps, final_zero=final_zero,
                          schedule_params=schedule_params, knobs=knobs)
+        regrid = lambda n: make_grid(model, spec, schedule=schedule, steps=n, final_zero=final_zero,  # noqa: E731
+                                     schedule_params=schedule_params, knobs=knobs)
     elif len(grid) < spec.min_steps:
         raise ValueError(f"sampler {sampler!r} needs at least {spec.min_steps} steps, got {len(grid)}")
     batch_size = batch_size or len(seeds)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(model.device if device is None else device)
-    for text in setting_warnings(spec, grid, dtype=model.dtype, device=device):
+    for text in setting_warnings(spec, grid, dtype=model.dtype, device=device, regrid=regrid):
         warnings.warn(text, UserWarning, stacklevel=2)
     outs: list[Tensor] = []
     nfe_per_batch: list[int] = []

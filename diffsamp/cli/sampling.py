@@ -231,7 +231,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         raise click.ClickException(str(exc)) from None
     expected = spec.expected_nfe(grid, **plain_knobs)
     batch = batch_size or min(len(seeds), 256)
-    run = dict(sampler=sampler, grid=grid, seeds=seeds, batch_size=batch, **plain_knobs)
+    run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch, **knob_values)
     if expected is None:  # adaptive: the grid's steps are not used
         tol = ", ".join(f"{k} {v:g}" for k, v in spec.knob_values(**plain_knobs).items() if k in ("rtol", "atol"))
         how = f"adaptive ({tol})" if tol else "adaptive"
@@ -251,8 +251,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         if scoring is not None and out is None and outdir is None:  # stream into the statistics, write nothing
             from diffsamp.metrics.scoring import score_model
 
-            q = score_model(model, scoring[1], extractor=scoring[0], progress=not quiet, schedule=schedule,
-                            steps=len(grid), **run)
+            q = score_model(model, scoring[1], extractor=scoring[0], progress=not quiet, **run)
             bar.close()
             click.echo(f"{what}: NFE {q.nfe} per image, sampling {q.sampling_seconds:.2f} s on {device} {dtype}; "
                        f"model loaded in {load_s:.1f} s")
@@ -359,7 +358,7 @@ def _check_previous_run(folder: Path, settings: dict, skip_existing: bool) -> No
     diffs = [k for k in _SAME_RUN_KEYS if k in old and old[k] != json.loads(json.dumps(settings[k]))]
     if diffs:
         raise click.ClickException(
-            f"{folder}/ holds images made with other settings ({', '.join(diffs)} differ from its config.json); "
+            f"{folder}/ holds images made with other settings (its config.json has another {', '.join(diffs)}); "
             "use another --outdir, or drop --skip-existing to overwrite")
 
 
