@@ -70,6 +70,14 @@ def resolve_device(device: str | None, hint: str = "--device") -> str:
         raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
+def nonnegative(value: float, digits: int) -> str:
+    """A distance for printing: a round-off negative (FID, or KID's unbiased estimate of an equal pair) shows
+    as 0, with the exact value beside it (the API returns it as is)."""
+    if value >= 0:
+        return f"{value:.{digits}f}"
+    return f"{0:.{digits}f} (round-off: {value:.2g})"
+
+
 def parse_int_list(value: str | None) -> tuple[int, ...] | None:
     """``32,64,128`` → (32, 64, 128); ``none`` or empty → (); None stays None (the default)."""
     if value is None:

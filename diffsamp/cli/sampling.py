@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli._common import knob_option, load_or_fail, main, parse_knobs, resolve_device
+from diffsamp.cli._common import knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
 from diffsamp.models.base import Wrapper
 from diffsamp.samplers import available_samplers, available_schedules
 
@@ -394,7 +394,7 @@ def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device
 
 def _quality_line(fid: float, kid: float | None, kid_std: float | None, n: int, ref: str) -> str:
     kid_txt = f", KID {kid * 1e3:.3f} ± {kid_std * 1e3:.3f} ×1e-3" if kid is not None else ""
-    return f"FID {fid:.3f}{kid_txt} ({n} samples vs {ref})"
+    return f"FID {nonnegative(fid, 3)}{kid_txt} ({n} samples vs {ref})"
 
 
 @main.command("models")
