@@ -242,7 +242,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         "model": model_name, "sampler": sampler, "schedule": schedule, "steps": len(grid),
         "knobs": {k: (predictor if k == "predictor" else _json_value(v)) for k, v in plain_knobs.items()},
         "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
-        "clip_sample": model.clip_sample, "dtype": dtype,
+        "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
     }
     scoring = _fid_reference(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
     bar = _progress_bar(None if expected is None else expected * -(-len(seeds) // batch), quiet)
