@@ -239,7 +239,8 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         how = f"{len(grid)} step{'s' * (len(grid) != 1)}"
     what = f"{len(seeds)} images {tuple(shape)} with {sampler}/{schedule}, {how}"
     settings = {
-        "model": model_name, "sampler": sampler, "schedule": schedule, "steps": len(grid),
+        "model": model_name, "sampler": sampler, "schedule": schedule,
+        "steps": len(grid) if expected is not None else "adaptive",
         "knobs": {k: (predictor if k == "predictor" else _json_value(v)) for k, v in plain_knobs.items()},
         "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
         "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
