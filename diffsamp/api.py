@@ -66,8 +66,9 @@ def setting_warnings(spec: SamplerSpec, grid: Grid, *, dtype: torch.dtype | None
                 n = max(n + 1, int(n * 1.25))
             enough = f"{n}+ steps of this schedule or " if n < 4096 else ""
         out.append(
-            f"{spec.name} at {len(grid)} steps shrinks σ by up to ×{worst:.2f} in one step; its reverse-SDE Euler "
-            f"step is unstable below ×{ratio} and gives noise. Use {enough}an ODE sampler (heun, dpmpp2m)")
+            f"{spec.name} at {len(grid)} steps lets σ drop to {worst:.2f}× its value in one step; its reverse-SDE "
+            f"Euler step is unstable once σ_next/σ < {ratio} and gives noise. Use {enough}an ODE sampler "
+            "(heun, dpmpp2m)")
     if dtype in (torch.bfloat16, torch.float16) and device is not None and torch.device(device).type == "cpu":
         name = str(dtype).removeprefix("torch.")
         out.append(f"{name} weights on the CPU run far slower (~20×) than float32 and are no more accurate; "

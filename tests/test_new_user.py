@@ -299,4 +299,4 @@ def test_settings_known_to_fail_warn_once_with_what_to_use(gaussian, tiny_model_
     res = sample(tiny_model_dir, "--sampler", "euler_maruyama", "--steps", "10", "--out", str(tmp_path / "g.png"), "-q")
     assert res.stderr.startswith("warning: euler_maruyama at 10 steps") and res.stderr.count("\n") == 1
     doc = CliRunner().invoke(main, ["samplers", "pc"]).output
-    assert "unstable when σ shrinks" in doc and "heun" in doc
+    assert "unstable when σ_next/σ < 0.5" in doc and "heun" in doc
