@@ -185,7 +185,8 @@ def test_a_corrupted_cached_reference_is_rebuilt_with_a_warning(tmp_path, monkey
 def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path):
     """No HF_HUB_OFFLINE, but nothing listens at the endpoint: no retries, no client warnings, one line."""
     env = _env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
-    env.pop("HF_HUB_OFFLINE", None)
+    for key in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        env.pop(key, None)
     proc = subprocess.run([sys.executable, "-m", "diffsamp", "sample", "--model", "diffsamp-tests/no-such-model",
                            "--out", str(tmp_path / "g.png")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1
