@@ -8,6 +8,7 @@ initial state and the sampler, run under ``torch.inference_mode()``.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +23,57 @@ from diffsamp.samplers._util import Generator, StepInfo
 
 @dataclass(frozen=True)
 class GenerateResult:
-    """Samples (N, C, H, W) in the model's data space, the measured NFE per image and the wall time."""
+    """Samples (N, C, H, W) in the model's data space, the measured NFE per image, the wall time and the σ grid.
+
+    ``images`` are float32 in the data range [-1, 1] (not [0, 1]): save them with ``diffsamp.save_images`` or
+    convert them with ``diffsamp.to_uint8``; ``torchvision.utils.save_image`` would clip the lower half.
+    ``sigma_grid`` is the σ discretisation the sampler ran on (``.grid``, its former name, still works).
+    """
 
     images: Tensor
     seeds: list[int]
     nfe: int
     seconds: float
-    grid: Grid
+    sigma_grid: Grid
+
+    @property
+    def grid(self) -> Grid:
+        """Deprecated name of ``sigma_grid``."""
+        warnings.warn("GenerateResult.grid is renamed sigma_grid (the σ grid, not an image grid); "
+                      "use .sigma_grid", DeprecationWarning, stacklevel=2)
+        return self.sigma_grid
+
+
+def _worst_ratio(grid: Grid) -> float:
+    s = grid.sigmas[grid.sigmas > 0]
+    return float((s[1:] / s[:-1]).min()) if len(s) > 1 else 1.0
+
+
+def setting_warnings(spec: SamplerSpec, grid: Grid, *, dtype: torch.dtype | None = None,
+                     device: str | torch.device | None = None,
+                     regrid: Callable[[int], Grid] | None = None) -> list[str]:
+    """Known-bad settings, one sentence each: a stochastic sampler on a grid too coarse for it (the sampler
+    declares the smallest σ_{i+1}/σ_i it is stable at) and half-precision weights on the CPU.
+
+    ``regrid(n)``: the same schedule at n steps, to say how many steps would do."""
+    out = []
+    ratio = spec.min_sigma_ratio
+    if ratio is not None and (worst := _worst_ratio(grid)) < ratio:
+        enough = ""
+        if regrid is not None:
+            n = len(grid)
+            while n < 4096 and _worst_ratio(regrid(n)) < ratio:
+                n = max(n + 1, int(n * 1.25))
+            enough = f"{n}+ steps of this schedule or " if n < 4096 else ""
+        out.append(
+            f"{spec.name} at {len(grid)} steps lets σ drop to {worst:.2f}× its value in one step; its reverse-SDE "
+            f"Euler step is unstable once σ_next/σ < {ratio} and gives noise. Use {enough}an ODE sampler "
+            "(heun, dpmpp2m)")
+    if dtype in (torch.bfloat16, torch.float16) and device is not None and torch.device(device).type == "cpu":
+        name = str(dtype).removeprefix("torch.")
+        out.append(f"{name} weights on the CPU run far slower (~20×) than float32 and are no more accurate; "
+                   "use float32 on the CPU")
+    return out
 
 
 def make_grid(
@@ -102,6 +147,7 @@ def generate(
     grid: Grid | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[list[int], Tensor], None] | None = None,
     **knobs: Any,
 ) -> GenerateResult:
     """Draw one image per seed with a registered sampler on a grid from a registered schedule.
@@ -111,7 +157,9 @@ def generate(
     σ_0 follows the model's prior (``prior_scale``). Runs under ``torch.inference_mode()`` and returns
     the NFE measured by a ``CountingDenoiser`` (per image: one batched call counts once).
     ``shape`` is one sample's shape, e.g. (1, 32, 32). ``schedule`` None: ``default_schedule(model)`` (``rf``
-    for rectified flows, ``karras`` otherwise).
+    for rectified flows, ``karras`` otherwise). ``on_batch(seeds, images)`` sees each batch as it finishes
+    (e.g. to write it at once). Images are in [-1, 1]: save them with ``diffsamp.save_images``.
+    Known-bad settings (``setting_warnings``) are reported once with ``warnings.warn``.
     """
     spec = get_sampler(sampler)
     shape = tuple(int(s) for s in shape)
@@ -120,15 +168,20 @@ def generate(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given: pass at least one, e.g. seeds=[0]")
+    regrid = None
     if grid is None:
         grid = make_grid(model, spec, schedule=schedule, steps=steps, final_zero=final_zero,
                          schedule_params=schedule_params, knobs=knobs)
+        regrid = lambda n: make_grid(model, spec, schedule=schedule, steps=n, final_zero=final_zero,  # noqa: E731
+                                     schedule_params=schedule_params, knobs=knobs)
     elif len(grid) < spec.min_steps:
         raise ValueError(f"sampler {sampler!r} needs at least {spec.min_steps} steps, got {len(grid)}")
     batch_size = batch_size or len(seeds)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(model.device if device is None else device)
+    for text in setting_warnings(spec, grid, dtype=model.dtype, device=device, regrid=regrid):
+        warnings.warn(text, UserWarning, stacklevel=2)
     outs: list[Tensor] = []
     nfe_per_batch: list[int] = []
     start = time.perf_counter()
@@ -140,6 +193,8 @@ def generate(
                            knobs=knobs)
         nfe_per_batch.append(nfe)
         outs.append(x)
+        if on_batch is not None:
+            on_batch(chunk, x)
         if progress is not None:
             progress(min(b + batch_size, len(seeds)), len(seeds))
     if device.type == "cuda":

@@ -3,10 +3,13 @@
 Every reader returns ``torch.uint8`` tensors of shape (N, C, H, W) with C = 1 (grayscale) or 3 (RGB); float
 images in [-1, 1] (a model's data space) are quantized with ``to_uint8`` exactly as saving them would.
 Writers go through a temporary file in the destination folder and a rename, so an interrupted run never
-leaves a half-written file behind.
+leaves a half-written file behind; a missing destination folder is created.
+
+Models' samples live in [-1, 1], not [0, 1]: ``save_images`` and ``to_uint8`` map -1 → 0 and 1 → 255
+(``torchvision.utils.save_image`` expects [0, 1] and would clip the lower half).
 
     >>> x = load_image_folder("samples/")            # (N, C, H, W) uint8, sorted by file name
-    >>> save_grid(to_uint8(samples), "grid.png", nrow=8)
+    >>> save_images(out.images, "grid.jpg")          # a grid, in the format the extension names
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ __all__ = [
     "make_grid",
     "save_grid",
     "save_image_folder",
+    "save_images",
     "save_png",
+    "WRITE_FORMATS",
+    "image_format",
     "scan_image_folder",
     "to_float",
     "to_uint8",
@@ -164,8 +170,30 @@ def _as_uint8(images: Tensor) -> Tensor:
     raise TypeError(f"expected uint8 images or float images in [-1, 1], got {images.dtype}")
 
 
-def save_png(image: Tensor, path: str | os.PathLike) -> Path:
-    """Write one image — uint8 or float in [-1, 1]; shape (C, H, W), (1, C, H, W) or (H, W) — as a PNG."""
+# extension → the PIL format written for it
+WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The image format ``path``'s extension names (PNG, JPEG, …); a ValueError for any other extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in WRITE_FORMATS:
+        named = f"extension {suffix!r}" if suffix else "no extension"
+        raise ValueError(f"{path}: {named}; write an image file ending in "
+                         f"{', '.join(sorted(set(WRITE_FORMATS)))}")
+    return WRITE_FORMATS[suffix]
+
+
+def save_png(image: Tensor, path: str | os.PathLike, *, text: dict[str, str] | None = None) -> Path:
+    """Write one image — uint8 or float in [-1, 1]; shape (C, H, W), (1, C, H, W) or (H, W) — as a PNG.
+
+    ``text``: PNG text chunks (key → value), e.g. the settings that made the image.
+    """
+    return _save(image, path, "PNG", text)
+
+
+def _save(image: Tensor, path: str | os.PathLike, fmt: str, text: dict[str, str] | None = None) -> Path:
     x = _as_uint8(image)
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
@@ -176,8 +204,18 @@ def save_png(image: Tensor, path: str | os.PathLike) -> Path:
     arr = x.numpy()
     pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), mode="RGB")
     path = Path(path)
+    options: dict = {}
+    if fmt == "PNG" and text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
+        options["pnginfo"] = info
+    elif fmt in ("JPEG", "WEBP"):
+        options["quality"] = 95
     with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG")
+        pil.save(tmp, format=fmt, **options)
     return path
 
 
@@ -202,6 +240,23 @@ def make_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> Path:
     """Write (N, C, H, W) images (uint8 or float in [-1, 1]) as one PNG grid with ``nrow`` images per row."""
     return save_png(make_grid(images, nrow, padding, pad_value), path)
+
+
+def save_images(
+    images: Tensor, path: str | os.PathLike, *, nrow: int | None = None, text: dict[str, str] | None = None
+) -> Path:
+    """Write images in [-1, 1] (or uint8) as one file: a grid of an (N, C, H, W) batch (``nrow`` per row,
+    default ⌈√N⌉) or a single (C, H, W) image, in the format the extension names (``image_format``).
+
+    ``text`` goes into a PNG's text chunks. This is how to save ``generate``'s output: the [-1, 1] range maps
+    to 0…255 exactly as ``to_uint8`` does.
+    """
+    import math
+
+    fmt = image_format(path)
+    if images.ndim == 4 and images.shape[0] > 1:
+        images = make_grid(images, nrow or max(1, math.ceil(math.sqrt(images.shape[0]))))
+    return _save(images, path, fmt, text if fmt == "PNG" else None)
 
 
 def save_image_folder(images: Tensor, folder: str | os.PathLike, start: int = 0, prefix: str = "") -> list[Path]:

@@ -52,7 +52,7 @@ def test_sample_grid_and_outdir(tiny_model, tmp_path):
                                     "--seeds", "3,12", "--outdir", str(outdir), "--batch-size", "1"])
     assert res.exit_code == 0, res.output
     assert "NFE 3" in res.output  # heun with a final step to 0: 2·2 − 1
-    assert sorted(p.name for p in outdir.iterdir()) == ["000003.png", "000012.png"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["000003.png", "000012.png", "config.json"]
     # image i depends only on its seed: seed 3 alone at another batch size gives the same PNG
     res = CliRunner().invoke(main, ["sample", "--model", str(tiny_model), "--sampler", "heun", "--steps", "2",
                                     "--seeds", "3", "--outdir", str(tmp_path / "one")])

@@ -96,9 +96,9 @@ def test_a_flow_samples_on_the_rf_grid_unless_told_otherwise():
     default = generate(model, (2,), sampler="euler", steps=4, seeds=range(3))
     rf = generate(model, (2,), sampler="euler", schedule="rf", steps=4, seeds=range(3))
     karras = generate(model, (2,), sampler="euler", schedule="karras", steps=4, seeds=range(3))
-    assert torch.equal(default.grid.sigmas, rf.grid.sigmas) and torch.equal(default.images, rf.images)
-    assert not torch.allclose(default.grid.sigmas, karras.grid.sigmas)
-    t = default.grid.sigmas[:-1] / (1 + default.grid.sigmas[:-1])
+    assert torch.equal(default.sigma_grid.sigmas, rf.sigma_grid.sigmas) and torch.equal(default.images, rf.images)
+    assert not torch.allclose(default.sigma_grid.sigmas, karras.sigma_grid.sigmas)
+    t = default.sigma_grid.sigmas[:-1] / (1 + default.sigma_grid.sigmas[:-1])
     assert torch.allclose(t, T_MAX * torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64))
     gmm = GaussianMixtureDenoiser(means=[[0.0, 0.0]], stds=[1.0], weights=[1.0])
     assert default_schedule(gmm) == "karras" and default_schedule(model) == "rf"
@@ -110,7 +110,7 @@ def test_rk45_integrates_to_sigma_min_whatever_the_steps():
     model = _mlp_model(dtype=torch.float64)
     one = generate(model, (2,), sampler="rk45", schedule="rf", steps=1, seeds=range(8), rtol=1e-9, atol=1e-9)
     many = generate(model, (2,), sampler="rk45", schedule="rf", steps=50, seeds=range(8), rtol=1e-9, atol=1e-9)
-    t = one.grid.sigmas / (1 + one.grid.sigmas)
+    t = one.sigma_grid.sigmas / (1 + one.sigma_grid.sigmas)
     assert torch.allclose(t, torch.tensor([T_MAX, 1e-3, 0.0], dtype=torch.float64), atol=1e-12)
     assert torch.allclose(one.images, many.images, atol=1e-12) and one.nfe > 6
     euler1 = generate(model, (2,), sampler="euler", schedule="rf", steps=1, seeds=range(8))

@@ -4,6 +4,7 @@ loading a model with a one-line error."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,9 +14,14 @@ from diffsamp._version import __version__
 from diffsamp.models.base import Denoiser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    click.echo(f"warning: {message}", err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="diffsamp")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """diffsamp: sample from diffusion and flow models in one σ-space convention.
 
     \b
@@ -26,17 +32,50 @@ def main() -> None:
       diffsamp sample --model mnist-ddpm --sampler heun --steps 18 --seeds 0-63 --out grid.png
       diffsamp fid calc samples/ stats.npz
     """
+    ctx.with_resource(warnings.catch_warnings())  # restored when the command ends
+    warnings.showwarning = _one_line_warning  # a warning is one line on stderr, as errors are
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → cuda when available, else cpu; a CUDA device on a machine without one is a usage error."""
+def check_device(device: str) -> str:
+    """``device`` if this machine has it: cpu, cuda, cuda:N or mps; a ValueError naming the problem otherwise."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"CUDA is not available on this machine, so --device {device} cannot be used; "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def resolve_device(device: str | None, hint: str = "--device") -> str:
+    """``auto`` (or None) → cuda when available, else cpu; a device this machine lacks is a usage error."""
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return check_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def nonnegative(value: float, digits: int) -> str:
+    """A distance for printing: a round-off negative (FID, or KID's unbiased estimate of an equal pair) shows
+    as 0, with the exact value beside it (the API returns it as is)."""
+    if value >= 0:
+        return f"{value:.{digits}f}"
+    return f"{0:.{digits}f} (round-off: {value:.2g})"
 
 
 def parse_int_list(value: str | None) -> tuple[int, ...] | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli._common import main
+from diffsamp.cli._common import main, nonnegative, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 
@@ -20,7 +20,8 @@ def _inception_options(f):
                      help="Inception weights (TorchScript); default $DIFFSAMP_INCEPTION, then the cache folder."),
         click.option("--download-weights", is_flag=True,
                      help="If no weights are found, download NVlabs' inception-2015-12-05.pt into the cache."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).",
+                     callback=lambda ctx, param, value: None if value is None else resolve_device(value)),
         click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True),
         click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr."),
     ]
@@ -213,12 +214,12 @@ def calc_cmd(a, b, num, padding_a, padding_b, kid, kid_subsets, kid_subset_size,
         fid = fid_from_stats(loaded["A"], loaded["B"], check=False)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"FID: {fid:.4f}")
+    click.echo(f"FID: {nonnegative(fid, 4)}")
     if want_kid:
         m = min(kid_subset_size, len(loaded["A"].features), len(loaded["B"].features))
         mean, std = kid_from_stats(loaded["A"], loaded["B"], num_subsets=kid_subsets, subset_size=m, seed=seed,
                                    check=False)
-        click.echo(f"KID: {mean:.6f} ± {std:.6f}  ({kid_subsets} subsets of {m})")
+        click.echo(f"KID: {nonnegative(mean, 6)} ± {std:.6f}  ({kid_subsets} subsets of {m})")
     elif kid:
         click.echo("KID: n/a (needs features on both sides: folders, or stats written with --features)")
 

@@ -28,6 +28,10 @@ def samplers_cmd(name: str | None) -> None:
             click.echo(f"  {describe_knobs({knob: (tp, default)})}")
         if not spec.knobs:
             click.echo("  (no knobs)")
+        if spec.min_sigma_ratio is not None:
+            click.echo(f"  note: unstable when σ_next/σ < {spec.min_sigma_ratio} in a step (e.g. 10 karras steps give "
+                       "pure noise on mnist-ddpm): use more steps or an ODE sampler such as heun or dpmpp2m; "
+                       "sample warns when the grid is too coarse")
         return
     names = available_samplers()
     width = max(len(n) for n in names)

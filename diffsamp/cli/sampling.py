@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import click
 
-from diffsamp.cli._common import knob_option, load_or_fail, main, parse_knobs, resolve_device
+from diffsamp.cli._common import knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
+from diffsamp.models.base import Wrapper
 from diffsamp.samplers import available_samplers, available_schedules
 
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEEDS = 1_000_000
+
+
+def _seed_int(part: str, text: str) -> int:
+    try:
+        return int(part)
+    except ValueError:
+        raise ValueError(f"{part!r} in {text!r} is not a seed (a non-negative integer)") from None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -22,19 +31,32 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"empty item in seed list {text!r}")
         if "-" in part[1:]:
             i = part.index("-", 1)
-            lo, hi = int(part[:i]), int(part[i + 1 :])
+            lo, hi = _seed_int(part[:i], text), _seed_int(part[i + 1 :], text)
             if hi < lo:
                 raise ValueError(f"seed range {part!r} is decreasing")
             if hi - lo + 1 > MAX_SEEDS:
                 raise ValueError(f"seed range {part!r} is longer than {MAX_SEEDS}")
             seeds.extend(range(lo, hi + 1))
         else:
-            seeds.append(int(part))
+            seeds.append(_seed_int(part, text))
     if any(s < 0 or s >= 2**63 for s in seeds):
         raise ValueError("seeds must be non-negative 64-bit integers")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seed list {text!r} repeats a seed")
     return seeds
+
+
+def format_seeds(seeds: list[int]) -> str:
+    """The inverse of ``parse_seeds``: runs of consecutive seeds written as ``lo-hi``, e.g. ``0-63,100``."""
+    parts: list[str] = []
+    i = 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
+        i = j + 1
+    return ",".join(parts)
 
 
 class SeedList(click.ParamType):
@@ -51,17 +73,52 @@ class SeedList(click.ParamType):
             self.fail(f"{exc} (expected e.g. 0-63, 1,5,9 or 0-3,10)", param, ctx)
 
 
+def _check_destination(path: str, hint: str, *, folder: bool) -> None:
+    """Refuse, before any sampling, a destination that cannot be written: an unknown image extension, a file
+    where a folder is needed (on the way to it too), a folder where a file is needed, or no write permission."""
+    import os
+
+    from diffsamp.images import image_format
+
+    p = Path(path).expanduser()
+    if not folder:
+        try:
+            image_format(p)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=hint) from None
+        if p.is_dir():
+            raise click.BadParameter(f"{p} is a folder; give a file name such as {p / 'grid.png'}", param_hint=hint)
+    first = p if folder else p.parent
+    while not first.exists() and first != first.parent:
+        first = first.parent
+    if first.exists() and not first.is_dir():
+        raise click.BadParameter(f"cannot write {p}: {first} is a file, not a folder", param_hint=hint)
+    if first.exists() and not os.access(first, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write {p}: no permission to write in {first}", param_hint=hint)
+
+
+def _json_value(value):  # noqa: ANN001, ANN202 - any knob value
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
 @main.command("sample")
 @click.option("--model", "model_name", required=True, help="Zoo name (see `diffsamp models`), a local model/run directory, or a Hub id.")
 @click.option("--sampler", default="heun", show_default=True, type=click.Choice(available_samplers()))
 @click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="σ grid. Default: rf for rectified flows, karras otherwise.")
-@click.option("--steps", default=18, show_default=True, type=click.IntRange(min=1), help="Number of grid intervals.")
+@click.option("--steps", default=18, show_default=True, type=click.IntRange(min=1), help="Number of grid intervals (adaptive rk45 ignores it).")
 @click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per network call (default: all seeds at once, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPES), help="Network weights' precision.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write one grid PNG.")
-@click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPES), help="Network weights' precision (bfloat16/float16 are for GPUs: on the CPU they are ~20× slower).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write one grid image: PNG (settings in its text chunk), or .jpg/.webp/.bmp/.tif as the extension says. A missing folder is created.")
+@click.option("--outdir", default=None, type=click.Path(file_okay=False), help="Write one PNG per seed, named by seed, as each batch finishes, and config.json with the settings. Created if missing.")
+@click.option("--skip-existing", is_flag=True, help="With --outdir: sample only the seeds whose PNG is not there yet (continue an interrupted run).")
 @click.option("--clip-denoised/--no-clip-denoised", default=None, help="Clamp the denoised estimate D(x, σ) to [-1, 1] at every step (diffusers' clip_sample). Default: as the model's scheduler config says.")
 @click.option("--nrow", default=None, type=click.IntRange(min=1), help="Images per grid row (default: √N).")
 @click.option("--fid-ref", default=None, help="Score the images: FID (and KID) against a stats .npz (`diffsamp fid ref`) or DATASET:SPLIT, e.g. mnist:test (its first N images).")
@@ -69,6 +126,7 @@ class SeedList(click.ParamType):
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data set folder for a DATASET:SPLIT --fid-ref (else $DIFFSAMP_DATA).")
 @knob_option
 @click.option("--predictor", default=None, help="AMED predictor: a trained run directory/.json or a shipped name (see `diffsamp models`); sets the sampler, grid and NFE it was trained for.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (it goes to stderr).")
 @click.pass_context
 def sample_cmd(
     ctx: click.Context,
@@ -82,6 +140,7 @@ def sample_cmd(
     dtype: str,
     out: str | None,
     outdir: str | None,
+    skip_existing: bool,
     nrow: int | None,
     clip_denoised: bool | None,
     fid_ref: str | None,
@@ -89,6 +148,7 @@ def sample_cmd(
     data_dir: str | None,
     knobs: tuple[str, ...],
     predictor: str | None,
+    quiet: bool,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
 
@@ -102,16 +162,40 @@ def sample_cmd(
       diffsamp sample --model mnist-ddpm --sampler amed --predictor mnist-ddpm/amed-nfe5 --seeds 0-63 --out g.png
     Image i depends only on its seed, whatever --batch-size and --device.
     With --fid-ref alone, samples stream into the FID statistics and nothing is written.
+    Missing output folders are created. With --outdir each batch is written as it finishes: after Ctrl-C
+    (exit code 130) the same command with --skip-existing continues where it stopped.
     """
-    import torch
-
-    from diffsamp.api import generate
-    from diffsamp.models.base import ClampDenoiser, default_schedule
-
     if out is not None and outdir is not None:
         raise click.UsageError("give one of --out (a grid PNG) or --outdir (one PNG per seed), not both")
     if out is None and outdir is None and fid_ref is None:
         raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
+    if skip_existing and outdir is None:
+        raise click.UsageError("--skip-existing continues an --outdir run; give --outdir")
+    if out is not None:
+        _check_destination(out, "--out", folder=False)
+    if outdir is not None:
+        _check_destination(outdir, "--outdir", folder=True)
+    try:
+        _sample(ctx, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,
+                skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet)
+    except KeyboardInterrupt:
+        written = ctx.meta.get("diffsamp.written")
+        if outdir is not None and written is not None:
+            click.echo(f"\ninterrupted: {written[0]} of {written[1]} PNGs written to {outdir}/; the same command "
+                       "with --skip-existing continues", err=True)
+        else:
+            click.echo("\ninterrupted: nothing written", err=True)
+        ctx.exit(130)
+
+
+def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,  # noqa: ANN001
+            skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet) -> None:
+    import torch
+
+    from diffsamp.api import generate, make_grid
+    from diffsamp.models.base import ClampDenoiser, default_schedule
+    from diffsamp.samplers import get_sampler
+
     amed_knobs: dict = {}
     if predictor is not None:  # the sampler, grid and knobs the predictor was trained with
         sampler, amed_knobs = _predictor_knobs(predictor, model_name, sampler, ctx)
@@ -119,6 +203,14 @@ def sample_cmd(
     knob_values = {**parse_knobs(sampler, knobs), **amed_knobs}
     device = resolve_device(device)
     torch_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]  # None: as stored
+    all_seeds, folder = seeds, Path(outdir).expanduser() if outdir is not None else None
+    width = max(6, len(str(max(seeds))))
+    name_of = lambda s: f"{s:0{width}d}.png"  # noqa: E731
+    if skip_existing:
+        seeds = [s for s in seeds if not (folder / name_of(s)).is_file()]
+        if not seeds:
+            click.echo(f"all {len(all_seeds)} PNGs are already in {folder}/; nothing to do")
+            return
     t0 = time.perf_counter()
     model = load_or_fail(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
     try:
@@ -129,48 +221,146 @@ def sample_cmd(
     schedule = schedule or default_schedule(model)
     if clip_denoised and model.clip_sample is None:
         model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
-    run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch_size or min(len(seeds), 256),
-               **knob_values)
-    what = (f"{len(seeds)} images {tuple(shape)} with {sampler}/{schedule}, {steps} step{'s' * (steps != 1)}")
+    spec = get_sampler(sampler)
+    plain_knobs = {k: v for k, v in knob_values.items() if k != "grid"}
+    try:
+        grid = knob_values.get("grid")
+        if grid is None:
+            grid = make_grid(model, spec, schedule=schedule, steps=steps, knobs=plain_knobs)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    expected = spec.expected_nfe(grid, **plain_knobs)
+    batch = batch_size or min(len(seeds), 256)
+    run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch, **knob_values)
+    if expected is None:  # adaptive: the grid's steps are not used
+        tol = ", ".join(f"{k} {v:g}" for k, v in spec.knob_values(**plain_knobs).items() if k in ("rtol", "atol"))
+        how = f"adaptive ({tol})" if tol else "adaptive"
+    else:
+        how = f"{len(grid)} step{'s' * (len(grid) != 1)}"
+    what = f"{len(seeds)} images {tuple(shape)} with {sampler}/{schedule}, {how}"
+    settings = {
+        "model": model_name, "sampler": sampler, "schedule": schedule,
+        "steps": len(grid) if expected is not None else "adaptive",
+        "knobs": {k: (predictor if k == "predictor" else _json_value(v)) for k, v in plain_knobs.items()},
+        "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
+        "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
+    }
     scoring = _fid_reference(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
+    bar = _progress_bar(None if expected is None else expected * -(-len(seeds) // batch), quiet)
+    model = _Progress(model, bar)
     try:
         if scoring is not None and out is None and outdir is None:  # stream into the statistics, write nothing
             from diffsamp.metrics.scoring import score_model
 
-            q = score_model(model, scoring[1], extractor=scoring[0], **run)
+            q = score_model(model, scoring[1], extractor=scoring[0], progress=not quiet, **run)
+            bar.close()
             click.echo(f"{what}: NFE {q.nfe} per image, sampling {q.sampling_seconds:.2f} s on {device} {dtype}; "
                        f"model loaded in {load_s:.1f} s")
             click.echo(_quality_line(q.fid, q.kid, q.kid_std, len(seeds), q.reference))
             return
-        result = generate(model, shape, device=device, **run)
+        on_batch = None
+        if folder is not None:
+            _check_previous_run(folder, settings, skip_existing)
+            written = ctx.meta["diffsamp.written"] = [len(all_seeds) - len(seeds), len(all_seeds)]
+            _write_config(folder, settings, all_seeds, None)
+
+            def on_batch(chunk: list[int], images) -> None:  # noqa: ANN001
+                from diffsamp.images import save_png
+
+                for s, img in zip(chunk, images.clamp(-1, 1)):
+                    save_png(img, folder / name_of(s))
+                    written[0] += 1
+
+        result = generate(model, shape, device=device, on_batch=on_batch, **run)
+        bar.close()
         images = result.images.clamp(-1, 1)
-        where = _write_images(images, result.seeds, out, outdir, nrow)
+        if out is not None:
+            from diffsamp.images import save_images
+
+            meta = _metadata(settings, all_seeds, result.nfe)
+            save_images(images, out, nrow=nrow, text={"diffsamp": json.dumps(meta)})
+            where = out
+        else:
+            _write_config(folder, settings, all_seeds, result.nfe)
+            where = f"{folder}/ ({len(seeds)} PNGs" + (f", {len(all_seeds) - len(seeds)} already there)" if skip_existing else ")")
         click.echo(f"{what}: NFE {result.nfe} per image, {result.seconds:.2f} s "
                    f"({len(seeds) / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
                    f"model loaded in {load_s:.1f} s -> {where}")
         if scoring is not None:
             from diffsamp.metrics.scoring import score_images
 
-            fid, kid, kid_std = score_images(images, scoring[1], extractor=scoring[0])
+            fid, kid, kid_std = score_images(images, scoring[1], extractor=scoring[0], progress=not quiet)
             click.echo(_quality_line(fid, kid, kid_std, len(seeds), str(scoring[1].meta.get("source") or fid_ref)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        bar.close()
 
 
-def _write_images(images, seeds: list[int], out: str | None, outdir: str | None, nrow: int | None) -> str:
-    """A grid PNG at ``out`` or one PNG per seed in ``outdir``; returns where they went."""
-    import math
+def _progress_bar(total: int | None, quiet: bool):  # noqa: ANN202 - a tqdm bar
+    from tqdm.auto import tqdm
 
-    from diffsamp.images import save_grid, save_png
+    return tqdm(total=total, desc="sampling", unit="NFE", disable=quiet, leave=False, dynamic_ncols=True)
 
-    if out is not None:
-        save_grid(images, out, nrow=nrow or max(1, math.ceil(math.sqrt(len(seeds)))))
+
+class _Progress(Wrapper):
+    """Advances a progress bar by one at each network evaluation (batched: one per batch)."""
+
+    def __init__(self, inner, bar) -> None:  # noqa: ANN001
+        super().__init__(inner)
+        self.bar = bar
+
+    def __call__(self, x, sigma):  # noqa: ANN001, ANN204
+        out = self.inner(x, sigma)
+        self.bar.update(1)
         return out
-    folder = Path(outdir)  # type: ignore[arg-type]
-    width = max(6, len(str(max(seeds))))
-    for s, img in zip(seeds, images):
-        save_png(img, folder / f"{s:0{width}d}.png")
-    return f"{folder}/ ({len(seeds)} PNGs)"
+
+
+def _metadata(settings: dict, seeds: list[int], nfe: int | None) -> dict:
+    """What reproduces the images: the settings, the seeds, the measured NFE and the versions."""
+    import platform
+    import sys
+
+    import torch
+
+    from diffsamp._version import __version__
+
+    versions = {"diffsamp": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import diffusers
+
+        versions["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    return {"format": "diffsamp-samples/1", **settings, "seeds": format_seeds(seeds), "num_images": len(seeds),
+            "nfe": nfe, "versions": versions, "command": " ".join(["diffsamp", *sys.argv[1:]])}
+
+
+def _write_config(folder: Path, settings: dict, seeds: list[int], nfe: int | None) -> None:
+    from diffsamp.io import write_json
+
+    write_json(folder / "config.json", _metadata(settings, seeds, nfe))
+
+
+_SAME_RUN_KEYS = ("model", "sampler", "schedule", "steps", "knobs", "sigma_grid", "clip_denoised", "dtype")
+
+
+def _check_previous_run(folder: Path, settings: dict, skip_existing: bool) -> None:
+    """--skip-existing into a folder whose config.json records other settings would mix two runs: refuse."""
+    import json
+
+    cfg = folder / "config.json"
+    if not skip_existing or not cfg.is_file():
+        return
+    try:
+        old = json.loads(cfg.read_text())
+    except ValueError:
+        return
+    diffs = [k for k in _SAME_RUN_KEYS if k in old and old[k] != json.loads(json.dumps(settings[k]))]
+    if diffs:
+        raise click.ClickException(
+            f"{folder}/ holds images made with other settings (its config.json has another {', '.join(diffs)}); "
+            "use another --outdir, or drop --skip-existing to overwrite")
 
 
 def _predictor_knobs(name: str, model_name: str, sampler: str, ctx: click.Context) -> tuple[str, dict]:
@@ -205,7 +395,7 @@ def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device
 
 def _quality_line(fid: float, kid: float | None, kid_std: float | None, n: int, ref: str) -> str:
     kid_txt = f", KID {kid * 1e3:.3f} ± {kid_std * 1e3:.3f} ×1e-3" if kid is not None else ""
-    return f"FID {fid:.3f}{kid_txt} ({n} samples vs {ref})"
+    return f"FID {nonnegative(fid, 3)}{kid_txt} ({n} samples vs {ref})"
 
 
 @main.command("models")

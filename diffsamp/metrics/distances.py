@@ -33,11 +33,13 @@ def frechet_distance(
         if not np.isfinite(a).all():
             raise ValueError(f"{name} has non-finite entries (statistics of fewer than 2 images?)")
 
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"Σ1Σ2 is singular; adding {eps}·I to both covariances", RuntimeWarning, stacklevel=2)
-        offset = np.eye(d) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    with warnings.catch_warnings():  # scipy's "singular matrix" notice: fid_from_stats says why, in our words
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"Σ1Σ2 is singular; adding {eps}·I to both covariances", RuntimeWarning, stacklevel=2)
+            offset = np.eye(d) * eps
+            covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         worst = float(np.max(np.abs(np.diagonal(covmean).imag)))
         if worst > 1e-3:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Union
@@ -156,6 +157,12 @@ def fid_from_stats(a: FIDStats, b: FIDStats, *, check: bool = True) -> float:
     for side, s in (("first", a), ("second", b)):
         if s.num_images is not None and s.num_images < 2:
             raise ValueError(f"the {side} statistics come from {s.num_images} image(s); FID needs at least 2")
+    counts = [s.num_images for s in (a, b) if s.num_images is not None]
+    if counts and min(counts) < a.dims:
+        warnings.warn(
+            f"FID from {min(counts)} images with {a.dims}-dimensional features: the covariance is singular and "
+            f"the estimate is biased upward; use at least {a.dims} images per side (published FIDs use 10k–50k) "
+            "and compare FIDs only at the same N", UserWarning, stacklevel=2)
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
@@ -218,6 +225,17 @@ def _cache_tag(extractor: FeatureExtractor) -> str:
     return hashlib.sha1(f"{_CACHE_VERSION}|{extractor.name}|{extractor.resize}|uint8".encode()).hexdigest()[:8]
 
 
+def _load_cached(path: Path) -> FIDStats | None:
+    """A cached statistics file, or None (with a warning, the file removed) when it is unreadable."""
+    try:
+        return load_stats(path)
+    except ValueError as exc:
+        warnings.warn(f"cached reference statistics {path} are unreadable ({exc}); computing them again",
+                      UserWarning, stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+
+
 def _from_cached_superset(folder: Path, stem: str, tag: str, n: int) -> FIDStats | None:
     """Statistics of the first ``n`` images, from a cached file of more images that kept its features."""
     best: tuple[int, Path] | None = None
@@ -227,8 +245,8 @@ def _from_cached_superset(folder: Path, stem: str, tag: str, n: int) -> FIDStats
             best = (int(m.group(1)), p)
     if best is None:
         return None
-    stats = load_stats(best[1])
-    if stats.features is None or len(stats.features) < n:
+    stats = _load_cached(best[1])
+    if stats is None or stats.features is None or len(stats.features) < n:
         return None
     moments = StreamingMoments()
     moments.update(stats.features[:n])
@@ -277,7 +295,9 @@ def reference_stats(
     stem = f"{name}-{split}-pad{pad_to if pad_to is not None else 'none'}"
     path = folder / f"{stem}-n{n}-{tag}.npz"
     if cache:
-        found = load_stats(path) if path.is_file() else _from_cached_superset(folder, stem, tag, n)
+        found = _load_cached(path) if path.is_file() else None
+        if found is None:
+            found = _from_cached_superset(folder, stem, tag, n)
         if found is not None and (found.features is not None or not keep):
             return found
     stats = compute_stats(

@@ -162,6 +162,9 @@ def load_extractor(
     With ``download=True`` and no weights found, NVlabs' file is downloaded into the cache first.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():  # else torch.jit.load blames the weights file
+        raise ValueError(f"CUDA is not available on this machine, so the FID network cannot run on {device}; "
+                         "use --device cpu")
     try:
         resolved = find_weights(path)
     except WeightsNotFoundError:

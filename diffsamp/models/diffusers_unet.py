@@ -174,27 +174,62 @@ def _local_scheduler_config(path: Path) -> dict[str, Any]:
     )
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to its endpoint
+    within ``timeout`` seconds), or None when it can."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY"):
+        return None  # through a proxy: let the client try
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"no connection to {host}: {exc}"
+    return None
+
+
 def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The UNet and scheduler config of a Hub repo: from the Hub, or only from the local Hub cache when the
+    Hub is unreachable (checked first, so an offline machine fails in seconds, not after retries)."""
+    import warnings
+
     from diffusers import DDPMScheduler, UNet2DModel
 
+    offline = hub_unreachable()
+    local = {"local_files_only": True} if offline else {}
     errors = []
-    for sub in ("unet", None):
-        try:
-            unet = UNet2DModel.from_pretrained(repo_id, subfolder=sub, low_cpu_mem_usage=False, torch_dtype=dtype)
-            break
-        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds; report them together
-            errors.append(f"{type(exc).__name__}: {exc}")
-    else:
-        raise ValueError(
-            f"could not load {repo_id!r}: it is not a local directory and the Hugging Face Hub did not "
-            f"provide it (offline, or no such repo). Download it where you have internet and pass the "
-            f"local directory instead. Details: {' | '.join(e.splitlines()[0] for e in errors)}"
-        )
-    for sub in ("scheduler", None):
-        try:
-            return unet, dict(DDPMScheduler.load_config(repo_id, subfolder=sub))
-        except Exception:  # noqa: BLE001
-            continue
+    with warnings.catch_warnings():  # the Hub client's deprecation notices are not the user's business
+        warnings.simplefilter("ignore")
+        for sub in ("unet", None):
+            try:
+                unet = UNet2DModel.from_pretrained(repo_id, subfolder=sub, low_cpu_mem_usage=False, torch_dtype=dtype,
+                                                   **local)
+                break
+            except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds; report them together
+                errors.append(f"{type(exc).__name__}: {exc}")
+        else:
+            if offline:
+                raise ValueError(
+                    f"could not load {repo_id!r}: it is not a local directory, the Hugging Face Hub is unreachable "
+                    f"({offline}) and the model is not in the local Hub cache. Download it where you have internet "
+                    "and pass the local directory instead.")
+            raise ValueError(
+                f"could not load {repo_id!r}: it is not a local directory and the Hugging Face Hub did not "
+                f"provide it (no such repo, or not a diffusers UNet). Download it where you have internet and pass "
+                f"the local directory instead. Details: {' | '.join(e.splitlines()[0] for e in errors)}"
+            )
+        for sub in ("scheduler", None):
+            try:
+                return unet, dict(DDPMScheduler.load_config(repo_id, subfolder=sub, **local))
+            except Exception:  # noqa: BLE001
+                continue
     raise ValueError(f"{repo_id!r} has a UNet but no scheduler config on the Hub")
 
 

@@ -27,6 +27,8 @@ class SamplerSpec:
     ``rk45``), given every knob's value; tests assert it against a CountingDenoiser. Knob defaults are
     written once, in the function's signature; ``defaults`` are the knobs an alias binds (``ddim`` =
     ``ancestral`` with eta=0). ``min_steps`` is the fewest grid intervals the method accepts.
+    ``min_sigma_ratio``: the smallest σ_{i+1}/σ_i per step the method is stable at (None: any); callers warn
+    below it (``diffsamp.api.setting_warnings``) and ``diffsamp samplers NAME`` states it.
     """
 
     name: str
@@ -37,6 +39,7 @@ class SamplerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     min_steps: int = 1
     alias_of: str | None = None
+    min_sigma_ratio: float | None = None
 
     def __call__(self, model: Any, x: Tensor, grid: Grid, **kwargs: Any) -> Tensor:
         if len(grid) < self.min_steps:
@@ -138,6 +141,7 @@ def register_sampler(
     kind: Literal["ode", "sde"],
     nfe: NfeRule,
     min_steps: int = 1,
+    min_sigma_ratio: float | None = None,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Decorator: register ``fn`` under ``name``; the first docstring line is its description, its signature's
     keyword-only parameters (besides generator and callback) are its knobs, with their defaults."""
@@ -148,7 +152,7 @@ def register_sampler(
         if not fn.__doc__:
             raise ValueError(f"sampler {name!r} needs a docstring citing what it implements")
         desc = fn.__doc__.strip().splitlines()[0]
-        _SAMPLERS[name] = SamplerSpec(name, fn, kind, nfe, desc, {}, min_steps)
+        _SAMPLERS[name] = SamplerSpec(name, fn, kind, nfe, desc, {}, min_steps, min_sigma_ratio=min_sigma_ratio)
         return fn
 
     return deco
@@ -170,6 +174,7 @@ def register_alias(
         {**base.defaults, **defaults},
         base.min_steps,
         alias_of=target,
+        min_sigma_ratio=base.min_sigma_ratio,
     )
 
 
