@@ -28,7 +28,7 @@ def _register() -> None:
     # Each module adds its commands to `main`; imported here so `diffsamp --help` lists them all.
     from diffsamp.cli import registry_cmds  # noqa: F401
 
-    for optional in ("sampling", "fid", "train", "rf"):
+    for optional in ("sampling", "fid", "train", "rf", "nll"):
         try:
             __import__(f"diffsamp.cli.{optional}")
         except ModuleNotFoundError as exc:  # a topic module not written yet
