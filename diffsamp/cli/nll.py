@@ -68,7 +68,7 @@ def _plot(path: Path, x: list[float], y: list[float], *, xlabel: str, ylabel: st
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the data set files are (default $DIFFSAMP_DATA).")
 @click.option("--num", default=100, show_default=True, type=click.IntRange(min=1), help="Use the first NUM images.")
-@click.option("--pad-to", default=32, show_default=True, type=click.IntRange(min=0), help="Pad smaller images (28×28 digits) to this size, as the models are trained; 0 keeps them.")
+@click.option("--pad-to", default=None, type=click.IntRange(min=0), help="Pad smaller images (28×28 digits) with background to this size (default: the model's image size, 32 for the zoo); 0 keeps them.")
 @click.option("--method", default="elbo", show_default=True, type=click.Choice(["elbo", "ode"]), help="elbo: DDPM variational bound; ode: probability-flow ODE likelihood.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="elbo: length K of the strided chain (default: the model's T).")
 @click.option("--variance", default="posterior", show_default=True, type=click.Choice(["posterior", "beta"]), help="elbo: reverse variance β̃_t (posterior, fixed_small) or β_t (beta, fixed_large).")
@@ -82,7 +82,7 @@ def _plot(path: Path, x: list[float], y: list[float], *, xlabel: str, ylabel: st
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Write terms.csv, terms.png, per_image.csv and config.json here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num: int, pad_to: int, method: str,
+def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num: int, pad_to: int | None, method: str,
             steps: int | None, variance: str, t_samples: int | None, probes: int, rtol: float, atol: float,
             sigma_min: float | None, seed: int, batch_size: int, device: str, out: str | None, quiet: bool) -> None:
     """Negative log-likelihood of data images in bits/dim (8-bit data), with its standard error.
@@ -119,6 +119,8 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
         shape = sample_shape(model)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    if pad_to is None:
+        pad_to = int(shape[-1]) if len(shape) == 3 else 0
     images = pad_images(raw, pad_to) if pad_to and raw.shape[-1] < pad_to else raw
     if tuple(images.shape[1:]) != tuple(shape):
         raise click.ClickException(f"the model takes {tuple(shape)} images, the data are {tuple(images.shape[1:])} "
