@@ -103,6 +103,29 @@ def test_kl_of_the_exact_posterior_is_zero_and_positive_for_beta(gauss_data):
     assert float(gaussian_kl(torch.tensor(0.3), 0.2, torch.tensor(0.3), 0.2)) == 0.0
 
 
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_decoder_of_a_perfect_denoiser_is_the_central_bin(variance):
+    """x̂0 = x0: L_0 = −log P(|N(0, s²)| < half a bin) per value, s² = β̃_2 (Ho et al.'s clipped β̃_1) or β_1."""
+    table = vp_table(50)
+    images = torch.full((3, 1, 2, 2), 128, dtype=torch.uint8)
+    x0 = images.double() / 127.5 - 1
+
+    class Oracle:
+        prior, sigma_min, sigma_max, feature_module = "vp", 0.01, 100.0, None
+        alphas_cumprod = table
+
+        def __call__(self, x, sigma):
+            return x0[: x.shape[0]].to(x.dtype)
+
+    beta1 = 1 - float(table[0])
+    beta2 = 1 - float(table[1] / table[0])
+    var = beta1 * beta2 / (1 - float(table[1])) if variance == "posterior" else beta1
+    half = 1 / 255
+    expected = -4 * math.log(math.erf(half / math.sqrt(2 * var)))
+    res = elbo(Oracle(), images, variance=variance, batch_size=3)
+    torch.testing.assert_close(res.decoder_nats, torch.full((3,), expected, dtype=torch.float64))
+
+
 def test_strided_chain_keeps_both_ends_and_the_full_chain_is_ddpm():
     ac = vp_table(1000)
     ts = chain_timesteps(ac, 10)
@@ -183,8 +206,12 @@ def _gauss_logp(x: torch.Tensor, sigma_min: float) -> torch.Tensor:
     return -0.5 * ((x - mu) ** 2).sum(1) / var - 0.5 * len(MU) * math.log(2 * math.pi * var)
 
 
-def test_ode_likelihood_of_the_gaussian(gauss_data):
-    g, x0, _ = gauss_data
+@pytest.mark.parametrize("prior,sigma_max", [("ve", 80.0), ("vp", 80.0), ("rf", 999.0)])
+def test_ode_likelihood_of_the_gaussian(gauss_data, prior, sigma_max):
+    """The same density whichever prior (and so whichever O(1) state y = x̄/s(σ)) the model declares."""
+    _, x0, _ = gauss_data
+    g = GaussianDenoiser(MU, S, sigma_min=0.002, sigma_max=sigma_max)
+    g.prior = prior
     res = ode_nll(g, x0[:200], probes=1, batch_size=200)
     err = res.nats + _gauss_logp(x0[:200], g.sigma_min)
     assert abs(float(err.mean())) < 0.01 and float(err.abs().max()) < 0.1  # the Gaussian's Jacobian is c·I
@@ -207,20 +234,26 @@ def test_ode_likelihood_of_the_mixture_within_its_error():
     assert float((exact.nats + logp[:100]).abs().max()) < 0.02
 
 
-def test_ode_on_8bit_data_adds_the_bin_log_det():
-    """uint8 data: dequantised over the 2/255 bins; NLL_8bit = −log p(x) − d·log(2/255)."""
+def test_ode_on_8bit_data_dequantises_and_adds_the_bin_log_det():
+    """uint8 data: x + u, u uniform over the 2/255 bin; NLL_8bit = −log p(x + u) − d·log(2/255).
+
+    The Gaussian is narrow (s = 0.006, under a bin width), so dequantisation shows: E_u of −log p(x + u)
+    exceeds −log p(x) by d·w²/(24 var)."""
     mean = [0.1, -0.2, 0.3, 0.0]
-    g = GaussianDenoiser(mean, 0.5, sigma_min=0.002, sigma_max=80.0)
-    x = g.sample(64, torch.Generator().manual_seed(3)).clamp(-1, 1)
-    y = ((x + 1) * 127.5).round().to(torch.uint8).reshape(64, 1, 2, 2)
-    res = ode_nll(g, y, batch_size=64)
-    centre = y.reshape(64, 4).double() / 127.5 - 1
-    var = 0.25 + 0.002**2
-    logp = -0.5 * ((centre - torch.tensor(mean, dtype=torch.float64)) ** 2).sum(1) / var - 2 * math.log(2 * math.pi * var)
-    expected = -logp - 4 * math.log(2 / 255)
-    assert float((res.nats - expected).abs().mean()) < 0.02
-    bpd, se = res.bits_per_dim()
-    assert bpd == pytest.approx(float(expected.mean()) / (4 * math.log(2)), abs=0.01) and se > 0
+    g = GaussianDenoiser(mean, 0.006, sigma_min=0.002, sigma_max=80.0)
+    x = g.sample(1024, torch.Generator().manual_seed(3))
+    y = ((x + 1) * 127.5).round().to(torch.uint8).reshape(1024, 1, 2, 2)
+    res = ode_nll(g, y, batch_size=1024)
+    centre = y.reshape(1024, 4).double() / 127.5 - 1
+    var, w = 0.006**2 + 0.002**2, 2 / 255
+    sq = ((centre - torch.tensor(mean, dtype=torch.float64)) ** 2).sum(1) + 4 * w**2 / 12
+    expected = 0.5 * sq / var + 2 * math.log(2 * math.pi * var) - 4 * math.log(w)
+    diff = res.nats - expected
+    se = float(diff.std() / math.sqrt(len(diff)))
+    assert abs(float(diff.mean())) < 4 * se + 0.01
+    assert 4 * w**2 / 24 / var > 8 * se  # the dequantisation term is resolved
+    bpd, bpd_se = res.bits_per_dim()
+    assert bpd == pytest.approx(float(expected.mean()) / (4 * math.log(2)), abs=0.05) and bpd_se > 0
 
 
 def test_ode_rejects_bad_arguments(gauss_data):
