@@ -108,12 +108,14 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
     from diffsamp.metrics.likelihood import LN2, elbo, ode_nll, per_step_rows
     from diffsamp.models.zoo import load, sample_shape
 
+    if method == "ode" and (steps is not None or t_samples is not None):
+        raise click.UsageError("--steps and --t-samples belong to --method elbo")
     dev = _device(device)
     started = time.perf_counter()
     try:
         raw = load_dataset_uint8(dataset, split, data_dir, pad_to=None, limit=num)
     except (DataNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc).splitlines()[0] + (" (see --data-dir)" if isinstance(exc, DataNotFoundError) else "")) from None
+        raise click.ClickException(" ".join(line.strip() for line in str(exc).splitlines())) from None
     try:
         model = load(model_name, device=dev)
         shape = sample_shape(model)
@@ -145,8 +147,6 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
             res: Any = elbo(model, images, steps=steps, variance=variance, t_samples=t_samples, mask=mask, seed=seed,
                             batch_size=batch_size, progress=progress)
         else:
-            if steps is not None or t_samples is not None:
-                raise click.UsageError("--steps and --t-samples belong to --method elbo")
             res = ode_nll(model, images, probes=probes, rtol=rtol, atol=atol, sigma_min=sigma_min, seed=seed,
                           batch_size=batch_size, progress=progress)
     except ValueError as exc:
