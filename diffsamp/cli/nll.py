@@ -76,7 +76,7 @@ def _plot(path: Path, x: list[float], y: list[float], *, xlabel: str, ylabel: st
 @click.option("--probes", default=1, show_default=True, type=click.IntRange(min=1), help="ode: Rademacher probes of Hutchinson's trace estimator per image.")
 @click.option("--rtol", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True), help="ode: RK45 relative tolerance.")
 @click.option("--atol", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True), help="ode: RK45 absolute tolerance.")
-@click.option("--sigma-min", default=None, type=click.FloatRange(min=0, min_open=True), help="ode: where the ODE starts (default: the model's σ_min).")
+@click.option("--sigma-min", default=None, type=click.FloatRange(min=0, min_open=True), help="ode: where the ODE starts (default: the model's σ_min); the figure depends on it.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Image i draws its noise from SEED + i.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

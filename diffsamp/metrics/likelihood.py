@@ -466,6 +466,9 @@ def ode_nll(
     (the density is that of the ODE's pushforward of the prior at σ_min). Image i draws its dequantisation
     and probes from seed + i. Adaptive RK45 (scipy) with ``rtol``/``atol`` on the O(1) state, batched: the
     step size is shared by the batch. Works on any denoiser; the prior is ``prior_scale(model.prior, σ_max)``.
+    The figure depends on where the ODE is truncated (Kim et al. 2022, "Soft Truncation"): p_{σmin} is the data
+    blurred at σ_min, which costs bits when σ_min is wide compared with a bin, while far below the σ's a model
+    was trained on its density turns spiky and uniform dequantisation lands between the spikes.
     """
     from scipy.integrate import solve_ivp
 
