@@ -32,5 +32,9 @@ def test_bit_identical(stored, now):
     if "fid/mu" not in now:  # no Inception weights here: the FID statistic is not recomputed
         keys -= {k for k in keys if k.startswith("fid/")}
     assert keys <= set(now), f"missing: {sorted(keys - set(now))}"
-    changed = [k for k in sorted(keys) if not torch.equal(stored[k], now[k])]
+    changed = [k for k in sorted(keys) if k != "fid/frechet" and not torch.equal(stored[k], now[k])]
     assert not changed, f"no longer bit-identical: {changed}"
+    if "fid/frechet" in keys:
+        # its inputs (μ exactly, Σ by SHA-256) are bit-identical above; the distance itself goes through a
+        # multithreaded BLAS (matrix square root), whose last bits depend on the number of threads
+        torch.testing.assert_close(now["fid/frechet"], stored["fid/frechet"], rtol=1e-6, atol=0)
