@@ -27,11 +27,10 @@ import torch
 from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser
 from diffsamp.samplers import Grid, get_sampler, get_schedule
-from diffsamp.samplers.amed import FixedPredictor
+from diffsamp.samplers.amed import AMED_SAMPLERS, FixedPredictor
 from diffsamp.samplers.amed_files import check_predictor_model, load_predictor, sampling_settings
 
 TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
-LEARNED = {"amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed"}
 # SPEC §6.9 / AMED §4.1: polynomial ρ = 7 (karras) mainly, logSNR for DPM-Solver++
 DEFAULT_SCHEDULES = {"dpmpp": "logsnr", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr"}
 
@@ -61,7 +60,7 @@ def plan_cell(
 ) -> CellPlan:
     """The grid and knobs whose declared NFE is ``nfe`` for ``sampler`` (see the module doc)."""
     schedules, predictors = dict(schedules or {}), dict(predictors or {})
-    if sampler in LEARNED:
+    if sampler in AMED_SAMPLERS:
         key = f"{sampler}:{nfe}"
         path = predictors.get(key) or predictors.get(str(nfe)) or predictor_name(model_name, sampler, nfe)
         pred = load_predictor(path)

@@ -35,6 +35,7 @@ from diffsamp.samplers.ode import adams_bashforth, dpmpp_update
 from diffsamp.samplers.registry import register_sampler
 
 Callback = Callable[[StepInfo], None] | None
+AMED_SAMPLERS = ("amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed")  # the learned samplers
 RCA = tuple[Tensor, Tensor, Tensor]
 
 
@@ -211,9 +212,6 @@ def _eval_at(model: Denoiser, x_s: Tensor, s_mid: Tensor, a: Tensor) -> Tensor:
     """ε̂_s = (x_s − D(x_s; a·s))/s: the time scale touches only the network's σ (SPEC §6.12)."""
     sig = (a * s_mid).reshape(-1).expand(x_s.shape[0]).contiguous()
     return (x_s - model(x_s, sig)) / s_mid
-
-
-Method = Callable[..., Tensor]
 
 
 def amed_step(
