@@ -86,3 +86,22 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     res = CliRunner().invoke(main, base + ["--samplers", "euler", "--nfe", "2"])
     assert res.exit_code == 0, res.output
     assert "| euler |" in res.output
+
+
+def test_a_variant_row_reads_its_own_predictor_beside_the_plain_one(setup, tiny_model_dir):
+    model, ext, tmp, preds = setup
+    static = str(train_amed(model, model.sample_shape, AmedTrainOptions(nfe=3, trajectories=8, batch=8, static=True),
+                            tmp / "amed-static3", model_name=str(tiny_model_dir)))
+    both = {**preds, "amed:static:3": static}
+    plain, var = plan_cell(model, str(tiny_model_dir), "amed", 3, predictors=both), \
+        plan_cell(model, str(tiny_model_dir), "amed:static", 3, predictors=both)
+    assert plain.predictor == preds["amed:3"] and var.predictor == static
+    assert "per-sample predictor" in plain.setting and "static predictor" in var.setting and var.method == "amed"
+    with pytest.raises(ValueError, match="no AMED predictor"):  # a variant never falls back to the plain NFE=PATH
+        plan_cell(model, str(tiny_model_dir), "amed:static", 3, predictors={"3": preds["amed:3"]})
+    with pytest.raises(ValueError, match="only the learned samplers"):
+        plan_cell(model, str(tiny_model_dir), "ipndm:fast", 3)
+    cells, table = bench(model, str(tiny_model_dir), samplers=["amed", "amed:static"], nfes=[3], num=6,
+                         reference=str(tmp / "ref.npz"), out=tmp / "variants", extractor=ext, batch_size=6,
+                         predictors=both, reference_row=False, echo=lambda s: None)
+    assert "| amed |" in table and "| amed:static |" in table and cells[0].fid != cells[1].fid

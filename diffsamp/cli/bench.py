@@ -29,13 +29,14 @@ def _int_list(text: str, what: str) -> list[int]:
 
 @main.command("bench")
 @click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
-@click.option("--samplers", default="ddim,heun,dpm2,dpmpp3m,ipndm,amed,ipndm+amed", show_default=True)
+@click.option("--samplers", default="ddim,heun,dpm2,dpmpp3m,ipndm,amed,ipndm+amed", show_default=True,
+              help="Rows; a learned sampler may carry a variant, amed:static → predictor <model>/amed-static-nfe<N>.")
 @click.option("--nfe", "nfes", default="3,5,7,9", show_default=True, help="Target NFEs.")
 @click.option("--num", default=2000, show_default=True, type=click.IntRange(min=2), help="Samples per cell (seeds 0…N−1).")
 @click.option("--ref", "reference", default="mnist:test", show_default=True, help="DATASET:SPLIT (its first N images) or a stats .npz.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bench directory (created): table.md, table.csv, fid_vs_nfe.png, cells/.")
 @click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: karras; logsnr for dpmpp*).")
-@click.option("--predictor", "predictors", multiple=True, help="[SAMPLER:]NFE=PATH for a learned sampler (default: the shipped <model>/<sampler>-nfe<N>).")
+@click.option("--predictor", "predictors", multiple=True, help="[ROW:]NFE=PATH for a learned sampler's row (default: the shipped <model>/<row>-nfe<N>).")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
 @click.option("--batch-size", default=250, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-reference", is_flag=True, help="Skip the heun 35-NFE reference row.")
@@ -58,7 +59,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     from diffsamp.samplers import available_samplers
 
     names = [s.strip() for s in samplers.split(",") if s.strip()]
-    unknown = [s for s in names if s not in available_samplers()]
+    unknown = [s for s in names if s.partition(":")[0] not in available_samplers()]
     if unknown:
         raise click.BadParameter(f"unknown sampler {', '.join(unknown)}; available: {', '.join(available_samplers())}",
                                  param_hint="--samplers")

@@ -5,7 +5,9 @@ two-stage methods (heun, dpm2) take (NFE + 1)/2 intervals with AFS on the first 
 paper does (run as ``dpm2+amed`` with the fixed r of the method: r = 1 is Heun, r = ½ DPM-Solver-2 — the
 identities are tested); learned samplers take their predictor's grid. All grids end at σ_min (no step to 0),
 as in the paper; the reference row (heun, 18 karras steps to 0, 35 NFE) and the data floor complete the table.
-Cells are cached one JSON file each, so an interrupted bench resumes.
+A learned sampler may be named with a variant, ``amed:static``: its row reads the predictor
+``<model>/amed-static-nfe<N>`` (or ``--predictor amed:static:N=PATH``), so per-sample and sample-independent
+predictors share one table. Cells are cached one JSON file each, so an interrupted bench resumes.
 """
 
 from __future__ import annotations
@@ -49,9 +51,18 @@ class CellPlan:
     predictor: str | None = None
 
 
+def split_row(row: str) -> tuple[str, str | None]:
+    """A bench row ``SAMPLER`` or ``SAMPLER:VARIANT`` → (registered sampler, variant or None)."""
+    sampler, _, variant = row.partition(":")
+    if variant and sampler not in AMED_SAMPLERS:
+        raise ValueError(f"row {row!r}: only the learned samplers ({', '.join(AMED_SAMPLERS)}) take a :VARIANT")
+    return sampler, variant or None
+
+
 def predictor_name(model_name: str, sampler: str, nfe: int) -> str:
-    """The shipped name of a learned sampler's predictor: ``<model>/<sampler>-nfe<N>`` (``+`` written ``-``)."""
-    return f"{Path(model_name).name}/{sampler.replace('+', '-')}-nfe{nfe}"
+    """The shipped name of a learned sampler's predictor: ``<model>/<sampler>-nfe<N>`` (``+`` and ``:`` written ``-``),
+    e.g. ``mnist-ddpm/ipndm-amed-nfe5`` or, for the row ``amed:static``, ``mnist-ddpm/amed-static-nfe5``."""
+    return f"{Path(model_name).name}/{sampler.replace('+', '-').replace(':', '-')}-nfe{nfe}"
 
 
 def plan_cell(
@@ -60,14 +71,16 @@ def plan_cell(
 ) -> CellPlan:
     """The grid and knobs whose declared NFE is ``nfe`` for ``sampler`` (see the module doc)."""
     schedules, predictors = dict(schedules or {}), dict(predictors or {})
-    if sampler in AMED_SAMPLERS:
+    base, variant = split_row(sampler)
+    if base in AMED_SAMPLERS:
         key = f"{sampler}:{nfe}"
-        path = predictors.get(key) or predictors.get(str(nfe)) or predictor_name(model_name, sampler, nfe)
+        plain = None if variant else predictors.get(str(nfe))  # a bare NFE=PATH names the plain row's predictor
+        path = predictors.get(key) or plain or predictor_name(model_name, sampler, nfe)
         pred = load_predictor(path)
         check_predictor_model(pred, model_name)
         method, grid, knobs = sampling_settings(pred)
-        if method != sampler:
-            raise ValueError(f"predictor {path} is for {method}, not {sampler}")
+        if method != base:
+            raise ValueError(f"predictor {path} is for {method}, not {base}")
         cfg = pred.config
         kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
         setting = f"{cfg['schedule']}, {len(grid)} steps to σ_min, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
@@ -124,7 +137,7 @@ def run_cell(
 
     parts = {**cache_parts, "sampler": plan.sampler, "nfe": plan.nfe, "method": plan.method,
              "grid": plan.grid.sigmas.tolist(), "predictor": plan.predictor, "setting": plan.setting, "num": num}
-    path = cache_dir / f"{plan.sampler.replace('+', '-')}-nfe{plan.nfe}-{_cell_key(parts)}.json"
+    path = cache_dir / f"{plan.sampler.replace('+', '-').replace(':', '-')}-nfe{plan.nfe}-{_cell_key(parts)}.json"
     if path.is_file():
         return CellResult(**json.loads(path.read_text()))
     q = score_model(model, reference, num=num, sampler=plan.method, schedule=plan.schedule, batch_size=batch_size,
