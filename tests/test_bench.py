@@ -105,3 +105,9 @@ def test_a_variant_row_reads_its_own_predictor_beside_the_plain_one(setup, tiny_
                          reference=str(tmp / "ref.npz"), out=tmp / "variants", extractor=ext, batch_size=6,
                          predictors=both, reference_row=False, echo=lambda s: None)
     assert "| amed |" in table and "| amed:static |" in table and cells[0].fid != cells[1].fid
+    kw = dict(samplers=["amed:static"], nfes=[3, 4], num=6, reference=str(tmp / "ref.npz"), out=tmp / "variants",
+              extractor=ext, batch_size=6, predictors=both, reference_row=False, echo=lambda s: None)
+    with pytest.raises(ValueError, match="no AMED predictor"):
+        bench(model, str(tiny_model_dir), **kw)
+    cells, table = bench(model, str(tiny_model_dir), skip_missing=True, **kw)
+    assert [(c.sampler, c.nfe) for c in cells] == [("amed:static", 3)] and "| amed:static | " in table and "| — |" in table

@@ -30,7 +30,7 @@ from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import AMED_SAMPLERS, FixedPredictor
-from diffsamp.samplers.amed_files import check_predictor_model, load_predictor, sampling_settings
+from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
 
 TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
 # SPEC §6.9 / AMED §4.1: polynomial ρ = 7 (karras) mainly, logSNR for DPM-Solver++
@@ -220,16 +220,26 @@ def bench(
     model: Denoiser, model_name: str, *, samplers: Sequence[str], nfes: Sequence[int], num: int, reference: str,
     out: str | os.PathLike, extractor: Any, data_dir: str | os.PathLike | None = None, batch_size: int = 250,
     schedules: Mapping[str, str] | None = None, predictors: Mapping[str, str] | None = None, clip: str = "model default",
-    reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False,
+    reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False, skip_missing: bool = False,
 ) -> tuple[list[CellResult], str]:
-    """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``."""
+    """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``.
+
+    ``skip_missing``: a learned row without a predictor at some NFE shows "—" there instead of stopping the bench."""
     from diffsamp.metrics.scoring import data_floor, resolve_reference
 
     out = Path(out)
     cache = out / "cells"
     cache.mkdir(parents=True, exist_ok=True)
     shape = tuple(model.sample_shape)
-    plans = [plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors) for s in samplers for n in nfes]
+    plans = []
+    for s in samplers:
+        for n in nfes:
+            try:
+                plans.append(plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors))
+            except PredictorNotFoundError:
+                if not skip_missing:
+                    raise
+                echo(f"{s:>12} NFE {n:>2}: no predictor {predictor_name(model_name, s, n)} — left out")
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
     parts = {"model": model_name, "reference": reference, "clip": clip, "shape": shape}

@@ -24,6 +24,10 @@ PREDICTORS_DIR = WEIGHTS_DIR / "predictors"
 FORMAT = "diffsamp-amed-predictor/1"
 
 
+
+class PredictorNotFoundError(ValueError):
+    """No predictor file and no shipped predictor of that name."""
+
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if p.suffix in (".json", ".safetensors"):
@@ -56,7 +60,7 @@ def resolve_predictor(name_or_path: str | os.PathLike) -> Path:
     shipped = _paths(PREDICTORS_DIR / str(name_or_path))[1]
     if shipped.is_file():
         return shipped
-    raise ValueError(
+    raise PredictorNotFoundError(
         f"no AMED predictor {str(name_or_path)!r}: give a trained predictor's directory or .json, "
         f"or a shipped name ({', '.join(shipped_predictors()) or 'none shipped'})"
     )
