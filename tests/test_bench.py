@@ -111,3 +111,12 @@ def test_a_variant_row_reads_its_own_predictor_beside_the_plain_one(setup, tiny_
         bench(model, str(tiny_model_dir), **kw)
     cells, table = bench(model, str(tiny_model_dir), skip_missing=True, **kw)
     assert [(c.sampler, c.nfe) for c in cells] == [("amed:static", 3)] and "| amed:static | " in table and "| — |" in table
+
+
+def test_a_flow_is_benched_on_its_own_grid_unless_told(tiny_model_dir):
+    flow = load("mnist-rf")
+    assert plan_cell(flow, "mnist-rf", "ddim", 5).schedule == "rf"
+    assert plan_cell(flow, "mnist-rf", "heun", 5).setting.startswith("rf, 3 steps")
+    assert plan_cell(flow, "mnist-rf", "dpmpp3m", 5).schedule == "logsnr"
+    assert plan_cell(flow, "mnist-rf", "ddim", 5, schedules={"ddim": "karras"}).schedule == "karras"
+    assert plan_cell(load(tiny_model_dir), str(tiny_model_dir), "ddim", 5).schedule == "karras"

@@ -35,7 +35,7 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--num", default=2000, show_default=True, type=click.IntRange(min=2), help="Samples per cell (seeds 0…N−1).")
 @click.option("--ref", "reference", default="mnist:test", show_default=True, help="DATASET:SPLIT (its first N images) or a stats .npz.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bench directory (created): table.md, table.csv, fid_vs_nfe.png, cells/.")
-@click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: karras; logsnr for dpmpp*).")
+@click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: the model's own, karras or rf; logsnr for dpmpp*).")
 @click.option("--predictor", "predictors", multiple=True, help="[ROW:]NFE=PATH for a learned sampler's row (default: the shipped <model>/<row>-nfe<N>).")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
 @click.option("--batch-size", default=250, show_default=True, type=click.IntRange(min=1))

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from diffsamp.io import write_text
-from diffsamp.models.base import Denoiser
+from diffsamp.models.base import Denoiser, default_schedule
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import AMED_SAMPLERS, FixedPredictor
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
 
 TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
-# SPEC §6.9 / AMED §4.1: polynomial ρ = 7 (karras) mainly, logSNR for DPM-Solver++
+# SPEC §6.9 / AMED §4.1: logSNR for DPM-Solver++; every other sampler the model's own schedule
+# (default_schedule: karras, polynomial ρ = 7, for diffusion models; uniform t for rectified flows)
 DEFAULT_SCHEDULES = {"dpmpp": "logsnr", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr"}
 
 
@@ -85,7 +86,7 @@ def plan_cell(
         kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
         setting = f"{cfg['schedule']}, {len(grid)} steps to σ_min, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path))
-    schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(sampler, "karras")
+    schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(sampler) or default_schedule(model)
     sched = get_schedule(schedule, model=model)
     if sampler in TWO_STAGE:
         afs = nfe % 2 == 1
