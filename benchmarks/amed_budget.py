@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 from diffsamp.io import write_text
-from diffsamp.metrics.bench import plan_cell, run_cell
+from diffsamp.metrics.bench import cache_parts, plan_cell, run_cell
 from diffsamp.metrics.inception import load_extractor
 from diffsamp.metrics.scoring import resolve_reference
 from diffsamp.models.zoo import load
@@ -42,11 +41,10 @@ def main() -> None:
     shape = tuple(model.sample_shape)
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=args.data_dir,
                             progress=False)
-    parts = {"model": model_name, "reference": reference, "clip": cfg["clip"], "shape": shape}
+    parts = cache_parts(model_name, reference, cfg["clip"], shape)
 
-    snaps = sorted(Path(args.run, "snapshots").glob("trajectories-*.json"),
-                   key=lambda p: int(re.search(r"(\d+)", p.stem).group(1)))
-    points = [(int(re.search(r"(\d+)", p.stem).group(1)), str(p)) for p in snaps]
+    snaps = Path(args.run, "snapshots").glob("trajectories-*.json")  # written by train_amed(snapshots=...)
+    points = sorted((int(p.stem.removeprefix("trajectories-")), str(p)) for p in snaps)
     final = load_predictor(args.final).config.get("training", {})
     points.append((int(final.get("trajectories_done") or final["trajectories"]), args.final))
     key = f"{args.sampler}:{args.nfe}"

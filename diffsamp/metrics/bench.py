@@ -125,6 +125,11 @@ class CellResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def cache_parts(model_name: str, reference: str, clip: str, shape: Sequence[int]) -> dict[str, Any]:
+    """What every cell of one bench directory shares in its cache key (``run_cell`` adds the cell's own plan)."""
+    return {"model": model_name, "reference": reference, "clip": clip, "shape": tuple(shape)}
+
+
 def _cell_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -243,7 +248,7 @@ def bench(
                 echo(f"{s:>12} NFE {n:>2}: no predictor {predictor_name(model_name, s, n)} — left out")
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
-    parts = {"model": model_name, "reference": reference, "clip": clip, "shape": shape}
+    parts = cache_parts(model_name, reference, clip, shape)
     floor = None
     if ":" in reference and not Path(reference).exists():
         f = data_floor(reference.split(":")[0], num=num, image_size=shape[-1], extractor=extractor,

@@ -24,9 +24,9 @@ PREDICTORS_DIR = WEIGHTS_DIR / "predictors"
 FORMAT = "diffsamp-amed-predictor/1"
 
 
-
 class PredictorNotFoundError(ValueError):
     """No predictor file and no shipped predictor of that name."""
+
 
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
