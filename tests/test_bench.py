@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import csv
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 import diffsamp.metrics.fid
 import diffsamp.metrics.scoring
 from diffsamp.cli import main
+from diffsamp.io import save_safetensors
 from diffsamp.metrics.fid import compute_stats, save_stats
 from diffsamp.metrics.bench import bench, plan_cell
 from diffsamp.models import load
+from diffsamp.samplers.amed_files import predictor_digest
 from diffsamp.training.amed import AmedTrainOptions, train_amed
 from tests.fid_fakes import tiny_extractor
 
@@ -69,6 +74,28 @@ def test_bench_writes_tables_measures_nfe_and_resumes(setup, tiny_model_dir, mon
     monkeypatch.setattr(diffsamp.metrics.scoring, "score_model", boom)
     again, table2 = bench(model, str(tiny_model_dir), **kw)
     assert [c.fid for c in again] == [c.fid for c in cells] and table2 == table
+
+
+def test_a_retrained_predictor_is_not_read_from_the_cache(setup, tiny_model_dir, monkeypatch, tmp_path):
+    model, ext, tmp, preds = setup
+    src = Path(preds["amed:3"])
+    for f in (src, src.with_suffix(".safetensors")):
+        shutil.copy(f, tmp_path / f.name)
+    mine = {"amed:3": str(tmp_path / src.name)}
+    kw = dict(samplers=["amed"], nfes=[3], num=6, reference=str(tmp / "ref.npz"), out=tmp_path / "out",
+              extractor=ext, batch_size=6, predictors=mine, echo=lambda s: None, reference_row=False)
+    (first,), _ = bench(model, str(tiny_model_dir), **kw)
+    assert first.predictor_digest == predictor_digest(mine["amed:3"])
+    weights = tmp_path / src.with_suffix(".safetensors").name
+    retrained = {k: v + 0.5 for k, v in load_file(str(weights)).items()}
+    save_safetensors(retrained, weights)  # same path, same grid, other weights
+
+    def boom(*a, **k):
+        raise RuntimeError("sampled again")
+
+    monkeypatch.setattr(diffsamp.metrics.scoring, "score_model", boom)
+    with pytest.raises(RuntimeError, match="sampled again"):
+        bench(model, str(tiny_model_dir), **kw)
 
 
 def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):

@@ -50,6 +50,7 @@ class CellPlan:
     schedule: str
     setting: str  # human-readable: grid, AFS, predictor
     predictor: str | None = None
+    predictor_digest: str | None = None  # of the predictor's weights: a retrained predictor is a new cell
 
 
 def split_row(row: str) -> tuple[str, str | None]:
@@ -85,7 +86,7 @@ def plan_cell(
         cfg = pred.config
         kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
         setting = f"{cfg['schedule']}, {len(grid)} steps to σ_min, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
-        return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path))
+        return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest)
     schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(sampler) or default_schedule(model)
     sched = get_schedule(schedule, model=model)
     if sampler in TWO_STAGE:
@@ -123,6 +124,7 @@ class CellResult:
     grid: list[float]
     predictor: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    predictor_digest: str | None = None
 
 
 def cache_parts(model_name: str, reference: str, clip: str, shape: Sequence[int]) -> dict[str, Any]:
@@ -143,6 +145,8 @@ def run_cell(
 
     parts = {**cache_parts, "sampler": plan.sampler, "nfe": plan.nfe, "method": plan.method,
              "grid": plan.grid.sigmas.tolist(), "predictor": plan.predictor, "setting": plan.setting, "num": num}
+    if plan.predictor_digest is not None:
+        parts["predictor_digest"] = plan.predictor_digest
     path = cache_dir / f"{plan.sampler.replace('+', '-').replace(':', '-')}-nfe{plan.nfe}-{_cell_key(parts)}.json"
     if path.is_file():
         return CellResult(**json.loads(path.read_text()))
@@ -150,7 +154,7 @@ def run_cell(
                     extractor=extractor, grid=plan.grid, progress=progress, **plan.knobs)
     res = CellResult(plan.sampler, plan.nfe, q.nfe, q.fid, q.kid, q.kid_std, num, f"0-{num - 1}",
                      round(q.sampling_seconds, 2), round(q.feature_seconds, 2), plan.setting, clip,
-                     plan.grid.sigmas.tolist(), plan.predictor)
+                     plan.grid.sigmas.tolist(), plan.predictor, predictor_digest=plan.predictor_digest)
     if q.nfe != plan.nfe:
         raise RuntimeError(f"{plan.sampler} at NFE {plan.nfe}: measured {q.nfe} evaluations")
     write_text(path, json.dumps(asdict(res), indent=2) + "\n")

@@ -7,6 +7,7 @@ model's identity and feature size, and the training card. Shipped predictors liv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -66,8 +67,15 @@ def resolve_predictor(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def predictor_digest(name_or_path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the SHA-256 of a predictor's weights file: what a cached result was made with."""
+    weights = _paths(resolve_predictor(name_or_path))[0]
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
 def load_predictor(name_or_path: str | os.PathLike) -> AmedPredictor | StaticPredictor:
-    """Rebuild a saved predictor; ``.config`` holds its JSON and ``.grid_sigmas`` the σ's it was trained on."""
+    """Rebuild a saved predictor; ``.config`` holds its JSON, ``.grid_sigmas`` the σ's it was trained on and
+    ``.digest`` its ``predictor_digest``."""
     cfg_path = resolve_predictor(name_or_path)
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("format") != FORMAT:
@@ -82,6 +90,7 @@ def load_predictor(name_or_path: str | os.PathLike) -> AmedPredictor | StaticPre
     pred.eval().requires_grad_(False)
     pred.config = cfg  # type: ignore[attr-defined]
     pred.grid_sigmas = torch.tensor(cfg["grid"], dtype=torch.float64)  # type: ignore[attr-defined]
+    pred.digest = predictor_digest(cfg_path)  # type: ignore[attr-defined]
     return pred
 
 
