@@ -23,7 +23,8 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--scale-time", default=None, type=click.FloatRange(min=0, max=1), help="a ∈ [1 − s, 1 + s] (default 0.2 for ipndm+amed, else 0).")
 @click.option("--trajectories", default=10_000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate (default 5e-3, the paper's; 0.1 with --static, whose weights are the logits).")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
@@ -33,7 +34,7 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")
 def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None, afs: bool | None, teacher: str | None,
                    teacher_m: int | None, static: bool, scale_dir: float, scale_time: float | None, trajectories: int,
-                   batch: int, lr: float, clip: bool | None, seed: int, device: str, out: str, resume: bool,
+                   batch: int, lr: float | None, clip: bool | None, seed: int, device: str, out: str, resume: bool,
                    quiet: bool, snapshots: str) -> None:
     """Train an AMED predictor: teacher trajectories on a refined grid, one Adam step per student interval.
 
