@@ -106,6 +106,8 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
             "--num", "6", "--quiet", "--no-reference"]
     res = CliRunner().invoke(main, base + ["--samplers", "euler,nope"])
     assert res.exit_code != 0 and "unknown sampler nope" in res.output
+    res = CliRunner().invoke(main, base + ["--samplers", "ddim:tu"])
+    assert res.exit_code != 0 and "only the learned samplers" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, base + ["--nfe", "3,x"])
     assert res.exit_code != 0 and "comma-separated integers" in res.output
     res = CliRunner().invoke(main, base + ["--samplers", "amed", "--nfe", "3"])

@@ -55,12 +55,16 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
       diffsamp bench --model mnist-ddpm --nfe 3,5,7,9 --num 2000 --ref mnist:test --out bench/mnist-ddpm
       diffsamp bench --model mnist-ddpm --samplers ipndm,ipndm+amed --nfe 5 --predictor 5=runs/ipndm-amed5 --out b/
     """
-    from diffsamp.metrics.bench import bench
+    from diffsamp.metrics.bench import bench, split_row
     from diffsamp.metrics.inception import load_extractor
     from diffsamp.samplers import available_samplers
 
     names = [s.strip() for s in samplers.split(",") if s.strip()]
-    unknown = [s for s in names if s.partition(":")[0] not in available_samplers()]
+    try:
+        bases = [split_row(s)[0] for s in names]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--samplers") from None
+    unknown = [s for s, b in zip(names, bases) if b not in available_samplers()]
     if unknown:
         raise click.BadParameter(f"unknown sampler {', '.join(unknown)}; available: {', '.join(available_samplers())}",
                                  param_hint="--samplers")
