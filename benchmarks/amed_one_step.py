@@ -5,6 +5,7 @@ converged point of the probability-flow ODE at σ_i (dpm2 with 40 log-uniform su
 teacher forcing of training) and is compared with the converged point at σ_{i+1}, for r on a grid and c = 1.
 The minimum per row is what training should approach; with ``--predictor`` the learned per-step r (mean ± std
 over the images) is printed beside it, so an under-trained predictor shows as a learned r far from the minimum.
+``--scan-c R1,R2,…`` prints the same error against the direction scale c at those per-step r instead.
 
     python benchmarks/amed_one_step.py --model mnist-ddpm --schedule karras --steps 3 --predictor mnist-ddpm/amed-nfe5
 """
@@ -23,6 +24,7 @@ from diffsamp.samplers.amed import FixedPredictor, StepState, amed_step, step_st
 from diffsamp.samplers.amed_files import load_predictor
 
 RS = (0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.98)
+CS = (0.8, 0.9, 0.95, 0.98, 0.99, 1.0, 1.01, 1.02, 1.05)
 
 
 def converged_points(model: diffsamp.Denoiser, z: torch.Tensor, sigmas: list[float], substeps: int = 40) -> list:
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="grid intervals (NFE 2·steps − 1 with AFS)")
     ap.add_argument("--num", type=int, default=8)
     ap.add_argument("--predictor", default=None, help="an amed predictor on this grid: its learned r per step")
+    ap.add_argument("--scan-c", default=None, help="per-step r (comma-separated): scan c at them instead of r")
     args = ap.parse_args()
     model = load(args.model)
     grid = diffsamp.get_schedule(args.schedule, model=model).grid(args.steps, final_zero=False)
@@ -68,20 +71,26 @@ def main() -> None:
             if not torch.allclose(pred.grid_sigmas, grid.sigmas, rtol=1e-6, atol=0):
                 raise SystemExit(f"error: {args.predictor} was trained on another grid ({pred.grid_sigmas.tolist()})")
             learned = learned_r(pred, model, z, grid)
+        r_at = [float(v) for v in args.scan_c.split(",")] if args.scan_c else None
+        if r_at is not None and len(r_at) != len(grid):
+            raise SystemExit(f"error: --scan-c needs {len(grid)} values of r, one per step")
+        what, values = ("c", CS) if r_at else ("r", RS)
+        fixed = "r as given" if r_at else "c = 1"
         print(f"# {args.model}, {args.schedule} grid of {args.steps} steps ({', '.join(f'{s:.4g}' for s in sig)}), "
-              f"{args.num} images: RMS error of one AMED step (c = 1, AFS on the first) from the converged point")
-        head = " | ".join(f"r={r}" for r in RS)
-        print(f"| interval | {head} | best r |" + (" learned r |" if learned else ""))
-        print("|---|" + "---|" * (len(RS) + 1 + bool(learned)))
+              f"{args.num} images: RMS error of one AMED step ({fixed}, AFS on the first) from the converged point")
+        head = " | ".join(f"{what}={v}" for v in values)
+        print(f"| interval | {head} | best {what} |" + (" learned r |" if learned else ""))
+        print("|---|" + "---|" * (len(values) + 1 + bool(learned)))
         for i, (a, b) in enumerate(zip(sig[:-1], sig[1:])):
             errs = []
-            for r in RS:
-                p = FixedPredictor(r, 1.0)
+            for v in values:
+                p = FixedPredictor(r_at[i], v) if r_at else FixedPredictor(v, 1.0)
                 start = step_start(model, ref[i], a, afs=i == 0, predictor=p)
                 out = amed_step("amed", model, start, i, a, b, p, StepState())
                 errs.append((out - ref[i + 1]).pow(2).mean().sqrt().item())
-            best = RS[min(range(len(RS)), key=errs.__getitem__)]
-            row = f"| {a:.3g} → {b:.3g} | " + " | ".join(f"{e:.4f}" for e in errs) + f" | {best} |"
+            best = values[min(range(len(values)), key=errs.__getitem__)]
+            label = f"{a:.3g} → {b:.3g}" + (f" (r {r_at[i]})" if r_at else "")
+            row = f"| {label} | " + " | ".join(f"{e:.4f}" for e in errs) + f" | {best} |"
             if learned:
                 row += f" {learned[i][0]:.3f} ± {learned[i][1]:.3f} |"
             print(row)
