@@ -29,12 +29,18 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=32)
     ap.add_argument("--predictor", action="append", default=[], help="[SAMPLER:]NFE=PATH")
     ap.add_argument("--schedule", action="append", default=[], help="SAMPLER=SCHEDULE (as diffsamp bench)")
+    ap.add_argument("--knob", action="append", default=[], help="ROW:NAME=VALUE (as diffsamp bench)")
     ap.add_argument("--no-clip", action="store_true", help="x̂0 not clipped (default: the model's scheduler config)")
     args = ap.parse_args()
     model = load(args.model, clip=False if args.no_clip else None)
     shape = sample_shape(model)
     preds = dict(p.split("=", 1) for p in args.predictor)
     schedules = dict(p.split("=", 1) for p in args.schedule)
+    knobs: dict[str, dict[str, str]] = {}
+    for item in args.knob:
+        key, _, val = item.partition("=")
+        row, _, name = key.rpartition(":")
+        knobs.setdefault(row, {})[name] = val
     sched = diffsamp.get_schedule("karras", model=model)
     s0 = float(sched.grid(1, final_zero=False).sigmas[0])
     z = torch.randn((args.num, *shape), generator=torch.Generator().manual_seed(10_000)) * prior_scale(model.prior, s0)
@@ -50,7 +56,7 @@ def main() -> None:
             row, setting = [], ""
             for n in nfes:
                 try:
-                    plan = plan_cell(model, args.model, name, n, predictors=preds, schedules=schedules)
+                    plan = plan_cell(model, args.model, name, n, predictors=preds, schedules=schedules, knobs=knobs)
                 except ValueError as exc:
                     row.append("—")
                     setting = setting or str(exc)[:40]

@@ -231,6 +231,12 @@ def test_cli_train_then_sample_with_the_predictor(tiny_model_dir, tmp_path, one_
     assert res.exit_code != 0 and "trained for --sampler amed" in res.output
     res = CliRunner().invoke(main, ["train", "amed", "--model", str(tiny_model_dir), "--nfe", "3", "--out", str(run)])
     assert res.exit_code != 0 and "--resume" in res.output
+    run2 = tmp_path / "ipndm-amed4"
+    res = CliRunner().invoke(main, ["train", "amed", "--model", str(tiny_model_dir), "--sampler", "ipndm+amed", "--nfe", "4",
+                                    "--max-order", "2", "--trajectories", "8", "--batch", "8", "--out", str(run2), "--quiet"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((run2 / "predictor.json").read_text())
+    assert card["knobs"] == {"max_order": 2} and card["training"]["max_order"] == 2
 
 
 def test_dynamic_thresholding_clamps_to_the_quantile_and_rescales():

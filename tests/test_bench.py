@@ -117,6 +117,32 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     assert "| euler |" in res.output
 
 
+def test_a_row_knob_reaches_the_sampler_is_named_and_keys_its_own_cell(setup, tiny_model_dir, monkeypatch):
+    model, ext, tmp, _ = setup
+    plain = plan_cell(model, str(tiny_model_dir), "ipndm", 5)
+    low = plan_cell(model, str(tiny_model_dir), "ipndm", 5, knobs={"ipndm": {"max_order": "2"}})
+    assert low.knobs == {"max_order": 2} and low.setting == plain.setting + ", max_order=2"
+    with pytest.raises(ValueError, match="no knob 'r'.*max_order"):
+        plan_cell(model, str(tiny_model_dir), "ipndm", 5, knobs={"ipndm": {"r": 0.3}})
+    with pytest.raises(ValueError, match="declares NFE 6, not 5"):  # a step more than the grid has
+        plan_cell(model, str(tiny_model_dir), "ipndm", 5, knobs={"ipndm": {"final_denoise": True}})
+    kw = dict(samplers=["ipndm"], nfes=[5], num=6, reference=str(tmp / "ref.npz"), out=tmp / "knobs", extractor=ext,
+              batch_size=6, reference_row=False, echo=lambda s: None)
+    (first,), _ = bench(model, str(tiny_model_dir), **kw)
+    (second,), table = bench(model, str(tiny_model_dir), knobs={"ipndm": {"max_order": 1}}, **kw)
+    assert first.fid != second.fid and "max_order=1" in table  # order 1 is Euler: other samples
+    assert len(list((tmp / "knobs" / "cells").glob("*.json"))) == 2
+    monkeypatch.setattr("diffsamp.metrics.inception.load_extractor", lambda *a, **k: ext)
+    base = ["bench", "--model", str(tiny_model_dir), "--ref", str(tmp / "ref.npz"), "--out", str(tmp / "knobs"),
+            "--num", "6", "--quiet", "--no-reference", "--samplers", "ipndm", "--nfe", "5"]
+    res = CliRunner().invoke(main, base + ["--knob", "ipndm:max_order=1"])
+    assert res.exit_code == 0 and "max_order=1" in res.output, res.output
+    for bad, says in (("max_order=1", "ROW:NAME=VALUE"), ("euler:max_order=1", "no row 'euler'"),
+                      ("ipndm:max_order=x", "max_order"), ("ipndm:max_order=9", "max_order must be 1 to 4")):
+        res = CliRunner().invoke(main, base + ["--knob", bad])
+        assert res.exit_code != 0 and says in res.output and "Traceback" not in res.output, (bad, res.output)
+
+
 def test_a_variant_row_reads_its_own_predictor_beside_the_plain_one(setup, tiny_model_dir):
     model, ext, tmp, preds = setup
     static = str(train_amed(model, model.sample_shape, AmedTrainOptions(nfe=3, trajectories=8, batch=8, static=True),

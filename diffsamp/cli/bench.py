@@ -17,6 +17,18 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
+def _row_knobs(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``("ipndm:max_order=3",)`` → ``{"ipndm": {"max_order": "3"}}`` (typed later, against the row's sampler)."""
+    out: dict[str, dict[str, str]] = {}
+    for key, val in _pairs(values, "--knob").items():
+        row, _, name = key.rpartition(":")
+        if not row or not name:
+            raise click.BadParameter(f"expected ROW:NAME=VALUE such as ipndm:max_order=3, got {key}={val!r}",
+                                     param_hint="--knob")
+        out.setdefault(row.strip(), {})[name.strip()] = val
+    return out
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -37,6 +49,8 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bench directory (created): table.md, table.csv, fid_vs_nfe.png, cells/.")
 @click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: the model's own, karras or rf; logsnr for dpmpp*).")
 @click.option("--predictor", "predictors", multiple=True, help="[ROW:]NFE=PATH for a learned sampler's row (default: the shipped <model>/<row>-nfe<N>).")
+@click.option("--knob", "knobs", multiple=True, metavar="ROW:NAME=VALUE",
+              help="A sampler knob for one row (repeatable), e.g. ipndm:max_order=3; named in the row's setting.")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
 @click.option("--batch-size", default=250, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-reference", is_flag=True, help="Skip the heun 35-NFE reference row.")
@@ -46,7 +60,7 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
-              predictors: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool, skip_missing: bool,
+              predictors: tuple[str, ...], knobs: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool, skip_missing: bool,
               inception: str | None, data_dir: str | None, device: str, quiet: bool) -> None:
     """Score each sampler at each NFE; cached cells make an interrupted bench resume.
 
@@ -54,6 +68,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     Examples:
       diffsamp bench --model mnist-ddpm --nfe 3,5,7,9 --num 2000 --ref mnist:test --out bench/mnist-ddpm
       diffsamp bench --model mnist-ddpm --samplers ipndm,ipndm+amed --nfe 5 --predictor 5=runs/ipndm-amed5 --out b/
+      diffsamp bench --model mnist-ddpm --samplers ipndm --schedule ipndm=time_uniform --knob ipndm:max_order=3 --out b/
     """
     from diffsamp.metrics.bench import bench, split_row
     from diffsamp.metrics.inception import load_extractor
@@ -68,6 +83,10 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     if unknown:
         raise click.BadParameter(f"unknown sampler {', '.join(unknown)}; available: {', '.join(available_samplers())}",
                                  param_hint="--samplers")
+    row_knobs = _row_knobs(knobs)
+    stray = sorted(set(row_knobs) - set(names))
+    if stray:
+        raise click.BadParameter(f"no row {stray[0]!r} in --samplers ({', '.join(names)})", param_hint="--knob")
     targets = _int_list(nfes, "--nfe")
     device = resolve_device(device)
     clip_text = {None: "as the model's scheduler config", True: "on", False: "off"}[clip]
@@ -77,6 +96,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
         _, table = bench(model, model_name, samplers=names, nfes=targets, num=num, reference=reference, out=out,
                          extractor=extractor, data_dir=data_dir, batch_size=batch_size,
                          schedules=_pairs(schedules, "--schedule"), predictors=_pairs(predictors, "--predictor"),
+                         knobs=row_knobs,
                          clip=clip_text, reference_row=not no_reference, echo=click.echo, progress=not quiet,
                          skip_missing=skip_missing)
     except (ValueError, FileNotFoundError) as exc:

@@ -20,7 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, default_schedule
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import AMED_SAMPLERS, FixedPredictor
+from diffsamp.samplers.registry import describe_knobs
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
 
 TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
@@ -51,6 +52,7 @@ class CellPlan:
     setting: str  # human-readable: grid, AFS, predictor
     predictor: str | None = None
     predictor_digest: str | None = None  # of the predictor's weights: a retrained predictor is a new cell
+    row_knobs: str = ""  # knobs set for the row on top of the plan's own, e.g. "max_order=3"
 
 
 def split_row(row: str) -> tuple[str, str | None]:
@@ -69,10 +71,34 @@ def predictor_name(model_name: str, sampler: str, nfe: int) -> str:
 
 def plan_cell(
     model: Denoiser, model_name: str, sampler: str, nfe: int, *, schedules: Mapping[str, str] | None = None,
-    predictors: Mapping[str, str] | None = None,
+    predictors: Mapping[str, str] | None = None, knobs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> CellPlan:
-    """The grid and knobs whose declared NFE is ``nfe`` for ``sampler`` (see the module doc)."""
-    schedules, predictors = dict(schedules or {}), dict(predictors or {})
+    """The grid and knobs whose declared NFE is ``nfe`` for ``sampler`` (see the module doc); ``knobs`` maps a row
+    to sampler knobs set on top (e.g. ``{"ipndm": {"max_order": 3}}``), named in the cell's setting."""
+    plan = _default_plan(model, model_name, sampler, nfe, dict(schedules or {}), dict(predictors or {}))
+    extra = dict((knobs or {}).get(sampler, {}))
+    if not extra:
+        return plan
+    spec = get_sampler(plan.method)
+    unknown = sorted(set(extra) - set(spec.knob_specs()))
+    if unknown:
+        raise ValueError(f"row {sampler!r} runs {plan.method}, which has no knob {unknown[0]!r}; "
+                         f"its knobs: {describe_knobs(spec.knob_specs()) or 'none'}")
+    typed = {k: spec.parse_knob(k, v) if isinstance(v, str) else v for k, v in extra.items()}
+    merged = {**plan.knobs, **typed}
+    declared = spec.expected_nfe(plan.grid, **merged)
+    if declared != nfe:
+        raise ValueError(f"row {sampler!r} with {_knob_text(typed)} declares NFE {declared}, not {nfe}")
+    text = _knob_text(typed)
+    return replace(plan, knobs=merged, setting=f"{plan.setting}, {text}", row_knobs=text)
+
+
+def _knob_text(knobs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(knobs.items()))
+
+
+def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, schedules: dict[str, str],
+                  predictors: dict[str, str]) -> CellPlan:
     base, variant = split_row(sampler)
     if base in AMED_SAMPLERS:
         key = f"{sampler}:{nfe}"
@@ -154,7 +180,8 @@ def run_cell(
                     extractor=extractor, grid=plan.grid, progress=progress, **plan.knobs)
     res = CellResult(plan.sampler, plan.nfe, q.nfe, q.fid, q.kid, q.kid_std, num, f"0-{num - 1}",
                      round(q.sampling_seconds, 2), round(q.feature_seconds, 2), plan.setting, clip,
-                     plan.grid.sigmas.tolist(), plan.predictor, predictor_digest=plan.predictor_digest)
+                     plan.grid.sigmas.tolist(), plan.predictor, predictor_digest=plan.predictor_digest,
+                     extra={"knobs": plan.row_knobs} if plan.row_knobs else {})
     if q.nfe != plan.nfe:
         raise RuntimeError(f"{plan.sampler} at NFE {plan.nfe}: measured {q.nfe} evaluations")
     write_text(path, json.dumps(asdict(res), indent=2) + "\n")
@@ -173,8 +200,9 @@ def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[
         for n in nfes:
             c = by.get((s, n))
             row.append("—" if c is None else f"{c.fid:.2f}" + (f" ({1e3 * c.kid:.1f})" if c.kid is not None else ""))
-        setting = next(c.setting for c in cells if c.sampler == s).split(", ", 1)
-        lines.append(f"| {s} | " + " | ".join(row) + f" | {setting[0]} |")
+        first = next(c for c in cells if c.sampler == s)
+        setting = ", ".join(filter(None, [first.setting.split(", ", 1)[0], first.extra.get("knobs")]))
+        lines.append(f"| {s} | " + " | ".join(row) + f" | {setting} |")
     if reference is not None:
         lines.append(f"| reference: {reference.sampler} ({reference.nfe} NFE) | "
                      + " | ".join([f"{reference.fid:.2f}"] * len(nfes)) + f" | {reference.setting} |")
@@ -231,10 +259,12 @@ def bench(
     out: str | os.PathLike, extractor: Any, data_dir: str | os.PathLike | None = None, batch_size: int = 250,
     schedules: Mapping[str, str] | None = None, predictors: Mapping[str, str] | None = None, clip: str = "model default",
     reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False, skip_missing: bool = False,
+    knobs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[list[CellResult], str]:
     """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``.
 
-    ``skip_missing``: a learned row without a predictor at some NFE shows "—" there instead of stopping the bench."""
+    ``skip_missing``: a learned row without a predictor at some NFE shows "—" there instead of stopping the bench.
+    ``knobs``: per-row sampler knobs (see ``plan_cell``)."""
     from diffsamp.metrics.scoring import data_floor, resolve_reference
 
     out = Path(out)
@@ -245,7 +275,8 @@ def bench(
     for s in samplers:
         for n in nfes:
             try:
-                plans.append(plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors))
+                plans.append(plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors,
+                                       knobs=knobs))
             except PredictorNotFoundError:
                 if not skip_missing:
                     raise
@@ -260,6 +291,7 @@ def bench(
         floor = (f.fid, f.kid)
     config = {"model": model_name, "samplers": list(samplers), "nfes": list(nfes), "num": num, "reference": reference,
               "clip": clip, "schedules": dict(schedules or {}), "predictors": dict(predictors or {}),
+              "knobs": {row: {k: str(v) for k, v in kv.items()} for row, kv in (knobs or {}).items()},
               "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
