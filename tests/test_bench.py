@@ -132,6 +132,14 @@ def test_a_row_knob_reaches_the_sampler_is_named_and_keys_its_own_cell(setup, ti
     (second,), table = bench(model, str(tiny_model_dir), knobs={"ipndm": {"max_order": 1}}, **kw)
     assert first.fid != second.fid and "max_order=1" in table  # order 1 is Euler: other samples
     assert len(list((tmp / "knobs" / "cells").glob("*.json"))) == 2
+
+    def boom(*a, **k):
+        raise RuntimeError("sampled")
+
+    with monkeypatch.context() as m:  # the tables from the cache alone: nothing sampled, the missing cell shown —
+        m.setattr(diffsamp.metrics.scoring, "score_model", boom)
+        cells, table = bench(model, str(tiny_model_dir), cached_only=True, **{**kw, "samplers": ["ipndm", "euler"]})
+    assert [c.sampler for c in cells] == ["ipndm"] and "| euler |" not in table and "| ipndm | " in table
     monkeypatch.setattr("diffsamp.metrics.inception.load_extractor", lambda *a, **k: ext)
     base = ["bench", "--model", str(tiny_model_dir), "--ref", str(tmp / "ref.npz"), "--out", str(tmp / "knobs"),
             "--num", "6", "--quiet", "--no-reference", "--samplers", "ipndm", "--nfe", "5"]

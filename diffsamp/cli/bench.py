@@ -54,13 +54,15 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
 @click.option("--batch-size", default=250, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-reference", is_flag=True, help="Skip the heun 35-NFE reference row.")
+@click.option("--cached-only", is_flag=True, help="Only write the tables from the cells already cached (others show —).")
 @click.option("--skip-missing", is_flag=True, help="A learned row without a predictor at some NFE shows — there.")
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network (else $DIFFSAMP_INCEPTION).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (else $DIFFSAMP_DATA).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
-              predictors: tuple[str, ...], knobs: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool, skip_missing: bool,
+              predictors: tuple[str, ...], knobs: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
+              cached_only: bool, skip_missing: bool,
               inception: str | None, data_dir: str | None, device: str, quiet: bool) -> None:
     """Score each sampler at each NFE; cached cells make an interrupted bench resume.
 
@@ -98,7 +100,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
                          schedules=_pairs(schedules, "--schedule"), predictors=_pairs(predictors, "--predictor"),
                          knobs=row_knobs,
                          clip=clip_text, reference_row=not no_reference, echo=click.echo, progress=not quiet,
-                         skip_missing=skip_missing)
+                         skip_missing=skip_missing, cached_only=cached_only)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(table)

@@ -164,9 +164,10 @@ def _cell_key(parts: Mapping[str, Any]) -> str:
 
 def run_cell(
     model: Denoiser, plan: CellPlan, *, reference: Any, extractor: Any, num: int, batch_size: int, clip: str,
-    cache_dir: Path, cache_parts: Mapping[str, Any], progress: bool = False,
-) -> CellResult:
-    """Score one cell (or read it from ``cache_dir``): ``num`` samples, seeds 0…num−1, streamed into FID/KID."""
+    cache_dir: Path, cache_parts: Mapping[str, Any], progress: bool = False, cached_only: bool = False,
+) -> CellResult | None:
+    """Score one cell (or read it from ``cache_dir``): ``num`` samples, seeds 0…num−1, streamed into FID/KID.
+    ``cached_only``: None for a cell not in the cache, instead of computing it."""
     from diffsamp.metrics.scoring import score_model
 
     parts = {**cache_parts, "sampler": plan.sampler, "nfe": plan.nfe, "method": plan.method,
@@ -176,6 +177,8 @@ def run_cell(
     path = cache_dir / f"{plan.sampler.replace('+', '-').replace(':', '-')}-nfe{plan.nfe}-{_cell_key(parts)}.json"
     if path.is_file():
         return CellResult(**json.loads(path.read_text()))
+    if cached_only:
+        return None
     q = score_model(model, reference, num=num, sampler=plan.method, schedule=plan.schedule, batch_size=batch_size,
                     extractor=extractor, grid=plan.grid, progress=progress, **plan.knobs)
     res = CellResult(plan.sampler, plan.nfe, q.nfe, q.fid, q.kid, q.kid_std, num, f"0-{num - 1}",
@@ -259,12 +262,13 @@ def bench(
     out: str | os.PathLike, extractor: Any, data_dir: str | os.PathLike | None = None, batch_size: int = 250,
     schedules: Mapping[str, str] | None = None, predictors: Mapping[str, str] | None = None, clip: str = "model default",
     reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False, skip_missing: bool = False,
-    knobs: Mapping[str, Mapping[str, Any]] | None = None,
+    knobs: Mapping[str, Mapping[str, Any]] | None = None, cached_only: bool = False,
 ) -> tuple[list[CellResult], str]:
     """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``.
 
     ``skip_missing``: a learned row without a predictor at some NFE shows "—" there instead of stopping the bench.
-    ``knobs``: per-row sampler knobs (see ``plan_cell``)."""
+    ``knobs``: per-row sampler knobs (see ``plan_cell``). ``cached_only``: the tables from the cells already in the
+    cache (the others show "—"; nothing is sampled), e.g. while another process is filling them."""
     from diffsamp.metrics.scoring import data_floor, resolve_reference
 
     out = Path(out)
@@ -293,12 +297,16 @@ def bench(
               "clip": clip, "schedules": dict(schedules or {}), "predictors": dict(predictors or {}),
               "knobs": {row: {k: str(v) for k, v in kv.items()} for row, kv in (knobs or {}).items()},
               "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
-              "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "cached_only": cached_only}
     write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     cells = []
     for plan in plans:
         c = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size, clip=clip,
-                     cache_dir=cache, cache_parts=parts, progress=progress)
+                     cache_dir=cache, cache_parts=parts, progress=progress, cached_only=cached_only)
+        if c is None:
+            echo(f"{plan.sampler:>12} NFE {plan.nfe:>2}: not in the cache — left out")
+            continue
         echo(f"{c.sampler:>12} NFE {c.nfe:>2}: FID {c.fid:7.2f}  ({c.setting}; {c.sampling_seconds:.0f} s sampling)")
         cells.append(c)
     ref_cell = None
@@ -306,8 +314,9 @@ def bench(
         sched = get_schedule("karras", model=model)
         plan = CellPlan("heun", 35, "heun", sched.grid(18), {}, "karras", "karras, 18 steps to 0 (EDM)")
         ref_cell = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size,
-                            clip=clip, cache_dir=cache, cache_parts=parts, progress=progress)
-        ref_cell.nfe_target = None
+                            clip=clip, cache_dir=cache, cache_parts=parts, progress=progress, cached_only=cached_only)
+        if ref_cell is not None:
+            ref_cell.nfe_target = None
     table = format_table(cells, nfes, floor, ref_cell)
     head = (f"{model_name}: FID (KID×10³) of N = {num} samples (seeds 0–{num - 1}) vs {reference}; "
             f"x̂0 clipping: {clip}\n\n")
