@@ -248,3 +248,64 @@ def test_dynamic_thresholding_clamps_to_the_quantile_and_rescales():
     out = dynamic_threshold(wide)
     q = torch.quantile(wide.abs(), 0.995)
     assert out.abs().max() == pytest.approx(1.0) and out[0, 500].item() == pytest.approx(wide[0, 500].item() / q.item())
+
+
+class _LearnedR(torch.nn.Module):
+    """r as one trainable scalar (c = a = 1), for gradient checks."""
+
+    feature_dim = None
+
+    def __init__(self, r: float) -> None:
+        super().__init__()
+        self.r = torch.nn.Parameter(torch.tensor([r], dtype=torch.float64))
+
+    def forward(self, h, step, sigma, sigma_next):
+        one = torch.ones(1, dtype=torch.float64)
+        return self.r, one, one
+
+
+@pytest.mark.parametrize("method", ["amed", "dpm2", "ipndm"])
+def test_without_the_noise_level_gradient_r_learns_from_the_state_path_alone(mixture2d, method):
+    """noise_level_grad=False: same step, and dL/dr equals the derivative of the loss with the network's σ input
+    frozen at its value (checked by finite differences); with it on, the σ input's own derivative is added."""
+    from diffsamp.samplers.amed import StepState, amed_step, step_start
+
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3.0
+    target = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s, s_next, r0 = 3.0, 0.5, 0.4
+
+    def loss(r: float | None, grad: bool, frozen: float | None = None) -> tuple[torch.Tensor, _LearnedR]:
+        pred = _LearnedR(r0 if r is None else r)
+        model = mixture2d
+        if frozen is not None:  # the network sees σ = frozen whatever r is
+            def model(xx, sig, _m=mixture2d):
+                return _m(xx, torch.full_like(sig, frozen))
+        with torch.no_grad():
+            start = step_start(mixture2d, x, s, afs=False, predictor=pred)
+        out = amed_step(method, model, start, 0, s, s_next, pred, StepState(), noise_level_grad=grad)
+        return (out - target).pow(2).sum(), pred
+
+    full, p_full = loss(None, True)
+    cut, p_cut = loss(None, False)
+    assert torch.equal(full, cut)
+    full.backward()
+    cut.backward()
+    s_mid0 = s_next**r0 * s ** (1 - r0)
+    h = 1e-6
+    fd = (loss(r0 + h, True, frozen=s_mid0)[0] - loss(r0 - h, True, frozen=s_mid0)[0]) / (2 * h)
+    assert p_cut.r.grad.item() == pytest.approx(fd.item(), rel=1e-5)
+    assert abs(p_full.r.grad.item() - p_cut.r.grad.item()) > 1e-3 * abs(p_cut.r.grad.item())
+
+
+def test_the_noise_level_gradient_is_off_by_default_for_discrete_time_networks(tiny_model_dir, mixture2d, tmp_path,
+                                                                                one_thread):
+    from diffsamp.models import load
+
+    unet = load(tiny_model_dir)
+    assert unet.discrete_time and not mixture2d.discrete_time
+    run = train_amed(unet, unet.sample_shape, AmedTrainOptions(nfe=3, trajectories=4, batch=4), tmp_path / "u",
+                     model_name=str(tiny_model_dir))
+    assert json.loads(run.read_text())["training"]["noise_level_grad"] is False
+    run = train_amed(mixture2d, (2,), AmedTrainOptions(nfe=3, trajectories=4, batch=4, static=True), tmp_path / "m",
+                     model_name="mixture")
+    assert json.loads(run.read_text())["training"]["noise_level_grad"] is True

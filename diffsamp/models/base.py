@@ -32,6 +32,8 @@ class Denoiser(Protocol):
       device, dtype: where and in which precision the model takes its input.
       feature_module: the module whose output AMED reads (the UNet bottleneck; else None).
       clip_sample: the range the model clamps its own x̂0 to (diffusers' ``clip_sample``), or None.
+      discrete_time: the network was trained on integer timesteps only (a DDPM table): fed the fractional
+        timestep of an arbitrary σ it answers, but not smoothly in σ (its embedding's period is 2π steps).
       info: what the model's files record about it (data set, training, card); {} if nothing.
       network: the trained ``nn.Module`` behind the model, or None (closed-form models).
     """
@@ -45,6 +47,7 @@ class Denoiser(Protocol):
     dtype: torch.dtype
     feature_module: nn.Module | None
     clip_sample: float | None
+    discrete_time: bool
     info: dict[str, Any]
     network: nn.Module | None
 
@@ -53,7 +56,7 @@ class Denoiser(Protocol):
 
 class DenoiserBase:
     """Defaults of the protocol for a model family: device and dtype follow ``network``'s first parameter
-    (CPU float32 without one); no features, no self-clamping, no info, N(0, I) source."""
+    (CPU float32 without one); no features, no self-clamping, continuous time, no info, N(0, I) source."""
 
     sigma_min: float
     sigma_max: float
@@ -62,6 +65,7 @@ class DenoiserBase:
     network: nn.Module | None = None
     feature_module: nn.Module | None = None
     clip_sample: float | None = None
+    discrete_time: bool = False
 
     @property
     def info(self) -> dict[str, Any]:
@@ -153,6 +157,7 @@ class Wrapper:
     dtype = property(lambda self: self.inner.dtype)
     feature_module = property(lambda self: self.inner.feature_module)
     clip_sample = property(lambda self: self.inner.clip_sample)
+    discrete_time = property(lambda self: self.inner.discrete_time)
     info = property(lambda self: self.inner.info)
     network = property(lambda self: self.inner.network)
 

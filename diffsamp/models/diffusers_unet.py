@@ -45,6 +45,7 @@ class DiffusersUNetDenoiser(DenoiserBase):
     """
 
     prior: Prior = "vp"
+    discrete_time: bool = True  # trained on the scheduler's integer timesteps
 
     def __init__(
         self,

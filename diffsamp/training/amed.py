@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class AmedTrainOptions:
     batch: int = 128
     lr: float | None = None  # None: STATIC_LR with --static, else 5e-3 (the paper's, for the ≈9k-weight network)
     seed: int = 0
+    # gradient through the network's noise-level input at s; None: off for discrete-time networks (DDPM UNets,
+    # whose output wiggles with period 2π timesteps between the integers they were trained on), on otherwise
+    noise_level_grad: bool | None = None
 
     def resolved(self) -> "AmedTrainOptions":
         if self.sampler not in SINGLE_STEP and self.sampler not in MULTISTEP:
@@ -153,6 +156,8 @@ def train_amed(
     ``stop_after`` stops (with a checkpoint) after that many iterations of this call, as an interruption would.
     """
     opts = opts.resolved()
+    if opts.noise_level_grad is None:
+        opts = replace(opts, noise_level_grad=not model.discrete_time)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -209,7 +214,8 @@ def train_amed(
                 with torch.no_grad():
                     start = step_start(model, x, s, afs=bool(opts.afs) and i == 0, predictor=predictor)
                 x_next = amed_step(method, model, start, i, s, s_next, predictor, state,
-                                   max_order=opts.max_order, order=opts.order, total=2 * len(coarse))
+                                   max_order=opts.max_order, order=opts.order, total=2 * len(coarse),
+                                   noise_level_grad=bool(opts.noise_level_grad))
                 loss = (x_next - targets[i + 1]).pow(2).sum() / opts.batch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -250,7 +256,8 @@ def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     if state.get("kind") != "amed":
         raise ValueError(f"{path} is not an AMED training checkpoint")
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
-    theirs = {k: v for k, v in state["options"].items() if k != "trajectories"}
+    theirs = {"noise_level_grad": True,  # checkpoints from before the option always differentiated through it
+              **{k: v for k, v in state["options"].items() if k != "trajectories"}}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         raise ValueError(f"{path} was trained with other settings ({', '.join(diff)}); use a new --out")
