@@ -1,13 +1,14 @@
 """AMED (SPEC §6): identities with the base solvers, NFE, AFS, features through a hook, training on an oracle."""
 
 import json
+import math
 
 import pytest
 import torch
 
 import diffsamp
 from diffsamp.models.analytic import GaussianDenoiser
-from diffsamp.models.base import CountingDenoiser
+from diffsamp.models.base import CountingDenoiser, Wrapper
 from diffsamp.samplers.amed import FixedPredictor, StaticPredictor, feature_dim, refined_grid
 from diffsamp.samplers.amed_files import check_predictor_model, load_predictor
 from diffsamp.training.amed import AmedTrainOptions, train_amed
@@ -251,61 +252,75 @@ def test_dynamic_thresholding_clamps_to_the_quantile_and_rescales():
 
 
 class _LearnedR(torch.nn.Module):
-    """r as one trainable scalar (c = a = 1), for gradient checks."""
+    """Per-sample r as trainable values (c = 1.005, a = 1), for gradient checks."""
 
     feature_dim = None
 
-    def __init__(self, r: float) -> None:
+    def __init__(self, r: torch.Tensor) -> None:
         super().__init__()
-        self.r = torch.nn.Parameter(torch.tensor([r], dtype=torch.float64))
+        self.r = torch.nn.Parameter(r.clone())
 
     def forward(self, h, step, sigma, sigma_next):
-        one = torch.ones(1, dtype=torch.float64)
-        return self.r, one, one
+        return self.r, torch.full_like(self.r, 1.005), torch.ones_like(self.r)
+
+
+class _Timesteps(Wrapper):
+    """The mixture as a discrete-time network: a geometric table of 1000 timesteps, and optionally the wiggle
+    such a network shows between them, amplitude × sin(t) (period 2π timesteps)."""
+
+    def __init__(self, inner, amplitude: float = 0.0) -> None:
+        super().__init__(inner)
+        self.table = torch.logspace(math.log10(0.02), math.log10(20.0), 1000, dtype=torch.float64)
+        self.amplitude = amplitude
+
+    timestep_sigmas = property(lambda self: self.table)
+
+    def __call__(self, x, sigma):
+        t = (sigma.log() - math.log(0.02)) / (math.log(1000.0) / 999)
+        return self.inner(x, sigma) + self.amplitude * torch.sin(t).reshape(-1, 1)
 
 
 @pytest.mark.parametrize("method", ["amed", "dpm2", "ipndm"])
-def test_without_the_noise_level_gradient_r_learns_from_the_state_path_alone(mixture2d, method):
-    """noise_level_grad=False: same step, and dL/dr equals the derivative of the loss with the network's σ input
-    frozen at its value (checked by finite differences); with it on, the σ input's own derivative is added."""
-    from diffsamp.samplers.amed import StepState, amed_step, step_start
+def test_the_smoothed_r_gradient_sees_through_the_timestep_wiggle(mixture2d, method):
+    """On a smooth model the smoothed gradient (central difference over ±π timesteps) equals autograd's; on the
+    same model with a 2π-timestep wiggle the exact gradient is the wiggle's, the smoothed one still the trend's."""
+    from diffsamp.samplers.amed import StepState, step_start
+    from diffsamp.training.amed import student_step
 
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3.0
     target = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    s, s_next, r0 = 3.0, 0.5, 0.4
+    r0 = torch.linspace(0.2, 0.7, 64, dtype=torch.float64)
+    s, s_next = 3.0, 0.5
 
-    def loss(r: float | None, grad: bool, frozen: float | None = None) -> tuple[torch.Tensor, _LearnedR]:
-        pred = _LearnedR(r0 if r is None else r)
-        model = mixture2d
-        if frozen is not None:  # the network sees σ = frozen whatever r is
-            def model(xx, sig, _m=mixture2d):
-                return _m(xx, torch.full_like(sig, frozen))
+    def grad(model, smoothed: bool) -> torch.Tensor:
+        pred = _LearnedR(r0)
         with torch.no_grad():
-            start = step_start(mixture2d, x, s, afs=False, predictor=pred)
-        out = amed_step(method, model, start, 0, s, s_next, pred, StepState(), noise_level_grad=grad)
-        return (out - target).pow(2).sum(), pred
+            start = step_start(model, x, s, afs=False, predictor=pred)
+        surrogate, loss, _ = student_step(method, model, start, 0, s, s_next, pred, StepState(), target,
+                                          smoothed=smoothed)
+        surrogate.backward()
+        return pred.r.grad
 
-    full, p_full = loss(None, True)
-    cut, p_cut = loss(None, False)
-    assert torch.equal(full, cut)
-    full.backward()
-    cut.backward()
-    s_mid0 = s_next**r0 * s ** (1 - r0)
-    h = 1e-6
-    fd = (loss(r0 + h, True, frozen=s_mid0)[0] - loss(r0 - h, True, frozen=s_mid0)[0]) / (2 * h)
-    assert p_cut.r.grad.item() == pytest.approx(fd.item(), rel=1e-5)
-    assert abs(p_full.r.grad.item() - p_cut.r.grad.item()) > 1e-3 * abs(p_cut.r.grad.item())
+    smooth, wiggly = _Timesteps(mixture2d), _Timesteps(mixture2d, amplitude=0.05)
+    exact = grad(smooth, False)
+    assert torch.allclose(grad(smooth, True), exact, rtol=0.05, atol=1e-3 * exact.abs().max())
+    err_exact = (grad(wiggly, False) - exact).norm() / exact.norm()
+    err_smoothed = (grad(wiggly, True) - exact).norm() / exact.norm()
+    assert err_exact > 0.5 and err_smoothed < 0.3, (err_exact, err_smoothed)
 
 
-def test_the_noise_level_gradient_is_off_by_default_for_discrete_time_networks(tiny_model_dir, mixture2d, tmp_path,
-                                                                                one_thread):
+def test_the_r_gradient_is_smoothed_by_default_for_discrete_time_networks(tiny_model_dir, mixture2d, tmp_path,
+                                                                         one_thread):
     from diffsamp.models import load
 
     unet = load(tiny_model_dir)
-    assert unet.discrete_time and not mixture2d.discrete_time
+    assert unet.timestep_sigmas is not None and mixture2d.timestep_sigmas is None
     run = train_amed(unet, unet.sample_shape, AmedTrainOptions(nfe=3, trajectories=4, batch=4), tmp_path / "u",
                      model_name=str(tiny_model_dir))
-    assert json.loads(run.read_text())["training"]["noise_level_grad"] is False
+    assert json.loads(run.read_text())["training"]["r_gradient"] == "smoothed"
     run = train_amed(mixture2d, (2,), AmedTrainOptions(nfe=3, trajectories=4, batch=4, static=True), tmp_path / "m",
                      model_name="mixture")
-    assert json.loads(run.read_text())["training"]["noise_level_grad"] is True
+    assert json.loads(run.read_text())["training"]["r_gradient"] == "autograd"
+    with pytest.raises(ValueError, match="needs a discrete-time model"):
+        train_amed(mixture2d, (2,), AmedTrainOptions(nfe=3, trajectories=4, batch=4, r_gradient="smoothed"),
+                   tmp_path / "m2", model_name="mixture")

@@ -11,7 +11,7 @@ from diffsamp.models.networks import MLPVelocity
 from diffsamp.models.rectified_flow import RFDenoiser
 
 ATTRS = ("sigma_min", "sigma_max", "prior", "source", "sample_shape", "device", "dtype", "feature_module",
-         "clip_sample", "discrete_time", "info", "network")
+         "clip_sample", "timestep_sigmas", "info", "network")
 
 
 @pytest.mark.parametrize("wrap", [ClampDenoiser, CountingDenoiser, AutocastDenoiser])

@@ -32,8 +32,9 @@ class Denoiser(Protocol):
       device, dtype: where and in which precision the model takes its input.
       feature_module: the module whose output AMED reads (the UNet bottleneck; else None).
       clip_sample: the range the model clamps its own x̂0 to (diffusers' ``clip_sample``), or None.
-      discrete_time: the network was trained on integer timesteps only (a DDPM table): fed the fractional
-        timestep of an arbitrary σ it answers, but not smoothly in σ (its embedding's period is 2π steps).
+      timestep_sigmas: the σ of each integer timestep a discrete-time network was trained on (a DDPM table,
+        increasing), or None for continuous σ. Fed the fractional timestep of another σ such a network answers,
+        but not smoothly: its output wiggles with a period of ≈ 2π timesteps (the fastest sinusoid of its embedding).
       info: what the model's files record about it (data set, training, card); {} if nothing.
       network: the trained ``nn.Module`` behind the model, or None (closed-form models).
     """
@@ -47,7 +48,7 @@ class Denoiser(Protocol):
     dtype: torch.dtype
     feature_module: nn.Module | None
     clip_sample: float | None
-    discrete_time: bool
+    timestep_sigmas: Tensor | None
     info: dict[str, Any]
     network: nn.Module | None
 
@@ -65,7 +66,7 @@ class DenoiserBase:
     network: nn.Module | None = None
     feature_module: nn.Module | None = None
     clip_sample: float | None = None
-    discrete_time: bool = False
+    timestep_sigmas: Tensor | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -157,7 +158,7 @@ class Wrapper:
     dtype = property(lambda self: self.inner.dtype)
     feature_module = property(lambda self: self.inner.feature_module)
     clip_sample = property(lambda self: self.inner.clip_sample)
-    discrete_time = property(lambda self: self.inner.discrete_time)
+    timestep_sigmas = property(lambda self: self.inner.timestep_sigmas)
     info = property(lambda self: self.inner.info)
     network = property(lambda self: self.inner.network)
 

@@ -45,7 +45,6 @@ class DiffusersUNetDenoiser(DenoiserBase):
     """
 
     prior: Prior = "vp"
-    discrete_time: bool = True  # trained on the scheduler's integer timesteps
 
     def __init__(
         self,
@@ -68,6 +67,7 @@ class DiffusersUNetDenoiser(DenoiserBase):
         self.quantize = quantize
         self.clip_sample = clip_sample
         sig = ddpm_sigmas(self.alphas_cumprod)
+        self.timestep_sigmas = sig  # trained on the scheduler's integer timesteps
         self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
         self.feature_module = getattr(unet, "mid_block", None)
         self._ac_cache: dict[torch.device, Tensor] = {}

@@ -208,27 +208,17 @@ def _rca(predictor: Predictor, start: StepStart, i: int, s: float, s_next: float
     return tuple(append_dims(v.to(device=start.x.device, dtype=dt), nd) for v in (r, c, a))  # type: ignore[return-value]
 
 
-def _noise_level(a: Tensor, s_mid: Tensor, batch: int, grad: bool) -> Tensor:
-    """The σ the network is fed at the intermediate point, a·s, as (B,); ``grad=False`` detaches it, so that
-    a gradient reaches r only through the state x_s and the step, not through the network's noise-level input."""
-    sig = (a * s_mid).reshape(-1).expand(batch).contiguous()
-    return sig if grad else sig.detach()
-
-
-def _eval_at(model: Denoiser, x_s: Tensor, s_mid: Tensor, a: Tensor, grad: bool = True) -> Tensor:
+def _eval_at(model: Denoiser, x_s: Tensor, s_mid: Tensor, a: Tensor) -> Tensor:
     """ε̂_s = (x_s − D(x_s; a·s))/s: the time scale touches only the network's σ (SPEC §6.12)."""
-    return (x_s - model(x_s, _noise_level(a, s_mid, x_s.shape[0], grad))) / s_mid
+    sig = (a * s_mid).reshape(-1).expand(x_s.shape[0]).contiguous()
+    return (x_s - model(x_s, sig)) / s_mid
 
 
 def amed_step(
     method: str, model: Denoiser, start: StepStart, i: int, s: float, s_next: float, predictor: Predictor,
     state: StepState, *, max_order: int = 4, order: int = 2, total: int = 0, threshold: bool = False,
-    noise_level_grad: bool = True,
 ) -> Tensor:
-    """One interval σ → σ' of an AMED method (SPEC §6.4–6.5): what the sampler loops and the trainer differentiates.
-
-    ``noise_level_grad=False`` (training only): no gradient through the network's noise-level input at s (see
-    ``_noise_level``); the values computed are the same."""
+    """One interval σ → σ' of an AMED method (SPEC §6.4–6.5): what the sampler loops and the trainer differentiates."""
     x, d = start.x, start.d
     if s_next == 0.0:
         return start.denoised
@@ -236,7 +226,7 @@ def amed_step(
     s_mid = s_next**r * s ** (1 - r)
     if method in ("amed", "euler", "dpm2"):
         x_s = x + (s_mid - s) * d
-        d_s = _eval_at(model, x_s, s_mid, a, noise_level_grad)
+        d_s = _eval_at(model, x_s, s_mid, a)
         if method == "amed":
             return x + c * (s_next - s) * d_s
         if method == "euler":
@@ -246,7 +236,7 @@ def amed_step(
         keep = max_order - 1
         x_s = x + (s_mid - s) * adams_bashforth(([d] + state.history)[:max_order])
         state.history = ([d] + state.history)[:keep]
-        d_s = _eval_at(model, x_s, s_mid, a, noise_level_grad)
+        d_s = _eval_at(model, x_s, s_mid, a)
         x_next = x_s + c * (s_next - s_mid) * adams_bashforth(([d_s] + state.history)[:max_order])
         state.history = ([d_s] + state.history)[:keep]
         return x_next
@@ -255,7 +245,8 @@ def amed_step(
         left = total - 2 * i
         x_s = dpmpp_update(x, m0, s, s_mid, state.history, left, max_order=order, total=total)
         state.history = ([(s, x, m0)] + state.history)[: order - 1]
-        m_s = model(x_s, _noise_level(a, s_mid, x.shape[0], noise_level_grad))
+        sig = (a * s_mid).reshape(-1).expand(x.shape[0]).contiguous()
+        m_s = model(x_s, sig)
         m_s = dynamic_threshold(m_s) if threshold else m_s
         x_plain = dpmpp_update(x_s, m_s, s_mid, s_next, state.history, left - 1, max_order=order, total=total)
         state.history = ([(s_mid, x_s, m_s)] + state.history)[: order - 1]

@@ -3,7 +3,8 @@
 Each iteration draws fresh noise, runs the teacher on the refined grid (M points inserted per interval; its
 points at the student's σ's are the targets), then steps the student interval by interval: squared-L2 to the
 teacher point, one Adam step per interval, gradients through the network's evaluation at s (the network is
-frozen). Single-step students restart every interval from the teacher's point (teacher forcing); multistep
+frozen; for a discrete-time network r's gradient is a per-sample central difference over ±π timesteps, since
+the exact one follows the network's wiggle between its integer timesteps: ``student_step``). Single-step students restart every interval from the teacher's point (teacher forcing); multistep
 students carry their own output and history. The run resumes from ``checkpoint.safetensors`` (written
 atomically after every iteration, and at SIGINT/SIGTERM at an iteration boundary).
 """
@@ -72,9 +73,9 @@ class AmedTrainOptions:
     batch: int = 128
     lr: float | None = None  # None: STATIC_LR with --static, else 5e-3 (the paper's, for the ≈9k-weight network)
     seed: int = 0
-    # gradient through the network's noise-level input at s; None: off for discrete-time networks (DDPM UNets,
-    # whose output wiggles with period 2π timesteps between the integers they were trained on), on otherwise
-    noise_level_grad: bool | None = None
+    # how r's gradient is taken: "autograd" (exact), or "smoothed" (per-sample central difference over ±π
+    # timesteps, see student_step); None: smoothed for discrete-time networks (model.timestep_sigmas), else autograd
+    r_gradient: str | None = None
 
     def resolved(self) -> "AmedTrainOptions":
         if self.sampler not in SINGLE_STEP and self.sampler not in MULTISTEP:
@@ -126,6 +127,68 @@ def teacher_targets(model: Denoiser, x: Tensor, fine: Grid, opts: AmedTrainOptio
     return points
 
 
+R_GRADIENTS = ("autograd", "smoothed")
+
+
+class _Given(torch.nn.Module):
+    """A predictor that returns given (r, c, a): how ``student_step`` runs one step at chosen parameters."""
+
+    feature_dim = None
+
+    def __init__(self, r: Tensor, c: Tensor, a: Tensor) -> None:
+        super().__init__()
+        self.rca = (r, c, a)
+
+    def forward(self, h: Tensor | None, step: int, sigma: float, sigma_next: float) -> tuple[Tensor, Tensor, Tensor]:
+        return self.rca
+
+
+def timestep_half_width(timestep_sigmas: Tensor, s_mid: Tensor, s: float, s_next: float) -> Tensor:
+    """Per sample, the change of r that moves s = σ'^r σ^(1−r) by π timesteps of the table (where it is).
+
+    A network trained on integer timesteps wiggles with period ≈ 2π of them between the integers; a central
+    difference of half-width π cancels that sinusoid (sin(t+π) − sin(t−π) = 0) and keeps the trend."""
+    log_table = timestep_sigmas.to(torch.float64).log()
+    log_s = s_mid.detach().to(torch.float64).log().clamp(log_table[0], log_table[-1])
+    hi = torch.searchsorted(log_table, log_s).clamp(1, len(log_table) - 1)
+    per_step = log_table[hi] - log_table[hi - 1]  # d log σ / dt there
+    return (math.pi * per_step / abs(math.log(s_next / s))).to(s_mid.dtype)
+
+
+def student_step(
+    method: str, model: Denoiser, start: Any, i: int, s: float, s_next: float, predictor: torch.nn.Module,
+    state: StepState, target: Tensor, *, smoothed: bool, **rule: Any,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One student interval: (surrogate to differentiate, its squared-L2 loss to the teacher point, x_next).
+
+    ``smoothed=False``: the surrogate is the loss (autograd through the network's evaluation at s, its σ input
+    included). ``smoothed=True`` (discrete-time networks, whose output is not smooth in σ at the scale of a
+    timestep, so that the exact ∂/∂r is dominated by that wiggle): ∂L_b/∂r_b per sample is the central
+    difference of the loss over ±π timesteps (``timestep_half_width``; two more evaluations, without gradient),
+    entered as Σ_b g_b·r_b; c keeps its exact gradient (it does not touch the network's input); a, which acts
+    only through that input, gets none."""
+    batch = target.shape[0]
+    if not smoothed or s_next == 0.0:
+        x_next = amed_step(method, model, start, i, s, s_next, predictor, state, **rule)
+        loss = (x_next - target).pow(2).sum() / batch
+        return loss, loss, x_next
+    r, c, a = (v.reshape(-1).expand(batch) for v in predictor(start.h, i, s, s_next))
+    history = list(state.history)
+    x_next = amed_step(method, model, start, i, s, s_next, _Given(r.detach(), c, a.detach()), state, **rule)
+    loss = (x_next - target).pow(2).sum() / batch
+    rd = r.detach()
+    half = timestep_half_width(model.timestep_sigmas, s_next**rd * s ** (1 - rd), s, s_next)
+    r_hi, r_lo = (rd + half).clamp(max=1.0), (rd - half).clamp(min=0.0)
+    with torch.no_grad():
+        per_sample = []
+        for r_at in (r_hi, r_lo):
+            x_at = amed_step(method, model, start, i, s, s_next, _Given(r_at, c.detach(), a.detach()),
+                             StepState(list(history)), **rule)
+            per_sample.append((x_at - target).pow(2).reshape(batch, -1).sum(1))
+        g = (per_sample[0] - per_sample[1]) / (r_hi - r_lo).clamp_min(1e-12)
+    return loss + (g * r).sum() / batch, loss, x_next
+
+
 def _detach(v: Any) -> Any:
     if isinstance(v, Tensor):
         return v.detach()
@@ -156,8 +219,12 @@ def train_amed(
     ``stop_after`` stops (with a checkpoint) after that many iterations of this call, as an interruption would.
     """
     opts = opts.resolved()
-    if opts.noise_level_grad is None:
-        opts = replace(opts, noise_level_grad=not model.discrete_time)
+    if opts.r_gradient is None:
+        opts = replace(opts, r_gradient="autograd" if model.timestep_sigmas is None else "smoothed")
+    if opts.r_gradient not in R_GRADIENTS:
+        raise ValueError(f"r_gradient must be one of {', '.join(R_GRADIENTS)}, got {opts.r_gradient!r}")
+    if opts.r_gradient == "smoothed" and model.timestep_sigmas is None:
+        raise ValueError("r_gradient='smoothed' needs a discrete-time model (one with timestep_sigmas)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -213,12 +280,12 @@ def train_amed(
             for i, (s, s_next) in enumerate(coarse.intervals()):
                 with torch.no_grad():
                     start = step_start(model, x, s, afs=bool(opts.afs) and i == 0, predictor=predictor)
-                x_next = amed_step(method, model, start, i, s, s_next, predictor, state,
-                                   max_order=opts.max_order, order=opts.order, total=2 * len(coarse),
-                                   noise_level_grad=bool(opts.noise_level_grad))
-                loss = (x_next - targets[i + 1]).pow(2).sum() / opts.batch
+                surrogate, loss, x_next = student_step(
+                    method, model, start, i, s, s_next, predictor, state, targets[i + 1],
+                    smoothed=opts.r_gradient == "smoothed", max_order=opts.max_order, order=opts.order,
+                    total=2 * len(coarse))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                surrogate.backward()
                 for p in predictor.parameters():
                     if p.grad is not None:
                         torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
@@ -256,7 +323,7 @@ def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     if state.get("kind") != "amed":
         raise ValueError(f"{path} is not an AMED training checkpoint")
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
-    theirs = {"noise_level_grad": True,  # checkpoints from before the option always differentiated through it
+    theirs = {"r_gradient": "autograd",  # checkpoints from before the option took the exact gradient
               **{k: v for k, v in state["options"].items() if k != "trajectories"}}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
