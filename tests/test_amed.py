@@ -324,3 +324,24 @@ def test_the_r_gradient_is_smoothed_by_default_for_discrete_time_networks(tiny_m
     with pytest.raises(ValueError, match="needs a discrete-time model"):
         train_amed(mixture2d, (2,), AmedTrainOptions(nfe=3, trajectories=4, batch=4, r_gradient="smoothed"),
                    tmp_path / "m2", model_name="mixture")
+
+
+def test_step_offsets_start_at_zero_train_per_step_and_round_trip(mixture2d, tmp_path):
+    """The per-step logit offsets: an untrained predictor with them is the one without; after training each step
+    has its own offset; save/load keeps them, and a predictor saved without them (older files) still loads."""
+    from diffsamp.samplers.amed import AmedPredictor
+
+    torch.manual_seed(0)
+    with_offsets, without = AmedPredictor(2, num_steps=3), AmedPredictor(2)
+    without.load_state_dict({k: v for k, v in with_offsets.state_dict().items() if k != "step_logits"})
+    h = torch.randn(5, 2)
+    assert all(torch.equal(a, b) for a, b in zip(with_offsets(h, 1, 2.0, 1.0), without(h, 1, 2.0, 1.0)))
+    with pytest.raises(ValueError, match="has 3 steps, asked for step 3"):
+        with_offsets(h, 3, 2.0, 1.0)
+    run = train_amed(mixture2d, (2,), AmedTrainOptions(nfe=5, trajectories=64, batch=32), tmp_path / "p",
+                     model_name="mixture")
+    pred = load_predictor(run)
+    assert pred.num_steps == 3 and pred.step_logits[:, 0].unique().numel() == 3
+    old = train_amed(mixture2d, (2,), AmedTrainOptions(nfe=5, trajectories=32, batch=32, step_offsets=False),
+                     tmp_path / "q", model_name="mixture")
+    assert load_predictor(old).step_logits is None and "num_steps" not in json.loads(old.read_text())["predictor"]

@@ -26,6 +26,8 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--r-gradient", default=None, type=click.Choice(["autograd", "smoothed"]),
               help="r's gradient: exact, or a per-sample central difference over ±π timesteps (default: smoothed "
                    "for discrete-time DDPM networks, whose output is not smooth between their integer timesteps).")
+@click.option("--step-offsets/--no-step-offsets", default=True, show_default=True,
+              help="Per-sample predictor: a learned logit offset per step beside the shared network.")
 @click.option("--trajectories", default=10_000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
@@ -39,7 +41,8 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")
 def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None, afs: bool | None, teacher: str | None,
                    teacher_m: int | None, static: bool, scale_dir: float, scale_time: float | None, max_order: int,
-                   r_gradient: str | None, trajectories: int,
+                   r_gradient: str | None, step_offsets: bool,
+                   trajectories: int,
                    batch: int, lr: float | None, clip: bool | None, seed: int, device: str, out: str, resume: bool,
                    quiet: bool, snapshots: str) -> None:
     """Train an AMED predictor: teacher trajectories on a refined grid, one Adam step per student interval.
@@ -60,7 +63,7 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
         shape = model.sample_shape
         opts = AmedTrainOptions(sampler=sampler, nfe=nfe, schedule=schedule, afs=afs, teacher=teacher,
                                 teacher_m=teacher_m, static=static, scale_dir=scale_dir, scale_time=scale_time,
-                                max_order=max_order, r_gradient=r_gradient,
+                                max_order=max_order, r_gradient=r_gradient, step_offsets=step_offsets,
                                 trajectories=trajectories, batch=batch, lr=lr, seed=seed)
         opts.resolved()
     except (ValueError, FileNotFoundError) as exc:

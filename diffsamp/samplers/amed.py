@@ -74,15 +74,21 @@ class AmedPredictor(nn.Module):
     """The per-sample AMED predictor g_φ (SPEC §6.6, paper Fig. 6, Eq. 11; ≈ 9k parameters for 64 features).
 
     Pooled bottleneck feature h (B, F) → Linear(F, 128) → SiLU → Linear(128, 4); concatenated with the
-    embeddings of σ and σ' (8 each); one Linear + sigmoid per head: r, and c / a when their scale is > 0.
+    embeddings of σ and σ' (8 each); one Linear (+ a per-step offset with ``num_steps``) + sigmoid per head:
+    r, and c / a when their scale is > 0.
     """
 
     def __init__(
         self, feature_dim: int, *, scale_dir: float = 0.01, scale_time: float = 0.0, hidden: int = 128,
-        bottleneck: int = 4, time_channels: int = 8,
+        bottleneck: int = 4, time_channels: int = 8, num_steps: int = 0,
     ) -> None:
         super().__init__()
         self.feature_dim = int(feature_dim)
+        # num_steps > 0: a learned logit offset per step (zero at the start), added to the heads' output. The
+        # steps share every other weight, and Adam's moments with them: the step with the largest loss moves
+        # those; an offset of its own lets each step still reach its own optimum.
+        self.num_steps = int(num_steps)
+        self.step_logits = nn.Parameter(torch.zeros(self.num_steps, 3)) if self.num_steps else None
         self.scale_dir, self.scale_time = float(scale_dir), float(scale_time)
         self.features = nn.Sequential(nn.Linear(feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, bottleneck))
         for lin in (self.features[0], self.features[2]):
@@ -100,6 +106,10 @@ class AmedPredictor(nn.Module):
             raise ValueError(f"the predictor was trained on {self.feature_dim} features, got {h.shape[1]}")
         t = torch.cat([self.time(sigma), self.time(sigma_next)]).expand(h.shape[0], -1)
         logits = self.heads(torch.cat([self.features(h), t], dim=1))
+        if self.step_logits is not None:
+            if not 0 <= step < self.num_steps:
+                raise ValueError(f"this AMED predictor has {self.num_steps} steps, asked for step {step}")
+            logits = logits + self.step_logits[step]
         r = torch.sigmoid(logits[:, 0])
         return r, _bounded(logits[:, 1], self.scale_dir), _bounded(logits[:, 2], self.scale_time)
 

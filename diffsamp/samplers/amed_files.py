@@ -46,6 +46,8 @@ def save_predictor(predictor: AmedPredictor | StaticPredictor, path: str | os.Pa
         arch.update(kind="static", num_steps=predictor.num_steps)
     else:
         arch.update(kind="features", feature_dim=predictor.feature_dim)
+        if predictor.num_steps:
+            arch.update(num_steps=predictor.num_steps)
     write_text(cfg_path, json.dumps({"format": FORMAT, "predictor": arch, **config}, indent=2) + "\n")
     return cfg_path
 
@@ -85,7 +87,8 @@ def load_predictor(name_or_path: str | os.PathLike) -> AmedPredictor | StaticPre
     if arch["kind"] == "static":
         pred = StaticPredictor(arch["num_steps"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
     else:
-        pred = AmedPredictor(arch["feature_dim"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
+        pred = AmedPredictor(arch["feature_dim"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"],
+                             num_steps=arch.get("num_steps", 0))
     pred.load_state_dict(load_file(str(_paths(cfg_path)[0])))
     pred.eval().requires_grad_(False)
     pred.config = cfg  # type: ignore[attr-defined]

@@ -76,6 +76,7 @@ class AmedTrainOptions:
     # how r's gradient is taken: "autograd" (exact), or "smoothed" (per-sample central difference over ±π
     # timesteps, see student_step); None: smoothed for discrete-time networks (model.timestep_sigmas), else autograd
     r_gradient: str | None = None
+    step_offsets: bool = True  # per-sample predictor: a learned logit offset per step (AmedPredictor num_steps)
 
     def resolved(self) -> "AmedTrainOptions":
         if self.sampler not in SINGLE_STEP and self.sampler not in MULTISTEP:
@@ -240,7 +241,8 @@ def train_amed(
     torch.manual_seed(opts.seed)
     predictor = (
         StaticPredictor(opts.steps, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
-        if opts.static else AmedPredictor(fdim or 0, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
+        if opts.static else AmedPredictor(fdim or 0, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0,
+                                          num_steps=opts.steps if opts.step_offsets else 0)
     ).to(device)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=opts.lr, betas=(0.9, 0.999), eps=1e-8)
     iterations = math.ceil(opts.trajectories / opts.batch)
@@ -323,7 +325,7 @@ def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     if state.get("kind") != "amed":
         raise ValueError(f"{path} is not an AMED training checkpoint")
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
-    theirs = {"r_gradient": "autograd",  # checkpoints from before the option took the exact gradient
+    theirs = {"r_gradient": "autograd", "step_offsets": False,  # what checkpoints from before these options did
               **{k: v for k, v in state["options"].items() if k != "trajectories"}}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
