@@ -310,8 +310,8 @@ def check_grid(predictor: Predictor, grid: Grid) -> None:
                 f"({', '.join(f'{v:.4g}' for v in mine.tolist())}); got {grid} — "
                 "sample with the predictor's own --schedule and --nfe"
             )
-    n = getattr(predictor, "num_steps", None)
-    if n is not None and n != len(grid):
+    n = getattr(predictor, "num_steps", None)  # 0: a per-sample predictor without step offsets, any length
+    if n and n != len(grid):
         raise ValueError(f"this predictor has {n} steps, the grid has {len(grid)}")
 
 
