@@ -85,10 +85,11 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     if unknown:
         raise click.BadParameter(f"unknown sampler {', '.join(unknown)}; available: {', '.join(available_samplers())}",
                                  param_hint="--samplers")
-    row_knobs = _row_knobs(knobs)
-    stray = sorted(set(row_knobs) - set(names))
+    row_knobs = _row_knobs(knobs)  # a row not in --samplers is ignored (one flag set for several runs), a typo is not
+    stray = sorted(r for r in row_knobs if r not in names and r.partition(":")[0] not in available_samplers())
     if stray:
-        raise click.BadParameter(f"no row {stray[0]!r} in --samplers ({', '.join(names)})", param_hint="--knob")
+        raise click.BadParameter(f"unknown sampler in row {stray[0]!r}; available: {', '.join(available_samplers())}",
+                                 param_hint="--knob")
     targets = _int_list(nfes, "--nfe")
     device = resolve_device(device)
     clip_text = {None: "as the model's scheduler config", True: "on", False: "off"}[clip]
