@@ -345,3 +345,23 @@ def test_step_offsets_start_at_zero_train_per_step_and_round_trip(mixture2d, tmp
     old = train_amed(mixture2d, (2,), AmedTrainOptions(nfe=5, trajectories=32, batch=32, step_offsets=False),
                      tmp_path / "q", model_name="mixture")
     assert load_predictor(old).step_logits is None and "num_steps" not in json.loads(old.read_text())["predictor"]
+
+
+def test_observe_sees_each_steps_r_before_its_update_and_the_loss(mixture2d, tmp_path):
+    """``train_amed(observe=...)``: once per interval and iteration, the r the predictor gave there (first
+    iteration: the untrained r, the same for every run with that seed) and that interval's loss."""
+    from diffsamp.samplers.amed import AmedPredictor
+
+    seen = []
+    opts = AmedTrainOptions(nfe=5, trajectories=64, batch=32, step_offsets=False)
+    train_amed(mixture2d, (2,), opts, tmp_path / "p", model_name="mixture",
+               observe=lambda it, i, r, loss: seen.append((it, i, r.clone(), loss)))
+    assert [(it, i) for it, i, _, _ in seen] == [(it, i) for it in range(2) for i in range(3)]
+    assert all(r.shape == (32,) and 0 < loss < math.inf for _, _, r, loss in seen)
+    torch.manual_seed(opts.seed)
+    untrained = AmedPredictor(feature_dim(mixture2d, torch.zeros(1, 2), 1.0), scale_dir=0.01)
+    grid = diffsamp.Grid(load_predictor(tmp_path / "p" / "predictor.json").grid_sigmas)
+    s, s_next = list(grid.intervals())[0]
+    r0 = untrained(torch.zeros(32, untrained.feature_dim), 0, s, s_next)[0]  # the AFS step reads h = 0
+    assert torch.allclose(seen[0][2], r0)
+    assert not torch.allclose(seen[3][2], seen[0][2])  # the second iteration sees the trained r

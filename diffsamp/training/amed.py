@@ -211,6 +211,7 @@ def train_amed(
     stop_after: int | None = None,
     extra: dict[str, Any] | None = None,
     snapshots: tuple[int, ...] = (),
+    observe: Callable[[int, int, Tensor, float], None] | None = None,
 ) -> Path:
     """Train and save an AMED predictor for ``model`` into ``out`` (SPEC §6.7); returns the predictor JSON path.
 
@@ -218,6 +219,8 @@ def train_amed(
     ``snapshots``: trajectory counts at which a copy of the predictor is kept in ``out/snapshots/`` (for an
     FID-vs-budget curve).
     ``stop_after`` stops (with a checkpoint) after that many iterations of this call, as an interruption would.
+    ``observe(iteration, step, r, loss)``, if given, sees each interval's per-sample r (before that interval's
+    optimizer step) and its loss: how the predictor's steps move during training.
     """
     opts = opts.resolved()
     if opts.r_gradient is None:
@@ -286,6 +289,9 @@ def train_amed(
                     method, model, start, i, s, s_next, predictor, state, targets[i + 1],
                     smoothed=opts.r_gradient == "smoothed", max_order=opts.max_order, order=opts.order,
                     total=2 * len(coarse))
+                if observe is not None:
+                    with torch.no_grad():
+                        observe(it, i, predictor(start.h, i, s, s_next)[0].reshape(-1), float(loss.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 surrogate.backward()
                 for p in predictor.parameters():
