@@ -29,23 +29,30 @@ def main() -> None:
     ap.add_argument("--schedule", default="time_uniform")
     ap.add_argument("--trajectories", type=int, default=1536)
     ap.add_argument("--static", action="store_true")
+    ap.add_argument("--beta1", type=float, default=None, help="Adam's β1 (default: train amed's)")
+    ap.add_argument("--no-first-step-static", action="store_true", help="the AFS step through the shared network")
+    ap.add_argument("--out", default=None, help="keep the trained predictor in this run directory")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = load(args.model)
     opts = AmedTrainOptions(sampler=args.sampler, nfe=args.nfe, schedule=args.schedule, teacher="dpm2",
-                            teacher_m=3, static=args.static, trajectories=args.trajectories)
+                            teacher_m=3, static=args.static, trajectories=args.trajectories, beta1=args.beta1,
+                            first_step_static=not args.no_first_step_static)
     rows: dict[int, dict[int, str]] = defaultdict(dict)
 
     def observe(it: int, step: int, r: Tensor, loss: float) -> None:
         rows[it][step] = f"{float(r.mean()):.3f} ({float(r.min()):.3f}–{float(r.max()):.3f}) | {loss:.1f}"
 
-    with tempfile.TemporaryDirectory() as out:
-        path = train_amed(model, sample_shape(model), opts, out, model_name=args.model, observe=observe)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = train_amed(model, sample_shape(model), opts, args.out or tmp, model_name=args.model,
+                          observe=observe, extra={"clip": None})  # as `train amed` records its default clipping
         seconds = json.loads(path.read_text())["training"]["wall_seconds"]
     steps = max(len(v) for v in rows.values())
     kind = "static" if args.static else "per-sample"
+    res = opts.resolved()
     print(f"# {args.model}, {args.sampler} {kind}, NFE {args.nfe}, {args.schedule}, teacher dpm2 M = 3, "
-          f"batch {opts.batch}, lr {opts.resolved().lr}, {args.trajectories} trajectories ({seconds:.0f} s)")
+          f"batch {opts.batch}, lr {res.lr}, Adam β1 {res.beta1}, first step static {res.first_step_static}, "
+          f"{args.trajectories} trajectories ({seconds:.0f} s)")
     print("| iteration | " + " | ".join(f"step {k}: r mean (min–max) | loss" for k in range(steps)) + " |")
     print("|---" * (1 + 2 * steps) + "|")
     for it in sorted(rows):

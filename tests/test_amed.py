@@ -353,7 +353,7 @@ def test_observe_sees_each_steps_r_before_its_update_and_the_loss(mixture2d, tmp
     from diffsamp.samplers.amed import AmedPredictor
 
     seen = []
-    opts = AmedTrainOptions(nfe=5, trajectories=64, batch=32, step_offsets=False)
+    opts = AmedTrainOptions(nfe=5, trajectories=64, batch=32, step_offsets=False, first_step_static=False)
     train_amed(mixture2d, (2,), opts, tmp_path / "p", model_name="mixture",
                observe=lambda it, i, r, loss: seen.append((it, i, r.clone(), loss)))
     assert [(it, i) for it, i, _, _ in seen] == [(it, i) for it in range(2) for i in range(3)]
@@ -365,3 +365,34 @@ def test_observe_sees_each_steps_r_before_its_update_and_the_loss(mixture2d, tmp
     r0 = untrained(torch.zeros(32, untrained.feature_dim), 0, s, s_next)[0]  # the AFS step reads h = 0
     assert torch.allclose(seen[0][2], r0)
     assert not torch.allclose(seen[3][2], seen[0][2])  # the second iteration sees the trained r
+
+
+def test_the_afs_step_has_logits_of_its_own_and_the_network_trains_without_momentum(mixture2d, tmp_path):
+    """Under AFS the first step reads no features: by default its (r, c, a) are parameters of their own, trained
+    at the static rate, and its gradient does not reach the shared network; Adam's β1 is 0 for the network."""
+    from diffsamp.samplers.amed import AmedPredictor
+
+    opts = AmedTrainOptions(nfe=5, trajectories=64, batch=32).resolved()
+    assert opts.first_step_static and opts.beta1 == 0.0
+    assert AmedTrainOptions(nfe=4).resolved().first_step_static is False  # no AFS, no featureless step
+    assert AmedTrainOptions(nfe=5, static=True).resolved().beta1 == 0.9
+    torch.manual_seed(0)
+    pred = AmedPredictor(2, num_steps=3, first_step_static=True)
+    h = torch.randn(4, 2)
+    r, c, _ = pred(h, 0, 80.0, 10.0)
+    assert torch.equal(r, torch.full((4,), 0.5)) and torch.equal(c, torch.ones(4))
+    r.sum().backward()
+    assert pred.first_logits.grad is not None and pred.heads.weight.grad is None
+    seen = []
+    path = train_amed(mixture2d, (2,), AmedTrainOptions(nfe=5, trajectories=64, batch=32), tmp_path / "p",
+                      model_name="mixture", observe=lambda it, i, r, loss: seen.append((i, r.clone())))
+    trained = load_predictor(path)
+    assert json.loads(path.read_text())["predictor"]["first_step_static"] is True
+    first = torch.sigmoid(trained.first_logits[0])
+    assert abs(float(first) - 0.5) > 0.03  # 2 Adam steps at lr 0.1: logit ≈ −0.2, r ≈ 0.45 (at 5e-3: 0.4975)
+    assert torch.allclose(trained(torch.randn(3, trained.feature_dim), 0, 80.0, 10.0)[0], first.expand(3))
+    assert all(r.unique().numel() == 1 for i, r in seen if i == 0)
+    from diffsamp.io import read_state_file
+
+    groups = read_state_file(tmp_path / "p" / "checkpoint.safetensors")[1]["optimizer"]["param_groups"]
+    assert [(tuple(g["betas"]), g["lr"]) for g in groups] == [((0.0, 0.999), 5e-3), ((0.9, 0.999), 0.1)]

@@ -28,6 +28,12 @@ from diffsamp.samplers.grid import available_schedules
                    "for discrete-time DDPM networks, whose output is not smooth between their integer timesteps).")
 @click.option("--step-offsets/--no-step-offsets", default=True, show_default=True,
               help="Per-sample predictor: a learned logit offset per step beside the shared network.")
+@click.option("--first-step-static/--no-first-step-static", default=True, show_default=True,
+              help="Per-sample predictor under AFS: the first step (no features) has logits of its own, trained "
+                   "as --static's, instead of the shared network's.")
+@click.option("--beta1", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="Adam's β1 (default 0 for the per-sample network, whose r would otherwise overshoot its "
+                   "optimum; 0.9 with --static).")
 @click.option("--trajectories", default=10_000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True),
@@ -41,7 +47,7 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")
 def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None, afs: bool | None, teacher: str | None,
                    teacher_m: int | None, static: bool, scale_dir: float, scale_time: float | None, max_order: int,
-                   r_gradient: str | None, step_offsets: bool,
+                   r_gradient: str | None, step_offsets: bool, first_step_static: bool, beta1: float | None,
                    trajectories: int,
                    batch: int, lr: float | None, clip: bool | None, seed: int, device: str, out: str, resume: bool,
                    quiet: bool, snapshots: str) -> None:
@@ -64,6 +70,7 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
         opts = AmedTrainOptions(sampler=sampler, nfe=nfe, schedule=schedule, afs=afs, teacher=teacher,
                                 teacher_m=teacher_m, static=static, scale_dir=scale_dir, scale_time=scale_time,
                                 max_order=max_order, r_gradient=r_gradient, step_offsets=step_offsets,
+                                first_step_static=first_step_static, beta1=beta1,
                                 trajectories=trajectories, batch=batch, lr=lr, seed=seed)
         opts.resolved()
     except (ValueError, FileNotFoundError) as exc:

@@ -75,12 +75,13 @@ class AmedPredictor(nn.Module):
 
     Pooled bottleneck feature h (B, F) → Linear(F, 128) → SiLU → Linear(128, 4); concatenated with the
     embeddings of σ and σ' (8 each); one Linear (+ a per-step offset with ``num_steps``) + sigmoid per head:
-    r, and c / a when their scale is > 0.
+    r, and c / a when their scale is > 0. ``first_step_static``: step 0 is AFS's (no evaluation at σ_0, so no
+    features and an r the same for every sample): its logits are parameters of their own, not the network's.
     """
 
     def __init__(
         self, feature_dim: int, *, scale_dir: float = 0.01, scale_time: float = 0.0, hidden: int = 128,
-        bottleneck: int = 4, time_channels: int = 8, num_steps: int = 0,
+        bottleneck: int = 4, time_channels: int = 8, num_steps: int = 0, first_step_static: bool = False,
     ) -> None:
         super().__init__()
         self.feature_dim = int(feature_dim)
@@ -89,6 +90,7 @@ class AmedPredictor(nn.Module):
         # those; an offset of its own lets each step still reach its own optimum.
         self.num_steps = int(num_steps)
         self.step_logits = nn.Parameter(torch.zeros(self.num_steps, 3)) if self.num_steps else None
+        self.first_logits = nn.Parameter(torch.zeros(3)) if first_step_static else None
         self.scale_dir, self.scale_time = float(scale_dir), float(scale_time)
         self.features = nn.Sequential(nn.Linear(feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, bottleneck))
         for lin in (self.features[0], self.features[2]):
@@ -104,12 +106,15 @@ class AmedPredictor(nn.Module):
         h = h.reshape(h.shape[0], -1).to(self.heads.weight.dtype)
         if h.shape[1] != self.feature_dim:
             raise ValueError(f"the predictor was trained on {self.feature_dim} features, got {h.shape[1]}")
-        t = torch.cat([self.time(sigma), self.time(sigma_next)]).expand(h.shape[0], -1)
-        logits = self.heads(torch.cat([self.features(h), t], dim=1))
-        if self.step_logits is not None:
-            if not 0 <= step < self.num_steps:
-                raise ValueError(f"this AMED predictor has {self.num_steps} steps, asked for step {step}")
-            logits = logits + self.step_logits[step]
+        if step == 0 and self.first_logits is not None:
+            logits = self.first_logits.expand(h.shape[0], -1)
+        else:
+            t = torch.cat([self.time(sigma), self.time(sigma_next)]).expand(h.shape[0], -1)
+            logits = self.heads(torch.cat([self.features(h), t], dim=1))
+            if self.step_logits is not None:
+                if not 0 <= step < self.num_steps:
+                    raise ValueError(f"this AMED predictor has {self.num_steps} steps, asked for step {step}")
+                logits = logits + self.step_logits[step]
         r = torch.sigmoid(logits[:, 0])
         return r, _bounded(logits[:, 1], self.scale_dir), _bounded(logits[:, 2], self.scale_time)
 

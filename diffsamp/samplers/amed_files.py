@@ -48,6 +48,8 @@ def save_predictor(predictor: AmedPredictor | StaticPredictor, path: str | os.Pa
         arch.update(kind="features", feature_dim=predictor.feature_dim)
         if predictor.num_steps:
             arch.update(num_steps=predictor.num_steps)
+        if predictor.first_logits is not None:
+            arch.update(first_step_static=True)
     write_text(cfg_path, json.dumps({"format": FORMAT, "predictor": arch, **config}, indent=2) + "\n")
     return cfg_path
 
@@ -88,7 +90,7 @@ def load_predictor(name_or_path: str | os.PathLike) -> AmedPredictor | StaticPre
         pred = StaticPredictor(arch["num_steps"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
     else:
         pred = AmedPredictor(arch["feature_dim"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"],
-                             num_steps=arch.get("num_steps", 0))
+                             num_steps=arch.get("num_steps", 0), first_step_static=arch.get("first_step_static", False))
     pred.load_state_dict(load_file(str(_paths(cfg_path)[0])))
     pred.eval().requires_grad_(False)
     pred.config = cfg  # type: ignore[attr-defined]
