@@ -4,9 +4,12 @@ Each iteration draws fresh noise, runs the teacher on the refined grid (M points
 points at the student's σ's are the targets), then steps the student interval by interval: squared-L2 to the
 teacher point, one Adam step per interval, gradients through the network's evaluation at s (the network is
 frozen; for a discrete-time network r's gradient is a per-sample central difference over ±π timesteps, since
-the exact one follows the network's wiggle between its integer timesteps: ``student_step``). Single-step students restart every interval from the teacher's point (teacher forcing); multistep
-students carry their own output and history. The run resumes from ``checkpoint.safetensors`` (written
-atomically after every iteration, and at SIGINT/SIGTERM at an iteration boundary).
+the exact one follows the network's wiggle between its integer timesteps: ``student_step``). Single-step
+students restart every interval from the teacher's point (teacher forcing); multistep students carry their own
+output and history. The per-sample network trains with Adam at β1 = 0 (NETWORK_BETA1); under AFS its first
+step, which reads no features, has logits of its own (``first_step_static``). The run resumes from
+``checkpoint.safetensors`` (written atomically after every iteration, and at SIGINT/SIGTERM at an iteration
+boundary).
 """
 
 from __future__ import annotations
