@@ -58,7 +58,7 @@ NETWORK_LR, STATIC_LR = 5e-3, 0.1
 # ≈ 0.5 per iteration, as much as the width of that step's optimum (mnist-ddpm, 3 NFE, time-uniform, last step:
 # loss 28 at r = 0.11, 36 at 0.15 and 0.05); with momentum (0.9) r passes its optimum and is carried into the
 # sigmoid's flat end (r → 0.001, loss 72, benchmarks/amed_step_dynamics.py); without it the step settles there.
-NETWORK_BETA1 = 0.0
+NETWORK_BETA1, STATIC_BETA1 = 0.0, 0.9
 
 
 @dataclass
@@ -86,7 +86,7 @@ class AmedTrainOptions:
     r_gradient: str | None = None
     step_offsets: bool = True  # per-sample predictor: a learned logit offset per step (AmedPredictor num_steps)
     # per-sample predictor under AFS: the first step (no features) gets logits of its own, trained as the static
-    # predictor's (STATIC_LR, Adam β1 0.9), and does not move the shared network (AmedPredictor first_step_static)
+    # predictor's (STATIC_LR, STATIC_BETA1), and does not move the shared network (AmedPredictor first_step_static)
     first_step_static: bool = True
     # Adam's β1 for the per-sample network (None: NETWORK_BETA1); the static predictor's logits keep 0.9
     beta1: float | None = None
@@ -105,7 +105,7 @@ class AmedTrainOptions:
             "schedule": self.schedule or SCHEDULES.get(self.sampler, "karras"),
             "scale_time": (0.2 if self.sampler == "ipndm+amed" else 0.0) if self.scale_time is None else self.scale_time,
             "lr": (STATIC_LR if self.static else NETWORK_LR) if self.lr is None else self.lr,
-            "beta1": (0.9 if self.static else NETWORK_BETA1) if self.beta1 is None else self.beta1,
+            "beta1": (STATIC_BETA1 if self.static else NETWORK_BETA1) if self.beta1 is None else self.beta1,
             "first_step_static": self.first_step_static and afs and not self.static,
         })
 
@@ -263,11 +263,12 @@ def train_amed(
                                           num_steps=opts.steps if opts.step_offsets else 0,
                                           first_step_static=opts.first_step_static)
     ).to(device)
-    first = [predictor.first_logits] if getattr(predictor, "first_logits", None) is not None else []
-    groups = [{"params": [p for p in predictor.parameters() if all(p is not q for q in first)],
-               "betas": (opts.beta1, 0.999)}]
+    # the AFS step's own logits (first_step_static) train as the static predictor's
+    named = dict(predictor.named_parameters())
+    first = [named.pop("first_logits")] if "first_logits" in named else []
+    groups = [{"params": list(named.values()), "betas": (opts.beta1, 0.999)}]
     if first:
-        groups.append({"params": first, "lr": STATIC_LR, "betas": (0.9, 0.999)})
+        groups.append({"params": first, "lr": STATIC_LR, "betas": (STATIC_BETA1, 0.999)})
     optimizer = torch.optim.Adam(groups, lr=opts.lr, eps=1e-8)
     iterations = math.ceil(opts.trajectories / opts.batch)
     it, elapsed_before, losses = 0, 0.0, []
@@ -352,7 +353,8 @@ def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     if state.get("kind") != "amed":
         raise ValueError(f"{path} is not an AMED training checkpoint")
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
-    theirs = {"r_gradient": "autograd", "step_offsets": False, "first_step_static": False, "beta1": 0.9,  # what checkpoints from before these options did
+    # what checkpoints from before these options did
+    theirs = {"r_gradient": "autograd", "step_offsets": False, "first_step_static": False, "beta1": STATIC_BETA1,
               **{k: v for k, v in state["options"].items() if k != "trajectories"}}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
