@@ -1,8 +1,8 @@
 """What the images of a few-step bench cell look like, beside their distance to the converged ODE.
 
 FID and the RMS error to the converged probability-flow ODE can disagree: a sampler nearer the ODE's end point
-in L2 can score a worse FID when its error is of a kind the Inception features weigh heavily (grain inside the
-strokes, dim strokes). For each row (planned exactly as `diffsamp bench` plans its cell: grid, AFS, shipped
+in L2 can score a worse FID when its error is of a kind the Inception features weigh heavily (here: dimmer,
+speckled strokes). For each row (planned exactly as `diffsamp bench` plans its cell: grid, AFS, shipped
 predictor) this samples the same seeds and prints, against the bench's reference row (heun, 18 steps to 0 =
 35 NFE, EDM), the RMS to it, the mean |x + 1| on its background (pixels < −0.9 there), the mean value on its
 strokes, the pixel std and the vertical-gradient energy E[(x[i+1, j] − x[i, j])²] (sharpness). It writes the
@@ -42,12 +42,15 @@ def main() -> None:
     ap.add_argument("--rows", default="dpm2,amed,ddim", help="bench rows, e.g. dpm2,amed,amed:tu,ddim")
     ap.add_argument("--schedule", action="append", default=[], help="ROW=SCHEDULE, as `diffsamp bench --schedule`")
     ap.add_argument("--num", type=int, default=64)
-    ap.add_argument("--out", default=None, help="PNG of the rows' grids side by side")
+    ap.add_argument("--out", default=None, help="PNG of the reference's and the rows' grids side by side")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = load(args.model)
     shape = sample_shape(model)
     seeds = list(range(args.num))
+    bad = [s for s in args.schedule if "=" not in s]
+    if bad:
+        ap.error(f"--schedule takes ROW=SCHEDULE, got {bad[0]!r}")
     schedules = dict(s.split("=", 1) for s in args.schedule)
     ref = diffsamp.generate(model, shape, sampler="heun", steps=18, seeds=seeds).images
     stats_ref = image_stats(ref, ref)
@@ -68,6 +71,7 @@ def main() -> None:
         save_images(sheet, args.out, text={"rows": args.rows, "nfe": str(args.nfe), "model": args.model,
                                            "seeds": f"0-{args.num - 1}"})
         print(f"-> {args.out}")
+
 
 if __name__ == "__main__":
     main()
