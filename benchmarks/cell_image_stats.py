@@ -19,7 +19,7 @@ import torch
 
 import diffsamp
 from diffsamp.images import make_grid, save_images
-from diffsamp.metrics.bench import plan_cell
+from diffsamp.metrics.bench import plan_cell, reference_plan
 from diffsamp.models.zoo import load, sample_shape
 
 
@@ -52,12 +52,15 @@ def main() -> None:
     if bad:
         ap.error(f"--schedule takes ROW=SCHEDULE, got {bad[0]!r}")
     schedules = dict(s.split("=", 1) for s in args.schedule)
-    ref = diffsamp.generate(model, shape, sampler="heun", steps=18, seeds=seeds).images
+    rp = reference_plan(model)
+    ref = diffsamp.generate(model, shape, sampler=rp.method, grid=rp.grid, seeds=seeds, **rp.knobs).images
     stats_ref = image_stats(ref, ref)
-    print(f"# {args.model}, {args.num} images (seeds 0–{args.num - 1}), NFE {args.nfe}; reference: heun 18 steps to 0")
+    print(f"# {args.model}, {args.num} images (seeds 0–{args.num - 1}), NFE {args.nfe}; "
+          f"reference: {rp.method}, {rp.setting}")
     print("| row | setting | " + " | ".join(stats_ref) + " |")
     print("|---|---|" + "---|" * len(stats_ref))
-    print("| reference (heun 35 NFE) | karras, 18 steps to 0 | " + " | ".join(f"{v:.4f}" for v in stats_ref.values()) + " |")
+    values = " | ".join(f"{v:.4f}" for v in stats_ref.values())
+    print(f"| reference ({rp.method} {rp.nfe} NFE) | {rp.setting} | {values} |")
     grids = [ref]
     for row in args.rows.split(","):
         plan = plan_cell(model, args.model, row, args.nfe, schedules=schedules)

@@ -131,6 +131,12 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
     return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {nfe} steps to σ_min")
 
 
+def reference_plan(model: Denoiser) -> CellPlan:
+    """The table's high-NFE reference row: Heun on 18 karras steps to σ = 0, 35 NFE (EDM, Karras et al. 2022)."""
+    grid = get_schedule("karras", model=model).grid(18)
+    return CellPlan("heun", 35, "heun", grid, {}, "karras", "karras, 18 steps to 0 (EDM)")
+
+
 @dataclass
 class CellResult:
     """A finished cell: FID/KID, measured NFE, wall time and everything that made it."""
@@ -311,10 +317,9 @@ def bench(
         cells.append(c)
     ref_cell = None
     if reference_row:
-        sched = get_schedule("karras", model=model)
-        plan = CellPlan("heun", 35, "heun", sched.grid(18), {}, "karras", "karras, 18 steps to 0 (EDM)")
-        ref_cell = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size,
-                            clip=clip, cache_dir=cache, cache_parts=parts, progress=progress, cached_only=cached_only)
+        ref_cell = run_cell(model, reference_plan(model), reference=ref, extractor=extractor, num=num,
+                            batch_size=batch_size, clip=clip, cache_dir=cache, cache_parts=parts, progress=progress,
+                            cached_only=cached_only)
         if ref_cell is not None:
             ref_cell.nfe_target = None
     table = format_table(cells, nfes, floor, ref_cell)
