@@ -4,7 +4,7 @@ The run is ``train amed`` itself (``train_amed(..., observe=...)``: r as the pre
 interval, before that interval's optimizer step). Read with ``amed_r_gradient.py --step K``, which gives the
 same step's teacher-forced loss at fixed r: where its optimum is, and the sign of the gradient around it.
 
-    python benchmarks/amed_step_dynamics.py --model mnist-ddpm --nfe 3 --trajectories 1536
+    python experiments/amed_step_dynamics.py --model mnist-ddpm --nfe 3 --trajectories 1536
 """
 
 from __future__ import annotations

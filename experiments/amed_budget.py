@@ -2,7 +2,7 @@
 kept, then the finished predictor, each scored as a cell of an existing `diffsamp bench` directory (same model,
 reference, N, seeds and cache, so the finished predictor's cell is the bench's own when it is the shipped one).
 
-    python benchmarks/amed_budget.py --bench benchmarks/results/bench_mnist-ddpm --run runs/mnist-ddpm-amed-nfe5 \
+    python experiments/amed_budget.py --bench benchmarks/results/bench_mnist-ddpm --run runs/mnist-ddpm-amed-nfe5 \
         --final mnist-ddpm/amed-nfe5 --sampler amed --nfe 5 --inception ../shared/weights/...pt --data-dir ../shared/data
 
 Writes ``budget_<sampler>-nfe<N>.md`` and ``fid_vs_trajectories_<sampler>-nfe<N>.png`` into the bench directory.

@@ -8,7 +8,7 @@ predictor) this samples the same seeds and prints, against the bench's reference
 strokes, the pixel std and the vertical-gradient energy E[(x[i+1, j] − x[i, j])²] (sharpness). It writes the
 reference's and the rows' image grids side by side (one PNG, left to right: the reference, then the rows as listed).
 
-    python benchmarks/cell_image_stats.py --model mnist-ddpm --nfe 7 --rows dpm2,amed,amed:tu,ddim --out stats7.png
+    python experiments/cell_image_stats.py --model mnist-ddpm --nfe 7 --rows dpm2,amed,amed:tu,ddim --out stats7.png
 """
 
 from __future__ import annotations

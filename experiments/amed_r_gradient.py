@@ -6,7 +6,7 @@ fine grid of r (a DDPM UNet fed the fractional timestep of s wiggles with a peri
 coarser r the loss, the exact ∂L/∂r and the smoothed one (per-sample central difference over ±π timesteps,
 ``diffsamp.training.amed.student_step``). A useful gradient has the sign of the loss's trend.
 
-    python benchmarks/amed_r_gradient.py --model mnist-ddpm --nfe 3 --step 0 --num 32
+    python experiments/amed_r_gradient.py --model mnist-ddpm --nfe 3 --step 0 --num 32
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The minimum per row is what training should approach; with ``--predictor`` the l
 over the images) is printed beside it, so an under-trained predictor shows as a learned r far from the minimum.
 ``--scan-c R1,R2,…`` prints the same error against the direction scale c at those per-step r instead.
 
-    python benchmarks/amed_one_step.py --model mnist-ddpm --schedule karras --steps 3 --predictor mnist-ddpm/amed-nfe5
+    python experiments/amed_one_step.py --model mnist-ddpm --schedule karras --steps 3 --predictor mnist-ddpm/amed-nfe5
 """
 
 from __future__ import annotations
