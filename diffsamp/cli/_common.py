@@ -142,6 +142,45 @@ def parse_knobs(sampler: str, items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def check_writable(path: str, hint: str, *, folder: bool) -> None:
+    """Refuse, before any expensive work, a destination that cannot be written: the folder (``path`` itself, or
+    its parent for a file) is created if missing and a probe file is written in it and removed, so a read-only
+    file system, a missing permission or an impossible folder (``/proc/x``) is a one-line error naming it."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not folder and p.is_dir():
+        raise click.BadParameter(f"{p} is a folder; give a file name such as {p / 'grid.png'}", param_hint=hint)
+    where = p if folder else p.parent
+    first = where
+    while not first.exists() and first != first.parent:
+        first = first.parent
+    if not first.is_dir():
+        raise click.BadParameter(f"cannot write {p}: {first} is a file, not a folder", param_hint=hint)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create the folder {where}: {os.strerror(exc.errno or errno.EIO)}",
+                                 param_hint=hint) from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffsamp-write-test.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write in the folder {where}: {os.strerror(exc.errno or errno.EIO)}",
+                                 param_hint=hint) from None
+
+
+def writable_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback for a run/output folder option: ``check_writable`` as soon as the option is parsed."""
+    if value is not None:
+        check_writable(value, param.opts[0] if param.opts else str(param.name), folder=True)
+    return value
+
+
 def load_or_fail(name: str, **kwargs: Any) -> Denoiser:
     """``diffsamp.models.load`` with its errors as one-line click errors."""
     from diffsamp.models import load

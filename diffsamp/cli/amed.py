@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diffsamp.cli._common import load_or_fail, resolve_device
+from diffsamp.cli._common import load_or_fail, resolve_device, writable_folder
 from diffsamp.cli.train import train
 from diffsamp.samplers.amed import AMED_SAMPLERS
 from diffsamp.samplers.grid import available_schedules
@@ -41,7 +41,7 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (predictor.json + .safetensors).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), callback=writable_folder, help="Run directory (predictor.json + .safetensors).")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diffsamp.cli._common import load_or_fail, main, resolve_device
+from diffsamp.cli._common import check_writable, load_or_fail, main, resolve_device
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -92,6 +92,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
                                  param_hint="--knob")
     targets = _int_list(nfes, "--nfe")
     device = resolve_device(device)
+    check_writable(out, "--out", folder=True)
     clip_text = {None: "as the model's scheduler config", True: "on", False: "off"}[clip]
     try:
         model = load_or_fail(model_name, device=device, clip=clip)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli._common import main, nonnegative, resolve_device
+from diffsamp.cli._common import check_writable, main, nonnegative, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 
@@ -105,6 +105,7 @@ def ref_cmd(folder, dataset, split, data_dir, num, pad_to, padding, features, no
         raise click.UsageError("give either a FOLDER of images or --dataset, not both or neither")
     if not out.endswith(".npz"):
         raise click.BadParameter(f"{out!r} must end in .npz", param_hint="--out")
+    check_writable(out, "--out", folder=False)
     if dataset is not None:
         if padding is not None:
             raise click.BadParameter("--padding describes a folder; for a data set use --pad-to", param_hint="--padding")

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from diffsamp.cli._common import main
+from diffsamp.cli._common import check_writable, main
 
 
 def _device(device: str) -> str:
@@ -111,6 +111,8 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
     if method == "ode" and (steps is not None or t_samples is not None):
         raise click.UsageError("--steps and --t-samples belong to --method elbo")
     dev = _device(device)
+    if out is not None:
+        check_writable(out, "--out", folder=True)
     started = time.perf_counter()
     try:
         raw = load_dataset_uint8(dataset, split, data_dir, pad_to=None, limit=num)

@@ -24,6 +24,7 @@ from diffsamp.cli._common import (
     parse_knobs,
     pop_options,
     resolve_device,
+    writable_folder,
 )
 from diffsamp.cli.train import loop_config, loop_options, train
 from diffsamp.samplers import available_samplers, available_schedules, get_sampler
@@ -174,7 +175,7 @@ def reflow_group() -> None:
 @click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="Default: rf for rectified flows, karras otherwise.")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Sampler steps (rk45: ignored, adaptive: it integrates the schedule's σ_max → σ_min).")
 @click.option("--num", required=True, type=click.IntRange(min=1), help="Number of pairs.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Pairs directory (resumes if it exists).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), callback=writable_folder, help="Pairs directory (resumes if it exists).")
 @click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Pair i uses noise seed SEED + i.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli._common import knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
+from diffsamp.cli._common import check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
 from diffsamp.models.base import Wrapper
 from diffsamp.samplers import available_samplers, available_schedules
 
@@ -76,8 +76,6 @@ class SeedList(click.ParamType):
 def _check_destination(path: str, hint: str, *, folder: bool) -> None:
     """Refuse, before any sampling, a destination that cannot be written: an unknown image extension, a file
     where a folder is needed (on the way to it too), a folder where a file is needed, or no write permission."""
-    import os
-
     from diffsamp.images import image_format
 
     p = Path(path).expanduser()
@@ -88,13 +86,7 @@ def _check_destination(path: str, hint: str, *, folder: bool) -> None:
             raise click.BadParameter(str(exc), param_hint=hint) from None
         if p.is_dir():
             raise click.BadParameter(f"{p} is a folder; give a file name such as {p / 'grid.png'}", param_hint=hint)
-    first = p if folder else p.parent
-    while not first.exists() and first != first.parent:
-        first = first.parent
-    if first.exists() and not first.is_dir():
-        raise click.BadParameter(f"cannot write {p}: {first} is a file, not a folder", param_hint=hint)
-    if first.exists() and not os.access(first, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"cannot write {p}: no permission to write in {first}", param_hint=hint)
+    check_writable(path, hint, folder=folder)  # creates the folder and writes a probe file in it
 
 
 def _json_value(value):  # noqa: ANN001, ANN202 - any knob value

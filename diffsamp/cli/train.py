@@ -16,13 +16,13 @@ from typing import Any
 
 import click
 
-from diffsamp.cli._common import main, pop_options, resolve_device
+from diffsamp.cli._common import main, pop_options, resolve_device, writable_folder
 
 
 def loop_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options every trainer shares (the loop's ``TrainConfig`` plus run dir, device, resume)."""
     opts = [
-        click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory."),
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False), callback=writable_folder, help="Run directory."),
         click.option("--steps", default=20_000, show_default=True, type=click.IntRange(min=1), help="Optimizer steps in total."),
         click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1)),
         click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak AdamW learning rate."),
