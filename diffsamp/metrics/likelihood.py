@@ -41,7 +41,7 @@ the unpadded image because the padding is deterministic.
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.base import Denoiser, clipping_off, prior_scale
 from diffsamp.models.diffusers_unet import alphas_cumprod_of
 from diffsamp.models.parameterization import ddpm_sigmas
 from diffsamp.samplers.grid import DDPMSchedule
@@ -75,13 +75,15 @@ def model_alphas_cumprod(model: Any) -> Tensor:
     return torch.as_tensor(table, dtype=torch.float64).cpu()
 
 
-def _unclipped(model: Any) -> Any:
-    """The model with x̂0 clipping off (a shallow copy; the network is shared)."""
-    if model.clip_sample is None:
-        return model
-    out = copy.copy(model)
-    out.clip_sample = None
-    return out
+def _unclipped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs ``fn(model, …)`` with the model's own x̂0 clipping off (``clipping_off``: any wrappers, restored after)."""
+
+    @functools.wraps(fn)
+    def run(model: Denoiser, *args: Any, **kwargs: Any) -> Any:
+        with clipping_off(model):
+            return fn(model, *args, **kwargs)
+
+    return run
 
 
 def chain_timesteps(alphas_cumprod: Tensor, steps: int | None = None) -> Tensor:
@@ -252,6 +254,7 @@ def importance_proposal(coef: ChainCoefficients, data_var: float = 1.0, uniform_
     return (1 - uniform_mix) * p + uniform_mix / n
 
 
+@_unclipped
 def elbo(
     model: Denoiser,
     images: Tensor,
@@ -286,7 +289,7 @@ def elbo(
     coef = chain_coefficients(ac, chain_timesteps(ac, steps))
     K = len(coef.timesteps)
     var = coef.variance(variance)
-    net = _unclipped(model)
+    net = model  # x̂0 clipping is off here (@_unclipped)
     x_all, discrete, bin_w = _as_model_data(images, data_range)
     N = x_all.shape[0]
     dims = int(x_all[0].numel())

@@ -8,7 +8,8 @@ everything code outside ``diffsamp.models`` may read from a model; ``DenoiserBas
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -168,6 +169,26 @@ def unwrap(model: Denoiser) -> Denoiser:
     while isinstance(model, Wrapper):
         model = model.inner
     return model
+
+
+@contextmanager
+def clipping_off(model: Denoiser) -> Iterator[Denoiser]:
+    """``model`` with its own x̂0 clipping (``clip_sample``) off for the duration of the block.
+
+    The setting lives on the innermost model (every ``Wrapper`` forwards it), so that is where it is switched
+    off and restored afterwards, whatever the wrappers around it: the caller's wrappers keep working (a
+    ``CountingDenoiser`` still counts). A ``ClampDenoiser`` wrapped around the model on purpose stays.
+    """
+    inner = unwrap(model)
+    saved = inner.clip_sample
+    if saved is None:
+        yield model
+        return
+    inner.clip_sample = None  # type: ignore[misc]
+    try:
+        yield model
+    finally:
+        inner.clip_sample = saved  # type: ignore[misc]
 
 
 class CountingDenoiser(Wrapper):
