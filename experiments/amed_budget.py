@@ -3,7 +3,7 @@ kept, then the finished predictor, each scored as a cell of an existing `diffsam
 reference, N, seeds and cache, so the finished predictor's cell is the bench's own when it is the shipped one).
 
     python experiments/amed_budget.py --bench benchmarks/results/bench_mnist-ddpm --run runs/mnist-ddpm-amed-nfe5 \
-        --final mnist-ddpm/amed-nfe5 --sampler amed --nfe 5 --inception ../shared/weights/...pt --data-dir ../shared/data
+        --final mnist-ddpm/amed-nfe5 --sampler amed --nfe 5 --inception $DIFFSAMP_INCEPTION --data-dir $DIFFSAMP_DATA
 
 Writes ``budget_<sampler>-nfe<N>.md`` and ``fid_vs_trajectories_<sampler>-nfe<N>.png`` into the bench directory.
 """
@@ -15,12 +15,9 @@ import json
 import os
 from pathlib import Path
 
-from diffsamp.io import write_text
-from diffsamp.metrics.bench import cache_parts, plan_cell, run_cell
-from diffsamp.metrics.inception import load_extractor
-from diffsamp.metrics.scoring import resolve_reference
-from diffsamp.models.zoo import load
-from diffsamp.samplers.amed_files import load_predictor
+from diffsamp import load_predictor
+from diffsamp.metrics import cache_parts, load_extractor, plan_cell, resolve_reference, run_cell
+from diffsamp.models import load
 
 
 def main() -> None:
@@ -60,7 +57,7 @@ def main() -> None:
              f"against the training budget (`{args.run}`)\n", "| trajectories | FID | KID×10³ | predictor |",
              "|---|---|---|---|"]
     lines += [f"| {t} | {f:.2f} | {1e3 * k:.1f} | {p} |" for t, f, k, p in rows]
-    write_text(bench_dir / f"budget_{name}.md", "\n".join(lines) + "\n")
+    (bench_dir / f"budget_{name}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 

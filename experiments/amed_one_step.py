@@ -1,6 +1,6 @@
 """Where an AMED step should evaluate: the one-step error against r, and the r a trained predictor chose.
 
-For each interval [σ_i, σ_{i+1}] of a grid, the AMED-Solver step (SPEC §6.4; AFS on the first) starts from a
+For each interval [σ_i, σ_{i+1}] of a grid, the AMED-Solver step (Zhou et al. 2024, AMED Eq. 9; AFS on the first) starts from a
 converged point of the probability-flow ODE at σ_i (dpm2 with 40 log-uniform sub-steps per interval, the
 teacher forcing of training) and is compared with the converged point at σ_{i+1}, for r on a grid and c = 1.
 The minimum per row is what training should approach; with ``--predictor`` the learned per-step r (mean ± std
@@ -18,10 +18,9 @@ import math
 import torch
 
 import diffsamp
-from diffsamp.models.base import prior_scale
-from diffsamp.models.zoo import load, sample_shape
-from diffsamp.samplers.amed import FixedPredictor, StepState, amed_step, step_start
-from diffsamp.samplers.amed_files import load_predictor
+from diffsamp import FixedPredictor, load_predictor
+from diffsamp.models import load, prior_scale, sample_shape
+from diffsamp.samplers import StepState, amed_step, step_start
 
 RS = (0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.98)
 CS = (0.8, 0.9, 0.95, 0.98, 0.99, 1.0, 1.01, 1.02, 1.05)

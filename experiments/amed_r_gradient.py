@@ -4,7 +4,7 @@ One student step of ``amed`` (AFS on the first), teacher-forced from the teacher
 teacher's point at σ_{i+1} (dpm2, M = 3, as ``train amed``), for r held the same for every image: the loss on a
 fine grid of r (a DDPM UNet fed the fractional timestep of s wiggles with a period of ≈ 2π timesteps), then at
 coarser r the loss, the exact ∂L/∂r and the smoothed one (per-sample central difference over ±π timesteps,
-``diffsamp.training.amed.student_step``). A useful gradient has the sign of the loss's trend.
+``diffsamp.training.student_step``). A useful gradient has the sign of the loss's trend.
 
     python experiments/amed_r_gradient.py --model mnist-ddpm --nfe 3 --step 0 --num 32
 """
@@ -16,10 +16,10 @@ import argparse
 import numpy as np
 import torch
 
-from diffsamp.models.base import prior_scale
-from diffsamp.models.zoo import load, sample_shape
-from diffsamp.samplers.amed import FixedPredictor, StepState, step_start
-from diffsamp.training.amed import AmedTrainOptions, student_grids, student_step, teacher_targets
+from diffsamp import FixedPredictor
+from diffsamp.models import load, prior_scale, sample_shape
+from diffsamp.samplers import StepState, step_start
+from diffsamp.training import AmedTrainOptions, student_grids, student_step, teacher_targets
 
 
 class _SameR(torch.nn.Module):

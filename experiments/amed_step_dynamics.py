@@ -17,8 +17,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from diffsamp.models.zoo import load, sample_shape
-from diffsamp.training.amed import AmedTrainOptions, train_amed
+from diffsamp.models import load, sample_shape
+from diffsamp.training import AmedTrainOptions, train_amed
 
 
 def main() -> None:

@@ -18,9 +18,20 @@ import argparse
 import torch
 
 import diffsamp
-from diffsamp.images import make_grid, save_images
-from diffsamp.metrics.bench import plan_cell, reference_plan
-from diffsamp.models.zoo import load, sample_shape
+from diffsamp.metrics import plan_cell, reference_plan
+from diffsamp.models import load, sample_shape
+
+
+def tile(x: torch.Tensor, ncol: int = 8, pad: int = 2) -> torch.Tensor:
+    """(N, C, H, W) images in [-1, 1] as one uint8 (C, H', W') grid, ``ncol`` per row, black padding."""
+    u = diffsamp.to_uint8(x)
+    n, c, h, w = u.shape
+    rows = -(-n // ncol)
+    out = torch.zeros((c, rows * (h + pad) + pad, ncol * (w + pad) + pad), dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = u[i]
+    return out
 
 
 def image_stats(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -68,10 +79,10 @@ def main() -> None:
         print(f"| {row} | {plan.setting} | " + " | ".join(f"{v:.4f}" for v in image_stats(x, ref).values()) + " |")
         grids.append(x)
     if args.out:
-        tiles = [make_grid(x, 8) for x in grids]
+        tiles = [tile(x, 8) for x in grids]
         gap = torch.full((tiles[0].shape[0], tiles[0].shape[1], 8), 255, dtype=torch.uint8)
         sheet = torch.cat([t if i == 0 else torch.cat([gap, t], dim=2) for i, t in enumerate(tiles)], dim=2)
-        save_images(sheet, args.out, text={"rows": args.rows, "nfe": str(args.nfe), "model": args.model,
+        diffsamp.save_images(sheet, args.out, text={"rows": args.rows, "nfe": str(args.nfe), "model": args.model,
                                            "seeds": f"0-{args.num - 1}"})
         print(f"-> {args.out}")
 

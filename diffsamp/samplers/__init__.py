@@ -16,12 +16,15 @@ from diffsamp.samplers.registry import (
 )
 from diffsamp.samplers._util import StepInfo
 from diffsamp.samplers import amed, ancestral, ode, sde  # noqa: F401  (registration side effects)
+from diffsamp.samplers.amed import StepState, amed_step, step_start
 
 __all__ = [
     "Grid",
     "SamplerSpec",
     "Schedule",
     "StepInfo",
+    "StepState",
+    "amed_step",
     "available_samplers",
     "available_schedules",
     "get_sampler",
@@ -29,4 +32,5 @@ __all__ = [
     "register_alias",
     "register_sampler",
     "schedule_description",
+    "step_start",
 ]
