@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ __all__ = [
     "iter_image_folder",
     "list_images",
     "load_image_folder",
-    "make_grid",
+    "image_grid",
     "save_grid",
     "save_image_folder",
     "save_images",
@@ -219,7 +220,7 @@ def _save(image: Tensor, path: str | os.PathLike, fmt: str, text: dict[str, str]
     return path
 
 
-def make_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> Tensor:
+def image_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> Tensor:
     """Tile (N, C, H, W) images into one uint8 (C, H', W') image, ``nrow`` images per row."""
     x = _as_uint8(images)
     if x.ndim != 4 or x.shape[0] == 0:
@@ -239,7 +240,7 @@ def make_grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> Path:
     """Write (N, C, H, W) images (uint8 or float in [-1, 1]) as one PNG grid with ``nrow`` images per row."""
-    return save_png(make_grid(images, nrow, padding, pad_value), path)
+    return save_png(image_grid(images, nrow, padding, pad_value), path)
 
 
 def save_images(
@@ -255,7 +256,7 @@ def save_images(
 
     fmt = image_format(path)
     if images.ndim == 4 and images.shape[0] > 1:
-        images = make_grid(images, nrow or max(1, math.ceil(math.sqrt(images.shape[0]))))
+        images = image_grid(images, nrow or max(1, math.ceil(math.sqrt(images.shape[0]))))
     return _save(images, path, fmt, text if fmt == "PNG" else None)
 
 
@@ -264,3 +265,13 @@ def save_image_folder(images: Tensor, folder: str | os.PathLike, start: int = 0,
     folder = Path(folder)
     return [save_png(img, folder / f"{prefix}{start + i:06d}.png") for i, img in enumerate(images)]
 
+
+def __getattr__(name: str) -> Any:
+    """``make_grid``, this module's old name of ``image_grid`` (deprecated: ``diffsamp.make_grid`` is the σ grid)."""
+    if name == "make_grid":
+        import warnings
+
+        warnings.warn("diffsamp.images.make_grid is now image_grid (diffsamp.make_grid builds σ grids)",
+                      DeprecationWarning, stacklevel=2)
+        return image_grid
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -302,8 +302,10 @@ def test_image_folder_roundtrip_sorted_and_grid(tmp_path):
     _write(tmp_path / "nat", "img10.png", np.full((2, 2), 10, np.uint8))
     _write(tmp_path / "nat", "img2.png", np.full((2, 2), 2, np.uint8))
     assert dimages.load_image_folder(tmp_path / "nat")[:, 0, 0, 0].tolist() == [2, 10]
-    grid = dimages.make_grid(x[:5], nrow=2, padding=1)
+    grid = dimages.image_grid(x[:5], nrow=2, padding=1)
     assert grid.shape == (3, 3 * 9 + 1, 2 * 7 + 1) and torch.equal(grid[:, 1:9, 8:14], x[1])
+    with pytest.warns(DeprecationWarning, match="image_grid"):
+        assert dimages.make_grid is dimages.image_grid  # the old name, for old scripts
     dimages.save_grid(dimages.to_float(x[:4]), tmp_path / "grid.png", nrow=2)  # float [-1, 1] is quantized back
     written = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png"))).permute(2, 0, 1)
     assert torch.equal(written[:, 2:10, 2:8], x[0])

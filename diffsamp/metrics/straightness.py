@@ -7,9 +7,8 @@ from torch import Tensor
 
 from diffsamp.api import integrate
 from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.parameterization import T_MAX
 from diffsamp.samplers import Grid, StepInfo
-
-T_MAX = 1.0 - 1e-3  # the RF start just inside σ = ∞ (``diffsamp.models.rectified_flow.T_MAX``)
 
 
 def straightness(

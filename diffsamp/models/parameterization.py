@@ -50,6 +50,11 @@ def v_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
 
 # --- rectified flow ---------------------------------------------------------------------------------
 
+# σ = ∞ (t = 1) is not representable: rectified-flow time runs from just inside it, t_max = 1 − 10⁻³, and
+# stops at t_min = 10⁻³ when not at 0 (the ε of the RF paper's code, Liu et al. 2023). The one definition.
+T_MAX = 1.0 - 1e-3
+T_MIN = 1e-3
+
 
 def rf_t_from_sigma(sigma: Tensor) -> Tensor:
     """t = σ/(1+σ) (RF with t=0 data, t=1 noise; SPEC §7.2 'RF, Su convention')."""

@@ -30,13 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffsamp.io import read_json, save_safetensors, write_json
+from diffsamp.io import load_safetensors, read_json, save_safetensors, write_json
 from diffsamp.models.base import DenoiserBase, Prior
 from diffsamp.models.networks import MLPVelocity, build_network, call_velocity, network_spec, param_dtype
-from diffsamp.models.parameterization import rf_t_from_sigma
-
-T_MAX = 1.0 - 1e-3  # the stated start just inside σ = ∞ (SPEC §5.3, §7.2)
-T_MIN = 1e-3
+from diffsamp.models.parameterization import T_MAX, T_MIN, rf_t_from_sigma
 FORMAT = "diffsamp-rectified-flow"
 FORMAT_VERSION = 1
 
@@ -167,7 +164,7 @@ def is_rf_model(path: str | os.PathLike) -> bool:
         return False
     try:
         return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object
         return False
 
 
@@ -185,15 +182,13 @@ def load_rf(
     path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> RFDenoiser:
     """Load an ``RFDenoiser`` saved by ``save_rf`` (or a run directory of ``diffsamp train rf|reflow|distill``)."""
-    from safetensors.torch import load_file
-
     cfg_path = _config_path(path)
     weights = cfg_path.with_suffix(".safetensors")
     config = read_json(cfg_path, fmt=FORMAT, what="a diffsamp rectified-flow model")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing (the weights of {cfg_path})")
     net = build_network(config["network"])
-    state = load_file(str(weights))
+    state = load_safetensors(weights)
     missing, unexpected = net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -54,7 +54,7 @@ def _bounded(logit: Tensor, scale: float) -> Tensor:
     return torch.sigmoid(logit) * 2 * scale + (1 - scale)
 
 
-class TimeEmbedding(nn.Module):
+class SigmaEmbedding(nn.Module):
     """Positional embedding of a scalar σ, [sin, cos] of σ·(10⁻⁴)^(k/(n/2−1)), then Linear + SiLU (SPEC §6.6)."""
 
     def __init__(self, channels: int = 8) -> None:
@@ -96,7 +96,7 @@ class AmedPredictor(nn.Module):
         for lin in (self.features[0], self.features[2]):
             nn.init.kaiming_normal_(lin.weight)
             nn.init.zeros_(lin.bias)
-        self.time = TimeEmbedding(time_channels)
+        self.time = SigmaEmbedding(time_channels)
         width = bottleneck + 2 * time_channels
         self.heads = nn.Linear(width, 3)  # logits of r, c, a
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from diffsamp.models.base import Denoiser
 from diffsamp.models.diffusers_unet import alphas_cumprod_of
-from diffsamp.models.parameterization import ddpm_sigmas
+from diffsamp.models.parameterization import T_MAX, T_MIN, ddpm_sigmas
 
 
 @dataclass(frozen=True)
@@ -193,8 +193,8 @@ class RFSchedule(Schedule):
     final zero the n steps are equal in t down to t = 0; without it the grid ends at ``t_min``.
     """
 
-    t_max: float = 1 - 1e-3
-    t_min: float = 1e-3
+    t_max: float = T_MAX
+    t_min: float = T_MIN
 
     def __post_init__(self) -> None:
         if not 0 < self.t_min < self.t_max < 1:

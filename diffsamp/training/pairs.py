@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from diffsamp.io import read_json, save_safetensors, write_json
-from diffsamp.api import integrate as api_integrate
-from diffsamp.api import make_grid
+from diffsamp.api import integrate, make_grid
 from diffsamp.data import BatchSampler
 from diffsamp.data.toys import draw_noise
 from diffsamp.models.base import Denoiser
@@ -122,7 +121,7 @@ def read_meta(pairs_dir: str | os.PathLike) -> dict[str, Any]:
 _MATCH_KEYS = ("shape", "num", "shard_size", "seed", "model", "source", "sampler", "schedule", "steps", "knobs")
 
 
-def integrate(
+def integrate_on_schedule(
     model: Denoiser,
     z: Tensor,
     *,
@@ -133,10 +132,10 @@ def integrate(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, int]:
-    """Run ``sampler`` from the source draws ``z`` on ``steps`` of ``schedule`` through the sampling core
-    (``diffsamp.api``; adaptive samplers get the schedule's end points): (samples on CPU, NFE)."""
+    """``integrate`` on ``make_grid``'s grid: run ``sampler`` from the source draws ``z`` on ``steps`` of
+    ``schedule`` (adaptive samplers get the schedule's end points): (samples on CPU, NFE)."""
     grid = make_grid(model, sampler, schedule=schedule, steps=steps, knobs=knobs)
-    return api_integrate(model, z, sampler=sampler, grid=grid, device=device, dtype=dtype, knobs=knobs)
+    return integrate(model, z, sampler=sampler, grid=grid, device=device, dtype=dtype, knobs=knobs)
 
 
 def generate_pairs(
@@ -226,8 +225,8 @@ def generate_pairs(
         z = draw_noise(source, shape, lo, hi, plan.seed)
         samples = []
         for b in range(0, hi - lo, batch_size):
-            x, calls = integrate(model, z[b : b + batch_size], sampler=sampler, schedule=schedule, steps=steps,
-                                 knobs=knobs, device=device)
+            x, calls = integrate_on_schedule(model, z[b : b + batch_size], sampler=sampler, schedule=schedule,
+                                             steps=steps, knobs=knobs, device=device)
             samples.append(x)
             nfe = max(int(nfe or 0), calls)
             if bar is not None:

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
 from diffsamp.models.networks import MLPVelocity, call_velocity, make_unet
-from diffsamp.models.rectified_flow import T_MAX, RFDenoiser, save_rf
+from diffsamp.models.parameterization import T_MAX
+from diffsamp.models.rectified_flow import RFDenoiser, save_rf
 from diffsamp.models.zoo import load
 from diffsamp.training.cards import training_record
 from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
@@ -173,11 +174,11 @@ def _toy_scatter(den: RFDenoiser, n: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from diffsamp.data.toys import draw_noise
-    from diffsamp.training.pairs import integrate
+    from diffsamp.training.pairs import integrate_on_schedule
 
     z = draw_noise(den.source, (2,), 0, n, 0)
     dev = next(den.network.parameters()).device
-    x, _ = integrate(den, z, sampler="euler", schedule="rf", steps=64, device=dev)
+    x, _ = integrate_on_schedule(den, z, sampler="euler", schedule="rf", steps=64, device=dev)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(z[:, 0], z[:, 1], s=1, alpha=0.3, label="source")

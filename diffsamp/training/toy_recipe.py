@@ -16,7 +16,7 @@ from diffsamp.metrics.straightness import straightness
 from diffsamp.metrics.toy_distances import mmd_rbf, sliced_wasserstein
 from diffsamp.models.rectified_flow import RFDenoiser, load_rf
 from diffsamp.training.loop import TrainConfig
-from diffsamp.training.pairs import generate_pairs, integrate
+from diffsamp.training.pairs import generate_pairs, integrate_on_schedule
 from diffsamp.training.rectified_flow import RFTrainOptions, train_distill, train_reflow, train_rf
 
 
@@ -91,8 +91,8 @@ def rectify_toy(
     z = draw_noise(toy.source_name, (2,), 0, num_eval, seed + 30_000)
     metrics: dict = {}
     for label, m in models.items():
-        one, _ = integrate(m, z, sampler="euler", schedule="rf", steps=1)
-        many, _ = integrate(m, z, sampler="euler", schedule="rf", steps=100)
+        one, _ = integrate_on_schedule(m, z, sampler="euler", schedule="rf", steps=1)
+        many, _ = integrate_on_schedule(m, z, sampler="euler", schedule="rf", steps=100)
         s = straightness(m, z[:500], steps=100)
         metrics[label] = {
             "straightness": s["S"], "straightness_err": s["S_err"], "relative_straightness": s["relative"],
