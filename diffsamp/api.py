@@ -153,7 +153,7 @@ def generate(
     """Draw one image per seed with a registered sampler on a grid from a registered schedule.
 
     Each seed gets its own CPU ``torch.Generator`` for the initial noise and every injected noise, so
-    image i is the same whatever the batch size or device (DESIGN principle 4). The initial state at
+    image i is the same whatever the batch size or device (CONTRIBUTING.md). The initial state at
     σ_0 follows the model's prior (``prior_scale``). Runs under ``torch.inference_mode()`` and returns
     the NFE measured by a ``CountingDenoiser`` (per image: one batched call counts once).
     ``shape`` is one sample's shape, e.g. (1, 32, 32). ``schedule`` None: ``default_schedule(model)`` (``rf``

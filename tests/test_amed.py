@@ -1,4 +1,4 @@
-"""AMED (SPEC §6): identities with the base solvers, NFE, AFS, features through a hook, training on an oracle."""
+"""AMED (Zhou et al. 2024): identities with the base solvers, NFE, AFS, features via a hook, training on an oracle."""
 
 import json
 import math

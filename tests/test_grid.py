@@ -1,4 +1,4 @@
-"""Schedules reproduce the worked examples of SPEC §6.9, grids validate, ddpm spacings match diffusers."""
+"""Schedules match hand-computed karras/logsnr/time_uniform grids, grids validate, ddpm spacings match diffusers."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Exact identities between samplers (SPEC §7.4; DESIGN 'Identities')."""
+"""Exact identities between samplers (CONTRIBUTING.md, Testing; AMED Table 1, DDIM Eq. 12)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Imports flow one way (DESIGN 'Layout'): a module imports only from its own layer or below, and the
+"""Imports flow one way (CONTRIBUTING.md, Layout): a module imports only from its own layer or below, and the
 package has no import cycle. Every ``import`` counts, inside functions too."""
 
 from __future__ import annotations

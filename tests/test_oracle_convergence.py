@@ -1,4 +1,4 @@
-"""ODE samplers converge at their theoretical order on closed-form oracles (SPEC §7; DESIGN 'oracles').
+"""ODE samplers converge at their theoretical order on closed-form oracles (CONTRIBUTING.md, Testing).
 
 Global order, measured as the slope of log(max error) vs log(steps) on a karras grid ending at σ_min:
 euler 1; heun, dpm2, dpmpp2m 2. The multistep methods dpmpp3m and ipndm start with a 1st-order step,

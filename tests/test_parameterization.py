@@ -41,14 +41,14 @@ def test_rf_velocity_matches_straight_path_and_round_trips():
 def test_vp_sde_sigma_t_round_trip():
     t = torch.linspace(1e-3, 1, 101, dtype=torch.float64)
     assert torch.allclose(P.vp_sde_t(P.vp_sde_sigma(t)), t, rtol=1e-12, atol=1e-12)
-    # SPEC §3.5: σ(1) = 152.2 and σ(1e-3) = 0.0105 for β ∈ [0.1, 20]
+    # Score-SDE Eq. 11 (VP, β ∈ [0.1, 20]): σ(1) = 152.2 and σ(1e-3) = 0.0105
     assert abs(float(P.vp_sde_sigma(torch.tensor(1.0, dtype=torch.float64))) - 152.2) < 0.1
 
 
 def test_ddpm_timestep_sigma_round_trip_and_linear_schedule_values():
     ac = P.ddpm_alphas_cumprod()
     sig = ((1 - ac) / ac).sqrt()
-    assert abs(float(sig[-1]) - 157.4) < 0.1 and abs(float(sig[0]) - 0.0100) < 1e-4  # SPEC §1.2
+    assert abs(float(sig[-1]) - 157.4) < 0.1 and abs(float(sig[0]) - 0.0100) < 1e-4  # Ho et al. 2020 §4
     t = torch.tensor([0.0, 0.5, 17.25, 500.0, 998.9, 999.0], dtype=torch.float64)
     back = P.ddpm_timestep_from_sigma(P.sigma_from_ddpm_timestep(t, ac), ac)
     assert torch.allclose(back, t, atol=1e-9)

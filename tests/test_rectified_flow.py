@@ -64,7 +64,7 @@ def test_velocity_and_denoiser_are_consistent():
 
 
 def test_exact_velocity_gives_the_exact_denoiser():
-    """For x0 ~ N(μ, s²I), ε ~ N(0, I) the exact RF velocity makes D the exact posterior mean (SPEC §7.3)."""
+    """For x0 ~ N(μ, s²I), ε ~ N(0, I) the exact RF velocity makes D the exact posterior mean (CONTRIBUTING.md)."""
     mu, s = torch.tensor([0.5, -1.0], dtype=torch.float64), 0.7
 
     class ExactVelocity(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""``diffsamp bench``: FID of samplers at given NFEs on one model (the AMED paper's table, SPEC §6.11)."""
+"""``diffsamp bench``: FID of samplers at given NFEs on one model (the AMED paper's Table 2, Zhou et al. 2024)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``diffsamp bench``: FID/KID of samplers at given NFEs on one model, as the AMED paper's Table 2 (SPEC §6.11).
+"""``diffsamp bench``: FID/KID of samplers at given NFEs on one model, as the AMED paper's Table 2 (Zhou et al. 2024).
 
 Each (sampler, NFE) cell gets the grid whose declared NFE is the target: one-stage methods take NFE intervals;
 two-stage methods (heun, dpm2) take (NFE + 1)/2 intervals with AFS on the first step at odd NFE, as the
@@ -34,7 +34,7 @@ from diffsamp.samplers.registry import describe_knobs
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
 
 TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
-# SPEC §6.9 / AMED §4.1: logSNR for DPM-Solver++; every other sampler the model's own schedule
+# AMED §4.1 (Zhou et al. 2024): logSNR for DPM-Solver++; every other sampler the model's own schedule
 # (default_schedule: karras, polynomial ρ = 7, for diffusion models; uniform t for rectified flows)
 DEFAULT_SCHEDULES = {"dpmpp": "logsnr", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr"}
 

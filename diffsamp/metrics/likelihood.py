@@ -1,6 +1,6 @@
 """Likelihoods of a denoiser: the DDPM variational bound (a hierarchical VAE) and the exact ODE likelihood.
 
-**ELBO** (Ho et al. 2020, Eq. 5; SPEC §1.3, §1.6). On a chain of timesteps τ_1 < … < τ_K (the model's own
+**ELBO** (Ho et al. 2020, Eq. 5–7, §3.2). On a chain of timesteps τ_1 < … < τ_K (the model's own
 T steps, or a strided sub-sequence: the VAE with fewer layers), with ᾱ_k := ᾱ_{τ_k}, ᾱ_0 := 1,
 
     −log p(x0) ≤ L_T + Σ_{k=2..K} L_{k−1} + L_0,
@@ -24,7 +24,7 @@ The expectation over x_k is one draw per (image, k). The sum over k is exact (ev
 importance-sampled k with a standard error.
 
 **ODE likelihood** (Song et al. 2021, Score-SDE §4.3 and App. D). The probability-flow ODE in σ-space,
-dx̄/dσ = (x̄ − D(x̄, σ))/σ (SPEC §7.1), is integrated from σ_min up to σ_max in ℓ = log σ on the state
+dx̄/dσ = (x̄ − D(x̄, σ))/σ (EDM Eq. 1, 3), is integrated from σ_min up to σ_max in ℓ = log σ on the state
 y = x̄/s(σ) that stays O(1) (s = √(1+σ²) for VP models, 1 + σ for rectified flows, 1 for VE), with
 
     log p_{σmin}(x̄) = log N(x̄(σmax); 0, prior_scale(σmax)² I) + ∫_{σmin}^{σmax} (d − tr ∂D/∂x̄) dσ/σ

@@ -1,4 +1,4 @@
-"""Closed-form denoisers: test oracles and toy demos (SPEC §7, DESIGN 'Analytic oracles').
+"""Closed-form denoisers: test oracles and toy demos (CONTRIBUTING.md, Testing).
 
 For data ~ N(μ, s²I) the posterior mean is D(x, σ) = (s² x + σ² μ)/(s² + σ²), and the PF-ODE
 dx/dσ = (x − D)/σ has the exact solution x(σ) = μ + (x(σ₀) − μ)·√((s² + σ²)/(s² + σ₀²)).

@@ -1,7 +1,7 @@
 """The one model interface of diffsamp: a σ-space denoiser D(x, σ) ≈ E[x0 | x], x = x0 + σ·ε.
 
 Every foreign convention (DDPM ε/v/x0 prediction, VP-SDE time, rectified-flow velocity) is converted
-to this form once, in ``diffsamp.models`` (SPEC §7.1, §7.3; EDM, Karras et al. 2022). ``Denoiser`` lists
+to this form once, in ``diffsamp.models`` (Karras et al. 2022, EDM Eq. 3–4; CONTRIBUTING.md). ``Denoiser`` lists
 everything code outside ``diffsamp.models`` may read from a model; ``DenoiserBase`` gives the defaults and
 ``Wrapper`` forwards all of it, so Counting, Clamp and Autocast wrappers are models like any other.
 """
@@ -103,7 +103,7 @@ class DenoiserBase:
 
 @dataclass(frozen=True)
 class TimeCoordinates:
-    """A prior's own ODE coordinates (SPEC §7.2–7.3): its time ``t(σ)`` and ``sigma(t)``, its state
+    """A prior's own ODE coordinates (CONTRIBUTING.md, Conventions): its time ``t(σ)`` and ``sigma(t)``, its state
     ``to_state(x̄, σ)`` and back, and the velocity dx/dt from (x̄, D, σ)."""
 
     t: Callable[[Any], Any]
@@ -121,7 +121,7 @@ PRIOR_TIMES: dict[str, TimeCoordinates] = {
 
 
 def prior_scale(prior: Prior, sigma: float) -> float:
-    """Standard deviation of the model's prior at σ in σ-space coordinates (SPEC §7.2, §7.4 'Start').
+    """Standard deviation of the model's prior at σ in σ-space coordinates (CONTRIBUTING.md, Conventions).
 
     VE/EDM: x̄ = σ z.  VP: x_T ~ N(0, I) and x̄ = x/√ᾱ = √(1+σ²) z.  RF: x_t ≈ z at t≈1 and
     x̄ = x_t/(1-t) = (1+σ) z.
@@ -192,7 +192,7 @@ def clipping_off(model: Denoiser) -> Iterator[Denoiser]:
 
 
 class CountingDenoiser(Wrapper):
-    """Counts network evaluations (NFE): one call on a batch is one evaluation (DESIGN principle 5).
+    """Counts network evaluations (NFE): one call on a batch is one evaluation (CONTRIBUTING.md: NFE is measured).
 
     With ``check=True`` it also rejects what would otherwise fail deep inside torch: a ``sigma`` that is
     not (B,), an output of another shape, and NaN/inf coming out of the model.

@@ -3,7 +3,7 @@ and its on-disk formats (a diffusers directory or Hub id; a ``diffsamp train ddp
 
 σ_t = √((1−ᾱ_t)/ᾱ_t); the network is called on x_VP = x̄/√(1+σ²) at the timestep t(σ) found by
 linear interpolation of log σ_t (optionally quantized to an integer step), and its output is converted
-by ``prediction_type``: ε → D = x̄ − σε, v → D = √ᾱ x_VP − √(1−ᾱ) v, sample → D = x̂0 (SPEC §4.2, §7.3).
+by ``prediction_type``: ε → D = x̄ − σε, v → D = √ᾱ x_VP − √(1−ᾱ) v, sample → D = x̂0 (EDM Table 1, VP).
 
 ``clip_sample`` clamps D to [−r, r], as diffusers' DDPM/DDIM schedulers clamp their x̂0 when the scheduler
 config says ``clip_sample: true`` (range ``clip_sample_range``). ``from_pretrained`` follows the model's

@@ -1,6 +1,6 @@
 """Pure conversions between model outputs and the σ-space denoiser, and between σ and native times.
 
-State conventions (SPEC §7.1–7.3): the sampler state is x̄ = x0 + σ·ε. A network is called on its
+State conventions (CONTRIBUTING.md; EDM Eq. 4): the sampler state is x̄ = x0 + σ·ε. A network is called on its
 native state x = a(σ)·x̄ at its native time t(σ):
   VP / DDPM:  a = 1/√(1+σ²), ᾱ = 1/(1+σ²)         (x = √ᾱ x0 + √(1−ᾱ) ε)
   RF (ours):  t = σ/(1+σ), a = 1 − t               (x_t = (1−t) x0 + t ε, t=0 data, t=1 noise)
@@ -19,12 +19,12 @@ from torch import Tensor
 
 
 def x0_from_eps(xbar: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
-    """D = x̄ − σ ε (SPEC §7.3, ε-prediction row)."""
+    """D = x̄ − σ ε (Karras et al. 2022, EDM Table 1: c_skip = 1, c_out = −σ)."""
     return xbar - sigma * eps
 
 
 def eps_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
-    """ε̂ = (x̄ − D)/σ (SPEC §7.1)."""
+    """ε̂ = (x̄ − D)/σ (Karras et al. 2022, EDM Eq. 3)."""
     return (xbar - x0) / sigma
 
 
@@ -32,12 +32,12 @@ def eps_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
 
 
 def vp_scale(sigma: Tensor) -> Tensor:
-    """a(σ) = √ᾱ = 1/√(1+σ²): x_VP = a·x̄ (SPEC §7.2)."""
+    """a(σ) = √ᾱ = 1/√(1+σ²): x_VP = a·x̄ (EDM Table 1, VP: c_in = 1/√(σ²+1))."""
     return torch.rsqrt(1 + sigma**2)
 
 
 def x0_from_v(xbar: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
-    """x0 = √ᾱ x_t − √(1−ᾱ) v with x_t = √ᾱ x̄ (v-prediction, SPEC §7.3 note)."""
+    """x0 = √ᾱ x_t − √(1−ᾱ) v with x_t = √ᾱ x̄ (v-prediction, Salimans & Ho 2022, §4)."""
     a = vp_scale(sigma)
     return a * (a * xbar) - (sigma * a) * v
 
@@ -57,7 +57,7 @@ T_MIN = 1e-3
 
 
 def rf_t_from_sigma(sigma: Tensor) -> Tensor:
-    """t = σ/(1+σ) (RF with t=0 data, t=1 noise; SPEC §7.2 'RF, Su convention')."""
+    """t = σ/(1+σ) (RF with t=0 data, t=1 noise; CONTRIBUTING.md, Conventions)."""
     return sigma / (1 + sigma)
 
 
@@ -67,7 +67,7 @@ def rf_sigma_from_t(t: Tensor) -> Tensor:
 
 
 def x0_from_velocity(xbar: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
-    """x̂0 = x_t − t v with x_t = (1−t) x̄ = x̄/(1+σ), v = ε − x0 (SPEC §7.3, RF Su-convention row)."""
+    """x̂0 = x_t − t v with x_t = (1−t) x̄ = x̄/(1+σ), v = ε − x0 (RF Alg. 1, time reversed)."""
     t = rf_t_from_sigma(sigma)
     return xbar / (1 + sigma) - t * v
 
@@ -81,7 +81,7 @@ def velocity_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
 
 
 def vp_sde_sigma(t: Tensor, beta_min: float = 0.1, beta_max: float = 20.0) -> Tensor:
-    """σ(t) = √(exp(½β_d t² + β_min t) − 1) for the VP-SDE (Song et al. 2021; SPEC §7.2)."""
+    """σ(t) = √(exp(½β_d t² + β_min t) − 1) for the VP-SDE (Song et al. 2021, Score-SDE Eq. 11)."""
     beta_d = beta_max - beta_min
     return torch.sqrt(torch.expm1(0.5 * beta_d * t**2 + beta_min * t))
 
@@ -113,7 +113,7 @@ def ddpm_alphas_cumprod(
 
 
 def ddpm_sigmas(alphas_cumprod: Tensor) -> Tensor:
-    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for each discrete DDPM timestep t (SPEC §7.2), float64."""
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for each discrete DDPM timestep t (Ho et al. 2020, Eq. 4), float64."""
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     return ((1 - ac) / ac).sqrt()
 

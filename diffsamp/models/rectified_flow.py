@@ -1,6 +1,6 @@
 """Rectified flow (Liu, Gong & Liu 2023, "Flow Straight and Fast"): a velocity network as a σ-space denoiser.
 
-Our convention (``diffsamp.models.parameterization``, SPEC §5.1, §7.2): t ∈ [0, 1], t = 0 data, t = 1 noise,
+Our convention (``diffsamp.models.parameterization``, CONTRIBUTING.md): t ∈ [0, 1], t = 0 data, t = 1 noise,
 
     x_t = (1 − t)·x0 + t·ε,   v = dx_t/dt = ε − x0,   σ = t/(1 − t),   x_t = x̄/(1 + σ),   x̂0 = x_t − t·v.
 
@@ -43,7 +43,7 @@ FORMAT_VERSION = 1
 class RFDenoiser(DenoiserBase):
     """A rectified-flow velocity network ``net(x_t, time_scale·t) ≈ ε − x0`` as a σ-space denoiser.
 
-    D(x̄, σ) = x_t − t·v(x_t, t) with t = σ/(1 + σ) and x_t = x̄/(1 + σ) (SPEC §7.3). ``time_scale`` is what
+    D(x̄, σ) = x_t − t·v(x_t, t) with t = σ/(1 + σ) and x_t = x̄/(1 + σ) (CONTRIBUTING.md). ``time_scale`` is what
     the network's time input is multiplied by: 999 for a diffusers ``UNet2DModel`` (the RF code feeds 999·t,
     which matches the UNet's timestep embedding range), 1 for ``MLPVelocity``.
 

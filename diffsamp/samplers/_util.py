@@ -34,7 +34,7 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
 
 
 def to_d(x: Tensor, sigma: float | Tensor, denoised: Tensor) -> Tensor:
-    """ε̂ = (x − D)/σ, the PF-ODE direction dx/dσ in σ-space (SPEC §4.1, AMED Eq. 6)."""
+    """ε̂ = (x − D)/σ, the PF-ODE direction dx/dσ in σ-space (EDM Eq. 1, 3; AMED Eq. 6)."""
     if isinstance(sigma, Tensor):
         sigma = append_dims(sigma, x.ndim)
     return (x - denoised) / sigma
@@ -46,7 +46,7 @@ def sigma_batch(x: Tensor, sigma: float) -> Tensor:
 
 
 def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
-    """Standard normal noise shaped like ``x`` (DESIGN principle 4).
+    """Standard normal noise shaped like ``x`` (CONTRIBUTING.md: randomness is an argument).
 
     ``generator`` is None (global RNG), one ``torch.Generator`` (one draw for the whole batch), or one
     generator per sample: then sample i's noise does not depend on the batch size. Noise is drawn on the
@@ -70,7 +70,7 @@ def final_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
 
 
 def final_denoise_step(model: Denoiser, x: Tensor, grid: Grid, enabled: bool) -> Tensor:
-    """Tweedie's x̂0 = D(x, σ_K) after a grid that ends above 0 (Score-SDE App. G; SPEC §7.4 row 11)."""
+    """Tweedie's x̂0 = D(x, σ_K) after a grid that ends above 0 (Song et al. 2021, Score-SDE App. G)."""
     if enabled and not grid.ends_at_zero:
         return model(x, sigma_batch(x, float(grid.sigmas[-1])))
     return x
@@ -87,7 +87,7 @@ class Captured:
 def capture(module: nn.Module) -> Iterator[Captured]:
     """Record ``module``'s forward output (detached) while the block runs; the hook is always removed.
 
-    AMED reads the UNet bottleneck this way (SPEC §6.6, ``init_hook``): the feature of the most recent
+    AMED reads the UNet bottleneck this way (Zhou et al. 2024, AMED §3.4, Fig. 6): the feature of the most recent
     network call. A tuple output (some diffusers blocks) keeps its first element.
     """
     box = Captured()

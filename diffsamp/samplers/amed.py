@@ -1,16 +1,16 @@
-"""AMED: the Approximate MEan-Direction solver and its plugins (Zhou et al., CVPR 2024; SPEC §6).
+"""AMED: the Approximate MEan-Direction solver and its plugins (Zhou, Chen, Wang & Chen, CVPR 2024, arXiv:2312.00094).
 
 Per interval [σ, σ'] a small predictor g_φ reads the model's bottleneck feature from the evaluation at σ and
 returns per-sample r ∈ (0, 1) (the intermediate time s = σ'^r σ^(1−r), a geometric interpolation), the
 direction scale c and the time scale a (the network is evaluated at a·s; the divisor and step use s):
 
-  amed       x_s = x + (s − σ)ε̂,               x' = x + c(σ' − σ) ε̂_s                      (SPEC §6.4, Eq. 9)
-  euler+amed x_s = x + (s − σ)ε̂,               x' = x_s + c(σ' − s) ε̂_s                    (SPEC §6.5)
+  amed       x_s = x + (s − σ)ε̂,               x' = x + c(σ' − σ) ε̂_s                      (AMED Eq. 9)
+  euler+amed x_s = x + (s − σ)ε̂,               x' = x_s + c(σ' − s) ε̂_s                    (AMED §3.3)
   dpm2+amed  x_s = x + (s − σ)ε̂,               x' = x + c(σ' − σ)[ε̂_s/(2r) + (1 − 1/(2r))ε̂]
   ipndm+amed Adams–Bashforth on the refined grid σ → s → σ', c scaling the second sub-step
   dpmpp+amed DPM-Solver++ multistep on the refined grid, c scaling the second sub-step's direction
 
-2 NFE per interval; AFS (``afs=True``, SPEC §6.8) replaces the first evaluation by ε̂ ≈ x/√(1+σ²), saving one.
+2 NFE per interval; AFS (``afs=True``, AMED §3.4) replaces the first evaluation by ε̂ ≈ x/√(1+σ²), saving one.
 Grids end at σ_min as in the paper (a step to σ = 0, if any, is x = D). The predictor is a knob: an
 ``AmedPredictor`` (per-sample, features), a ``StaticPredictor`` (per-step constants, no features) or a
 ``FixedPredictor`` (given r, c, a — the identities with dpm2, heun and euler).
@@ -48,14 +48,14 @@ class Predictor(Protocol):
 
 
 def _bounded(logit: Tensor, scale: float) -> Tensor:
-    """sigmoid(logit)·2·scale + (1 − scale) ∈ [1 − scale, 1 + scale] (SPEC §6.6 heads); 1 when scale = 0."""
+    """sigmoid(logit)·2·scale + (1 − scale) ∈ [1 − scale, 1 + scale] (AMED Eq. 11 heads); 1 when scale = 0."""
     if scale <= 0:
         return torch.ones_like(logit)
     return torch.sigmoid(logit) * 2 * scale + (1 - scale)
 
 
 class SigmaEmbedding(nn.Module):
-    """Positional embedding of a scalar σ, [sin, cos] of σ·(10⁻⁴)^(k/(n/2−1)), then Linear + SiLU (SPEC §6.6)."""
+    """Positional embedding of a scalar σ, [sin, cos] of σ·(10⁻⁴)^(k/(n/2−1)), then Linear + SiLU (AMED Fig. 6)."""
 
     def __init__(self, channels: int = 8) -> None:
         super().__init__()
@@ -71,7 +71,7 @@ class SigmaEmbedding(nn.Module):
 
 
 class AmedPredictor(nn.Module):
-    """The per-sample AMED predictor g_φ (SPEC §6.6, paper Fig. 6, Eq. 11; ≈ 9k parameters for 64 features).
+    """The per-sample AMED predictor g_φ (AMED Fig. 6, Eq. 11; ≈ 9k parameters for 64 features).
 
     Pooled bottleneck feature h (B, F) → Linear(F, 128) → SiLU → Linear(128, 4); concatenated with the
     embeddings of σ and σ' (8 each); one Linear (+ a per-step offset with ``num_steps``) + sigmoid per head:
@@ -142,7 +142,7 @@ class StaticPredictor(nn.Module):
 
 @dataclass(frozen=True)
 class FixedPredictor:
-    """Constant r, c, a on every step (generalized DPM-Solver-2 with its r; the AMED identities, SPEC §6.3)."""
+    """Constant r, c, a on every step (generalized DPM-Solver-2 with its r; the AMED identities, AMED Table 1)."""
 
     r: float = 0.5
     c: float = 1.0
@@ -157,7 +157,7 @@ class FixedPredictor:
 
 
 def pool_features(out: Tensor) -> Tensor:
-    """Channel-mean pooling of a (B, C, H, W) feature map to (B, H·W) (SPEC §6.6); (B, F) passes through."""
+    """Channel-mean pooling of a (B, C, H, W) feature map to (B, H·W) (AMED §3.4); (B, F) passes through."""
     if out.ndim >= 3:
         out = out.mean(dim=1)
     return out.reshape(out.shape[0], -1)
@@ -204,7 +204,7 @@ class StepStart:
 
 
 def step_start(model: Denoiser, x: Tensor, sigma: float, *, afs: bool, predictor: Predictor) -> StepStart:
-    """The first evaluation of an interval; with ``afs`` the analytical ε̂ = x/√(1+σ²) and h = 0 (SPEC §6.8)."""
+    """The first evaluation of an interval; with ``afs`` the analytical ε̂ = x/√(1+σ²) and h = 0 (AMED §3.4)."""
     dim = predictor.feature_dim
     if afs:
         d = x / math.sqrt(1 + sigma**2)
@@ -224,7 +224,7 @@ def _rca(predictor: Predictor, start: StepStart, i: int, s: float, s_next: float
 
 
 def _eval_at(model: Denoiser, x_s: Tensor, s_mid: Tensor, a: Tensor) -> Tensor:
-    """ε̂_s = (x_s − D(x_s; a·s))/s: the time scale touches only the network's σ (SPEC §6.12)."""
+    """ε̂_s = (x_s − D(x_s; a·s))/s: the time scale touches only the network's σ (AMED §3.4, time scaling)."""
     sig = (a * s_mid).reshape(-1).expand(x_s.shape[0]).contiguous()
     return (x_s - model(x_s, sig)) / s_mid
 
@@ -233,7 +233,7 @@ def amed_step(
     method: str, model: Denoiser, start: StepStart, i: int, s: float, s_next: float, predictor: Predictor,
     state: StepState, *, max_order: int = 4, order: int = 2, total: int = 0, threshold: bool = False,
 ) -> Tensor:
-    """One interval σ → σ' of an AMED method (SPEC §6.4–6.5): what the sampler loops and the trainer differentiates."""
+    """One interval σ → σ' of an AMED method (Eq. 9, §3.3): what the sampler loops and the trainer differentiates."""
     x, d = start.x, start.d
     if s_next == 0.0:
         return start.denoised
@@ -265,13 +265,13 @@ def amed_step(
         m_s = dynamic_threshold(m_s) if threshold else m_s
         x_plain = dpmpp_update(x_s, m_s, s_mid, s_next, state.history, left - 1, max_order=order, total=total)
         state.history = ([(s_mid, x_s, m_s)] + state.history)[: order - 1]
-        base = (s_next / s_mid) * x_s  # the data-prediction step is base − Δ; c scales Δ (SPEC §6.5)
+        base = (s_next / s_mid) * x_s  # the data-prediction step is base − Δ; c scales Δ (AMED §3.3)
         return base + c * (x_plain - base)
     raise ValueError(f"unknown AMED method {method!r}")
 
 
 def dynamic_threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:
-    """Dynamic thresholding of x̂0 (Imagen; SPEC §6.5): s = max(q_p(|x̂0|), 1) per sample, clamp to ±s, ÷ s."""
+    """Dynamic thresholding of x̂0 (Saharia et al. 2022, Imagen): s = max(q_p(|x̂0|), 1) per sample, clamp to ±s, ÷ s."""
     q = torch.quantile(x0.reshape(x0.shape[0], -1).abs().float(), quantile, dim=1).to(x0.dtype)
     s = append_dims(torch.clamp(q, min=1.0), x0.ndim)
     return torch.maximum(torch.minimum(x0, s), -s) / s
@@ -325,7 +325,7 @@ def amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
-    """AMED-Solver: x' = x + c(σ' − σ) ε̂(x_s, a·s), s = σ'^r σ^(1−r) (Zhou et al. 2024, Eq. 9; SPEC §6.4)."""
+    """AMED-Solver: x' = x + c(σ' − σ) ε̂(x_s, a·s), s = σ'^r σ^(1−r) (Zhou et al. 2024, AMED Eq. 9)."""
     return _run("amed", model, x, grid, predictor, afs, callback, final_denoise)
 
 
@@ -334,7 +334,7 @@ def euler_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
-    """AMED-Plugin on Euler: Euler σ → s, then x' = x_s + c(σ' − s) ε̂_s (SPEC §6.5)."""
+    """AMED-Plugin on Euler: Euler σ → s, then x' = x_s + c(σ' − s) ε̂_s (AMED §3.3)."""
     return _run("euler", model, x, grid, predictor, afs, callback, final_denoise)
 
 
@@ -343,7 +343,7 @@ def dpm2_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
-    """AMED-Plugin on generalized DPM-Solver-2 with learned r and c (SPEC §6.5; r = 1, c = 1 is Heun)."""
+    """AMED-Plugin on generalized DPM-Solver-2 with learned r and c (AMED §3.3, Table 1; r = 1, c = 1 is Heun)."""
     return _run("dpm2", model, x, grid, predictor, afs, callback, final_denoise)
 
 
@@ -352,7 +352,7 @@ def ipndm_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, max_order: int = 4, final_denoise: bool = False,
 ) -> Tensor:
-    """AMED-Plugin on iPNDM: Adams–Bashforth σ → s → σ', c on the second sub-step (SPEC §6.5)."""
+    """AMED-Plugin on iPNDM: Adams–Bashforth σ → s → σ', c on the second sub-step (AMED §3.3)."""
     if max_order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm+amed max_order must be 1 to 4, got {max_order}")
     return _run("ipndm", model, x, grid, predictor, afs, callback, final_denoise, max_order=max_order)
@@ -364,7 +364,7 @@ def dpmpp_amed(
     predictor: Predictor | None = None, afs: bool = False, order: int = 2, threshold: bool = False,
     final_denoise: bool = False,
 ) -> Tensor:
-    """AMED-Plugin on DPM-Solver++ (data prediction, order 2–3) with optional dynamic thresholding (SPEC §6.5)."""
+    """AMED-Plugin on DPM-Solver++ (data prediction, order 2–3) with optional dynamic thresholding (AMED §3.3)."""
     if order not in (1, 2, 3):
         raise ValueError(f"dpmpp+amed order must be 1, 2 or 3, got {order}")
     return _run("dpmpp", model, x, grid, predictor, afs, callback, final_denoise, order=order, threshold=threshold)

@@ -1,11 +1,11 @@
-"""DDPM ancestral sampling and DDIM(η) as one σ-space step (SPEC §1.7, §2.2, §7.4 row 2).
+"""DDPM ancestral sampling and DDIM(η) as one σ-space step (DDPM Alg. 2; DDIM Eq. 12, 16).
 
 With ε̂ = (x̄ − D)/σ, one step σ → σ' is x̄' = D + √(σ'² − ς²)·ε̂ + ς·z, where
   ς = η·(σ'/σ)·√(σ² − σ'²)   (DDIM's σ_t(η) rescaled to σ-space; η = 1 is DDPM with β̃_t), or
   ς = √((1+σ'²)(σ² − σ'²)/(1+σ²)) with mean D + (σ'²/σ)·ε̂   (DDPM with σ_t² = β_t, 'beta' variance).
 No noise is added on the step to σ = 0 (DDPM Algorithm 2 sets z = 0 at t = 1). This is the DDPM reverse
 process read as a hierarchical VAE decoder: each step samples the Gaussian p(x_{t−1} | x_t) whose mean is
-the posterior mean q(x_{t−1} | x_t, x̂0) (SPEC §1.3–1.6).
+the posterior mean q(x_{t−1} | x_t, x̂0) (Ho et al. 2020, Eq. 6–7, §3.2).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from diffsamp.samplers.registry import register_alias, register_sampler
 def ancestral_coefficients(
     sigma: float, sigma_next: float, eta: float, variance: Literal["posterior", "beta"] = "posterior"
 ) -> tuple[float, float]:
-    """(c_eps, ς): the step is x̄' = D + c_eps·ε̂ + ς·z (SPEC §7.4 row 2)."""
+    """(c_eps, ς): the step is x̄' = D + c_eps·ε̂ + ς·z (DDIM Eq. 12 and 16 in σ-space)."""
     if sigma_next == 0.0:
         return 0.0, 0.0
     if variance == "beta":

@@ -1,9 +1,9 @@
 """σ schedules (continuous, u ∈ [0, 1] → σ with u = 0 at σ_max) and grids (their discretisations).
 
 A ``Grid`` is data: a 1-D, strictly decreasing float64 tensor of σ's whose last entry may be 0;
-``len(grid)`` is the number of intervals. Samplers never build grids (DESIGN principle 2).
-Formulas: karras = EDM/AMED polynomial (SPEC §4.3), logsnr and time_uniform (SPEC §6.9),
-ddpm = the model's discrete timesteps with diffusers' spacings (SPEC §2.3, §7.5), rf (SPEC §7.2, §7.5).
+``len(grid)`` is the number of intervals. Samplers never build grids (CONTRIBUTING.md, Conventions).
+Formulas: karras = EDM/AMED polynomial (EDM Eq. 5), logsnr and time_uniform (AMED §4.1; EDM Table 1, VP),
+ddpm = the model's discrete timesteps with diffusers' spacings (DDIM §4.2, App. D.2), rf (RF §5: uniform in t).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class LogSNRSchedule(Schedule):
 
 @dataclass(frozen=True)
 class TimeUniformSchedule(Schedule):
-    """Uniform in VP-SDE time (EDM ``disc='vp'``, AMED ``time_uniform``; SPEC §6.9), ρ=1 by default."""
+    """Uniform in VP-SDE time (EDM ``disc='vp'``, AMED ``time_uniform``; EDM Table 1, VP), ρ=1 by default."""
 
     sigma_min: float
     sigma_max: float
@@ -186,7 +186,7 @@ class DDPMSchedule(Schedule):
 
 @dataclass(frozen=True)
 class RFSchedule(Schedule):
-    """Uniform in rectified-flow time t (t = 0 data, t = 1 noise): σ = t/(1 − t) (SPEC §7.2, §7.5).
+    """Uniform in rectified-flow time t (t = 0 data, t = 1 noise): σ = t/(1 − t) (CONTRIBUTING.md, Conventions).
 
     σ = ∞ at t = 1 is not representable; the grid starts just inside at ``t_max`` (1 − 10⁻³, as the RF
     code does) where the state is x_t = z, i.e. x̄ = (1 + σ_max)·z (``prior_scale('rf', σ)``). With the

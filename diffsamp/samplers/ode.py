@@ -1,8 +1,8 @@
-"""Probability-flow ODE solvers in σ-space: dx/dσ = ε̂(x, σ) = (x − D(x, σ))/σ (SPEC §4.1, §7.1).
+"""Probability-flow ODE solvers in σ-space: dx/dσ = ε̂(x, σ) = (x − D(x, σ))/σ (EDM Eq. 1, 3).
 
 Single-step: euler (= DDIM η=0), heun (EDM Alg. 1), dpm2 (generalized DPM-Solver-2, knob r).
 Multistep (one shared loop, ``_multistep``): dpmpp (aliases dpmpp2m / dpmpp3m) (DPM-Solver++ in data prediction,
-Lu et al. 2022, SPEC §6.5), ipndm (Adams–Bashforth on ε̂, order ≤ 4, Zhang & Chen 2023).
+Lu et al. 2022, DPM-Solver++ Alg. 2), ipndm (Adams–Bashforth on ε̂, order ≤ 4, Zhang & Chen 2023).
 Adaptive: rk45 (scipy ``solve_ivp`` on the PF-ODE, Song et al. 2021 §4.3).
 Every step to σ = 0 is the exact limit of its rule there: x = D (one evaluation, no second stage).
 Knob ``final_denoise``: on grids that end above 0, finish with the Tweedie step x = D(x, σ_K) (+1 NFE).
@@ -45,7 +45,7 @@ def euler(
     callback: Callback = None,
     final_denoise: bool = False,
 ) -> Tensor:
-    """Euler on the PF-ODE, x' = D + (σ'/σ)(x − D) (EDM Euler = DDIM η=0 = DPM-Solver-1; SPEC §7.4 row 1)."""
+    """Euler on the PF-ODE, x' = D + (σ'/σ)(x − D) (EDM Euler = DDIM η=0 = DPM-Solver-1; DDIM Eq. 12–14)."""
     for i, (s, s_next) in enumerate(grid.intervals()):
         denoised = model(x, sigma_batch(x, s))
         x = denoised + (s_next / s) * (x - denoised)
@@ -64,7 +64,7 @@ def heun(
     callback: Callback = None,
     final_denoise: bool = False,
 ) -> Tensor:
-    """Heun's 2nd-order method (EDM Algorithm 1, deterministic; SPEC §4.4); Euler on the step to σ=0."""
+    """Heun's 2nd-order method (Karras et al. 2022, EDM Alg. 1, deterministic); Euler on the step to σ=0."""
     for i, (s, s_next) in enumerate(grid.intervals()):
         denoised = model(x, sigma_batch(x, s))
         d = to_d(x, s, denoised)
@@ -89,7 +89,7 @@ def dpm2(
     r: float = 0.5,
     final_denoise: bool = False,
 ) -> Tensor:
-    """Generalized DPM-Solver-2 (AMED Table 1; SPEC §7.4 row 4): s = σ'^r σ^(1−r); r=½ DPM-Solver-2, r=1 Heun.
+    """Generalized DPM-Solver-2 (AMED Table 1; DPM-Solver-2): s = σ'^r σ^(1−r); r=½ DPM-Solver-2, r=1 Heun.
 
     x_s = x + (s − σ)ε̂;  x' = x + (σ' − σ)[ε̂_s/(2r) + (1 − 1/(2r)) ε̂]. Euler on the step to σ = 0.
     """
@@ -143,7 +143,7 @@ def dpmpp_update(
     x: Tensor, m0: Tensor, s: float | Tensor, s_next: float | Tensor, hist: History, left: int, *,
     max_order: int, total: int, lower_order_final: bool = True,
 ) -> Tensor:
-    """One DPM-Solver++ multistep update in σ (λ = −log σ), orders 1–3 (SPEC §6.5; Lu et al. 2022 Alg. 2).
+    """One DPM-Solver++ multistep update in σ (λ = −log σ), orders 1–3 (Lu et al. 2022, DPM-Solver++ Alg. 2).
 
     ``hist`` holds past (σ_j, x_j, D_j), newest first; σ's may be per-sample tensors (the AMED plugin's s).
     """
@@ -193,7 +193,7 @@ def dpmpp(
     lower_order_final: bool = True,
     final_denoise: bool = False,
 ) -> Tensor:
-    """DPM-Solver++ multistep in data prediction, order 1–3 (Lu et al. 2022, Alg. 2; SPEC §6.5).
+    """DPM-Solver++ multistep in data prediction, order 1–3 (Lu et al. 2022, DPM-Solver++ Alg. 2).
 
     Orders ramp up 1, 2, …, ``order`` while history builds; with ``lower_order_final`` on grids of
     < 15 steps they ramp down over the last steps (as diffusers does).
@@ -217,7 +217,7 @@ _AB_COEFFS = {
 
 
 def adams_bashforth(ds: list[Tensor]) -> Tensor:
-    """Fixed-coefficient Adams–Bashforth combination of ε̂'s, newest first (iPNDM, SPEC §6.5)."""
+    """Fixed-coefficient Adams–Bashforth combination of ε̂'s, newest first (iPNDM, Zhang & Chen 2023)."""
     coeffs = _AB_COEFFS[len(ds)]
     out = coeffs[0] * ds[0]
     for c, d in zip(coeffs[1:], ds[1:]):
@@ -236,7 +236,7 @@ def ipndm(
     max_order: int = 4,
     final_denoise: bool = False,
 ) -> Tensor:
-    """Improved PNDM: Adams–Bashforth on ε̂, orders ramping 1 → max_order ≤ 4 (Zhang & Chen 2023; SPEC §6.5)."""
+    """Improved PNDM: Adams–Bashforth on ε̂, orders ramping 1 → max_order ≤ 4 (Zhang & Chen 2023, DEIS)."""
     if max_order not in _AB_COEFFS:
         raise ValueError(f"ipndm max_order must be 1 to 4, got {max_order}")
 
@@ -266,7 +266,7 @@ def rk45(
     if the grid ends at 0, takes the final step x = D (one more NFE). NFE is adaptive: count it.
     ``generate`` hands it the schedule's end points [σ_max, σ_min, 0], so its ``steps`` do not matter.
     ``time``: the variable the solver steps in — ``"sigma"`` (x̄ over σ, dx̄/dσ = ε̂) or ``"rf"`` (the RF
-    paper's x_t = x̄/(1 + σ) over t = σ/(1 + σ), dx_t/dt = ε̂ − x̂0, SPEC §7.3). Default: ``"rf"`` for
+    paper's x_t = x̄/(1 + σ) over t = σ/(1 + σ), dx_t/dt = ε̂ − x̂0, CONTRIBUTING.md). Default: ``"rf"`` for
     rectified flows (prior ``rf``), whose σ runs over six decades (999 → 0.001) but whose velocity is smooth
     in t — on ``mnist-rf`` at rtol = atol = 1e-3 (a batch of 250, final denoising step included), 63 NFE in t
     against 225 in σ, end points within RMS 0.033 — and ``"sigma"`` for every other model.

@@ -1,4 +1,4 @@
-"""The sampler registry: every sampler registered by name with its kind and expected NFE (DESIGN §7)."""
+"""The sampler registry: every sampler registered by name with its kind and expected NFE (CONTRIBUTING.md)."""
 
 from __future__ import annotations
 

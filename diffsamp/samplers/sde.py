@@ -1,4 +1,4 @@
-"""Reverse-SDE samplers in σ-space (EDM form: f = 0, g² = 2σ; SPEC §3, §7.4 rows 8–10).
+"""Reverse-SDE samplers in σ-space (EDM form: f = 0, g² = 2σ; EDM Eq. 6; Score-SDE Eq. 6).
 
 euler_maruyama: the marginal-preserving family of Song et al. 2021 / post 六 with stochasticity
 γ ∈ [0, 1]: x' = x + (1 + γ²)(σ' − σ)ε̂ + γ√(2σ(σ − σ'))·z; γ = 0 is the PF-ODE (Euler), γ = 1 the
@@ -37,7 +37,7 @@ SDE_MIN_SIGMA_RATIO = 0.5
 
 
 def _em_step(x: Tensor, denoised: Tensor, s: float, s_next: float, gamma: float, generator: Generator) -> Tensor:
-    """One Euler–Maruyama step of the γ-family (SPEC §7.4 row 9); x = D on the step to σ = 0."""
+    """One Euler–Maruyama step of the γ-family (Score-SDE Eq. 6, 13; EDM Eq. 6); x = D on the step to σ = 0."""
     if s_next == 0.0:
         return denoised
     x = x + (1 + gamma**2) * (s_next - s) * to_d(x, s, denoised)
@@ -60,7 +60,7 @@ def euler_maruyama(
     gamma: float = 1.0,
     final_denoise: bool = False,
 ) -> Tensor:
-    """Euler–Maruyama on the reverse SDE; γ ∈ [0, 1] spans PF-ODE → full SDE (Score-SDE Eq. 6; SPEC §7.4 row 9)."""
+    """Euler–Maruyama on the reverse SDE; γ ∈ [0, 1] spans PF-ODE → full SDE (Score-SDE Eq. 6, 13)."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     for i, (s, s_next) in enumerate(grid.intervals()):
@@ -81,7 +81,7 @@ def langevin_correct(
     generator: Generator,
     norm: Literal["sample", "batch"] = "batch",
 ) -> Tensor:
-    """Langevin corrector at fixed σ (Score-SDE Alg. 4 in σ-space, α = 1; SPEC §3.6, §7.4 row 10).
+    """Langevin corrector at fixed σ (Song et al. 2021, Score-SDE Alg. 4 in σ-space, α = 1).
 
     ``norm="batch"`` (default) averages ‖z‖ and ‖s‖ over the batch as the Score-SDE code does: stable,
     but a sample then depends on its batch-mates. ``"sample"`` uses each sample's own norms: batch-size

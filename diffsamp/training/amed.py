@@ -1,4 +1,4 @@
-"""Training an AMED predictor by distillation from a finer teacher trajectory (AMED Alg. 1, SPEC §6.7).
+"""Training an AMED predictor by distillation from a finer teacher trajectory (Zhou et al. 2024, AMED Alg. 1).
 
 Each iteration draws fresh noise, runs the teacher on the refined grid (M points inserted per interval; its
 points at the student's σ's are the targets), then steps the student interval by interval: squared-L2 to the
@@ -47,7 +47,7 @@ CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "predictor"
 SINGLE_STEP = {"amed": "amed", "euler+amed": "euler", "dpm2+amed": "dpm2"}
 MULTISTEP = {"ipndm+amed": "ipndm", "dpmpp+amed": "dpmpp"}
-# SPEC §6.7/§6.9: teacher solver, inserted points M and schedule the paper uses for each student
+# teacher solver, inserted points M and schedule the paper uses for each student (Zhou et al. 2024, AMED §4.1)
 TEACHERS = {"amed": ("heun", 1), "dpm2+amed": ("dpm2", 1), "euler+amed": ("euler", 2),
             "ipndm+amed": ("ipndm", 2), "dpmpp+amed": ("dpmpp", 2)}
 SCHEDULES = {"amed": "time_uniform", "dpmpp+amed": "logsnr"}
@@ -57,7 +57,7 @@ NETWORK_LR, STATIC_LR = 5e-3, 0.1
 # Adam's β1 for the per-sample network. Its ≈9k weights move together, so at lr 5e-3 the r logit of a step moves
 # ≈ 0.5 per iteration, as much as the width of that step's optimum (mnist-ddpm, 3 NFE, time-uniform, last step:
 # loss 28 at r = 0.11, 36 at 0.15 and 0.05); with momentum (0.9) r passes its optimum and is carried into the
-# sigmoid's flat end (r → 0.001, loss 72, benchmarks/amed_step_dynamics.py); without it the step settles there.
+# sigmoid's flat end (r → 0.001, loss 72, experiments/amed_step_dynamics.py); without it the step settles there.
 NETWORK_BETA1, STATIC_BETA1 = 0.0, 0.9
 
 
@@ -111,7 +111,7 @@ class AmedTrainOptions:
 
     @property
     def steps(self) -> int:
-        """Grid intervals of the student: NFE = 2·steps − AFS (SPEC §6.10)."""
+        """Grid intervals of the student: NFE = 2·steps − AFS (AMED §4.2; docs/amed.md)."""
         return (self.nfe + int(bool(self.afs))) // 2
 
 
@@ -228,7 +228,7 @@ def train_amed(
     snapshots: tuple[int, ...] = (),
     observe: Callable[[int, int, Tensor, float], None] | None = None,
 ) -> Path:
-    """Train and save an AMED predictor for ``model`` into ``out`` (SPEC §6.7); returns the predictor JSON path.
+    """Train and save an AMED predictor for ``model`` into ``out`` (AMED Alg. 1); returns the predictor JSON path.
 
     ``extra`` goes into the predictor's JSON as is (e.g. the model's x̂0 clipping).
     ``snapshots``: trajectory counts at which a copy of the predictor is kept in ``out/snapshots/`` (for an

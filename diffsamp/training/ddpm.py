@@ -1,4 +1,4 @@
-"""DDPM training (Ho et al. 2020; SPEC §1.5) of a diffusers ``UNet2DModel``, saved in diffusers' own format.
+"""DDPM training (Ho et al. 2020, Alg. 1) of a diffusers ``UNet2DModel``, saved in diffusers' own format.
 
 Discrete time t ∈ {0, …, T−1}, linear β from 1e-4 to 0.02, T = 1000; x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, and the
 loss is L_simple = ‖target − net(x_t, t)‖² with target ε (``epsilon``) or v = √ᾱ_t ε − √(1−ᾱ_t) x0
@@ -45,7 +45,7 @@ from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 class DDPMLoss:
-    """L_simple for ε- or v-prediction with uniformly drawn t ∈ {0, …, T−1} (SPEC §1.5)."""
+    """L_simple for ε- or v-prediction with uniformly drawn t ∈ {0, …, T−1} (Ho et al. 2020, Eq. 14)."""
 
     def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon") -> None:
         if prediction_type not in PREDICTION_TYPES:

@@ -1,4 +1,4 @@
-"""Rectified-flow training: 1-RF on data, k-RF on reflow pairs, and k-step distillation (SPEC §5).
+"""Rectified-flow training: 1-RF on data, k-RF on reflow pairs, and k-step distillation (RF Alg. 1, §2.2).
 
 Our time runs t = 0 data → t = 1 noise (``diffsamp.models.rectified_flow``). For a pair (x0, x1) — data or
 a reflow sample x0, noise or source draw x1 — the straight interpolation is x_t = (1 − t)·x0 + t·x1 and the
