@@ -120,16 +120,3 @@ def test_sample_picks_the_models_grid(tiny_model, tmp_path):
     assert "with euler/rf," in res.output and "NFE 2" in res.output
 
 
-def test_hub_id_offline_fails_with_one_clear_line(tmp_path):
-    """A Hub id that cannot be fetched (offline, empty cache) is a one-line error, not a traceback."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffsamp", "sample", "--model", "diffsamp-tests/no-such-model", "--steps", "2",
-         "--seeds", "0", "--out", str(tmp_path / "grid.png")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert "could not load 'diffsamp-tests/no-such-model'" in proc.stderr
-    assert "local directory" in proc.stderr
-    assert not (tmp_path / "grid.png").exists()

@@ -88,3 +88,62 @@ def test_load_local_dirs_and_errors(tmp_path):
         load(tmp_path / "empty")
     with pytest.raises(KeyError):
         model_card("no-such-model")
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """An empty local Hub cache, no proxy, the Hub client's offline flag off."""
+    from huggingface_hub import constants
+
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return constants
+
+
+def _sample_unknown_hub_id(tmp_path, monkeypatch):
+    """``diffsamp sample`` on a Hub id absent from the cache; diffusers' loaders must not even be tried (they
+    wait on the network or scan the cache for seconds)."""
+    from click.testing import CliRunner
+    from diffusers import UNet2DModel
+
+    from diffsamp.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("diffusers' loader was called on the offline path")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", refuse)
+    return CliRunner().invoke(main, ["sample", "--model", "diffsamp-tests/no-such-model", "--steps", "2",
+                                     "--seeds", "0", "--out", str(tmp_path / "grid.png")])
+
+
+def test_hub_offline_flag_fails_fast_in_one_line(tmp_path, empty_hub, monkeypatch):
+    """HF_HUB_OFFLINE and an empty cache: one line naming the model and what to do, nothing written, no wait."""
+    monkeypatch.setattr(empty_hub, "HF_HUB_OFFLINE", True)
+    res = _sample_unknown_hub_id(tmp_path, monkeypatch)
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("Error: could not load 'diffsamp-tests/no-such-model'"), res.output
+    assert "HF_HUB_OFFLINE is set" in lines[0] and "local Hub cache" in lines[0] and "local directory" in lines[0]
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_an_unreachable_hub_fails_fast_in_one_line(tmp_path, empty_hub, monkeypatch):
+    """No offline flag, but nothing listens at the endpoint: no retries, one line, no wait."""
+    monkeypatch.setattr(empty_hub, "ENDPOINT", "http://127.0.0.1:9")
+    res = _sample_unknown_hub_id(tmp_path, monkeypatch)
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: could not load"), res.output
+    assert "unreachable (no connection to 127.0.0.1" in lines[0] and "local Hub cache" in lines[0]
+
+
+def test_hub_cache_lookup(tmp_path, empty_hub):
+    """A repo with a snapshot in the cache is found (then diffusers loads it); an empty one is not."""
+    from diffsamp.models.diffusers_unet import _in_hub_cache
+
+    snap = tmp_path / "hub" / "models--owner--name" / "snapshots"
+    snap.mkdir(parents=True)
+    assert not _in_hub_cache("owner/name")
+    (snap / "0123abc").mkdir()
+    assert _in_hub_cache("owner/name") and not _in_hub_cache("owner/other")
