@@ -68,12 +68,64 @@ def read_json(path: str | os.PathLike, *, fmt: str | None = None, what: str = "J
     Invalid JSON or another format raise ``error`` naming the file."""
     try:
         obj = json.loads(Path(path).read_text())
-    except ValueError as exc:
-        raise error(f"{path} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # (UnicodeDecodeError included: random bytes)
+        raise error(f"{path} is not valid JSON: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path} is not {what}: it holds a JSON {type(obj).__name__}, not an object")
     if fmt is not None and (not isinstance(obj, dict) or obj.get("format") != fmt):
         found = obj.get("format") if isinstance(obj, dict) else None
         raise error(f"{path} is not {what} (format {found!r})")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def safetensors_problem(path: str | os.PathLike, hint: str = "copy, download or export it again") -> str | None:
+    """Why ``path`` is not a readable safetensors file (one line naming it), or None when its header is sound.
+
+    The header check (``safe_open``) catches what a user meets: a truncated download or copy (the header
+    promises more bytes than the file has), random bytes, an empty file, a missing or unreadable file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.metadata()
+        return None
+    except SafetensorError as exc:
+        why = _first_line(exc).removeprefix("Error while deserializing header: ")
+        if "not fully covered" in why:
+            what = f"is truncated ({path.stat().st_size} bytes, fewer than its header lists)"
+        elif "invalid header length" in why:
+            what = f"is truncated or not a safetensors file (its header is longer than its {path.stat().st_size} bytes)"
+        else:
+            what = f"is not a safetensors file ({why})"
+        return f"{path} {what}: {hint}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+
+
+def check_safetensors(path: str | os.PathLike, hint: str = "copy, download or export it again") -> Path:
+    """``path`` if it is a readable safetensors file; a ValueError naming the file and the problem otherwise."""
+    problem = safetensors_problem(path, hint)
+    if problem is not None:
+        raise ValueError(problem)
+    return Path(path)
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
+    """``safetensors.torch.load_file`` with a damaged or missing file as a one-line ValueError naming it."""
+    from safetensors.torch import load_file
+
+    return load_file(str(check_safetensors(path)), device=device)
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
@@ -103,10 +155,14 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     """(tensors, state) of a file written by ``save_state_file``; ValueError for any other file."""
     from safetensors.torch import load_file, safe_open
 
-    path = Path(path)
+    path = check_safetensors(path, "restore it from a copy, or delete it to start over")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if STATE_KEY not in meta:
         raise ValueError(f"{path} is not a diffsamp training checkpoint")
-    return load_file(str(path)), json.loads(meta[STATE_KEY])
+    try:
+        state = json.loads(meta[STATE_KEY])
+    except ValueError as exc:
+        raise ValueError(f"{path}: its training state is not valid JSON ({_first_line(exc)})") from None
+    return load_file(str(path)), state
 

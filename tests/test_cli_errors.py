@@ -78,3 +78,118 @@ def test_other_commands_check_their_out_folder(no_model_load):
     assert "/proc/nope/t" in line
     line = error_line(run(["train", "amed", "--model", "mnist-ddpm", "--nfe", "3", "--out", "/proc/nope/a"]))
     assert "/proc/nope/a" in line
+
+
+# -- item 3: damaged files are one line naming the file ---------------------------------------------------------
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "diffsamp" / "weights"
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _sample_error(model: str | Path, tmp_path: Path, *extra: str) -> str:
+    return error_line(run(["sample", "--model", str(model), "--steps", "1", "--seeds", "0", "-q",
+                           "--out", str(tmp_path / "g.png"), *extra]))
+
+
+@pytest.fixture
+def rf_dir(tmp_path) -> Path:
+    d = tmp_path / "rf"
+    d.mkdir()
+    (d / "model.json").write_bytes((WEIGHTS / "mnist-rf.json").read_bytes())
+    (d / "model.safetensors").write_bytes((WEIGHTS / "mnist-rf.safetensors").read_bytes())
+    return d
+
+
+@pytest.fixture
+def ddpm_dir(tiny_model_dir, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "ddpm"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "tail"])
+def test_damaged_diffusers_weights(ddpm_dir, tmp_path, damage):
+    w = ddpm_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        _truncate(w, 1000)
+    elif damage == "tail":
+        _truncate(w, w.stat().st_size - 1)
+    else:
+        w.write_bytes(bytes(range(256)) * 50)
+    line = _sample_error(ddpm_dir, tmp_path)
+    assert str(w) in line and ("truncated" in line or "not a safetensors file" in line)
+
+
+def test_damaged_diffusers_configs(ddpm_dir, tmp_path):
+    cfg = ddpm_dir / "unet" / "config.json"
+    good = cfg.read_text()
+    cfg.write_text(good[: len(good) // 2])
+    line = _sample_error(ddpm_dir, tmp_path)
+    assert str(cfg) in line and "not valid JSON" in line
+    cfg.write_text(good)
+    sched = ddpm_dir / "scheduler" / "scheduler_config.json"
+    sched.write_text("{x")
+    line = _sample_error(ddpm_dir, tmp_path)
+    assert str(sched) in line and "not valid JSON" in line
+
+
+def test_damaged_rectified_flow(rf_dir, tmp_path):
+    w = rf_dir / "model.safetensors"
+    _truncate(w, w.stat().st_size // 2)
+    line = _sample_error(rf_dir, tmp_path)
+    assert str(w) in line and "truncated" in line
+    cfg = rf_dir / "model.json"
+    cfg.write_text(cfg.read_text()[:300])
+    line = _sample_error(rf_dir, tmp_path)
+    assert str(cfg) in line and "not valid JSON" in line and "neither" not in line
+    cfg.write_text("[1, 2]")
+    line = _sample_error(rf_dir, tmp_path)
+    assert str(cfg) in line and "list" in line
+
+
+@pytest.fixture
+def predictor_copy(tmp_path) -> Path:
+    d = tmp_path / "pred"
+    d.mkdir()
+    for ext in (".json", ".safetensors"):
+        (d / f"amed-nfe3{ext}").write_bytes((WEIGHTS / "predictors" / "mnist-ddpm" / f"amed-nfe3{ext}").read_bytes())
+    return d / "amed-nfe3.json"
+
+
+def test_damaged_predictor(predictor_copy, tmp_path, no_model_load):
+    args = ("--sampler", "amed", "--predictor", str(predictor_copy))
+    weights = predictor_copy.with_suffix(".safetensors")
+    good_w = weights.read_bytes()
+    _truncate(weights, 50)
+    line = _sample_error("mnist-ddpm", tmp_path, *args)
+    assert str(weights) in line and "truncated" in line
+    weights.write_bytes(good_w)
+    good = predictor_copy.read_text()
+    predictor_copy.write_text(good[:40])
+    line = _sample_error("mnist-ddpm", tmp_path, *args)
+    assert str(predictor_copy) in line and "not valid JSON" in line
+    cfg = json.loads(good)
+    del cfg["predictor"]
+    predictor_copy.write_text(json.dumps(cfg))
+    line = _sample_error("mnist-ddpm", tmp_path, *args)
+    assert str(predictor_copy) in line and "predictor" in line
+
+
+def test_resume_on_a_truncated_checkpoint(tmp_path, mnist_test):
+    from diffsamp.io import save_state_file
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    import torch
+
+    ckpt = save_state_file(run_dir / "checkpoint.safetensors", {"model.w": torch.zeros(1000)}, {"format": 1})
+    _truncate(ckpt, 200)
+    line = error_line(run(["train", "ddpm", "--dataset", "mnist", "--channels", "8,16", "--attention-levels", "none",
+                           "--steps", "2", "--batch-size", "2", "--out", str(run_dir), "--no-progress", "--resume"]))
+    assert str(ckpt) in line and "truncated" in line
+    # the same file as --model (sampling while it trains)
+    line = _sample_error(run_dir, tmp_path)
+    assert str(ckpt) in line and "truncated" in line

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from diffsamp.io import read_state_file
+from diffsamp.io import check_safetensors, read_json, read_state_file
 from diffsamp.models.base import Denoiser, DenoiserBase, Prior, unwrap
 from diffsamp.models.parameterization import (
     BETA_END,
@@ -136,6 +136,7 @@ class DiffusersUNetDenoiser(DenoiserBase):
             if not (unet_dir / "config.json").exists():
                 raise ValueError(f"{path} has no diffusers UNet (no config.json or unet/config.json)")
             sched_cfg = _local_scheduler_config(path)
+            _check_unet_files(unet_dir)
             unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, torch_dtype=dtype)
         else:
             unet, sched_cfg = _hub_load(str(name_or_path), dtype)
@@ -165,10 +166,21 @@ def scheduler_alphas_cumprod(config: dict[str, Any]) -> Tensor:
     return sched.alphas_cumprod.to(torch.float64)
 
 
+def _check_unet_files(unet_dir: Path) -> None:
+    """A damaged ``config.json`` or weights file of a local UNet folder as a one-line ValueError naming it
+    (diffusers would raise an OSError about "the checkpoint" or a bare JSON error)."""
+    read_json(unet_dir / "config.json", what="a diffusers UNet config")
+    weights = sorted(unet_dir.glob("*.safetensors"))
+    if not weights and not any(unet_dir.glob("*.bin")):
+        raise ValueError(f"{unet_dir} has no weights file (diffusion_pytorch_model.safetensors)")
+    for w in weights:
+        check_safetensors(w)
+
+
 def _local_scheduler_config(path: Path) -> dict[str, Any]:
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
         if candidate.exists():
-            return json.loads(candidate.read_text())
+            return read_json(candidate, what="a diffusers scheduler config")
     raise ValueError(
         f"{path} has no scheduler config (scheduler/scheduler_config.json or scheduler_config.json): "
         "the ᾱ_t table and prediction_type are needed to use the UNet"

@@ -109,6 +109,22 @@ def model_path(name: str) -> Path:
     return shipped[name]
 
 
+def _damaged_description(path: Path) -> None:
+    """A path no format recognises because one of its JSON descriptions is damaged (malformed ``model.json``,
+    ``config.json``, …): a ValueError naming that file, rather than "neither … nor …"."""
+    from diffsamp.io import read_json
+
+    names = ("model.json", "model_index.json", "config.json", "unet/config.json", "scheduler_config.json",
+             "scheduler/scheduler_config.json")
+    candidates = [path / n for n in names] if path.is_dir() else [path] if path.suffix == ".json" else []
+    for c in candidates:
+        if c.is_file():
+            read_json(c, what="a model description")
+    rf_cfg = path / "model.json" if path.is_dir() else path
+    if rf_cfg.name.endswith(".json") and rf_cfg.is_file():  # valid JSON, but not what a saved flow writes
+        read_json(rf_cfg, fmt=rectified_flow.FORMAT, what="a diffsamp rectified-flow model")
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
@@ -132,6 +148,7 @@ def load(
     if path.exists():
         fmt = find_format(path)
         if fmt is None:
+            _damaged_description(path)
             raise ValueError(
                 f"{path} is neither a diffusers model directory (unet/ + scheduler/, or config.json + "
                 "scheduler_config.json), a diffsamp run directory, nor a saved rectified flow"

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-
-from diffsamp.io import save_safetensors, write_text
+from diffsamp.io import load_safetensors, read_json, save_safetensors, write_text
 from diffsamp.models.zoo import WEIGHTS_DIR
 from diffsamp.samplers.amed import AmedPredictor, StaticPredictor
 from diffsamp.samplers.grid import Grid
@@ -81,20 +79,30 @@ def load_predictor(name_or_path: str | os.PathLike) -> AmedPredictor | StaticPre
     """Rebuild a saved predictor; ``.config`` holds its JSON, ``.grid_sigmas`` the σ's it was trained on and
     ``.digest`` its ``predictor_digest``."""
     cfg_path = resolve_predictor(name_or_path)
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path} is not an AMED predictor ({FORMAT})")
-    arch = cfg["predictor"]
+    cfg = read_json(cfg_path, fmt=FORMAT, what=f"an AMED predictor ({FORMAT})")
+    weights = _paths(cfg_path)[0]
     pred: AmedPredictor | StaticPredictor
-    if arch["kind"] == "static":
-        pred = StaticPredictor(arch["num_steps"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
-    else:
-        pred = AmedPredictor(arch["feature_dim"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"],
-                             num_steps=arch.get("num_steps", 0), first_step_static=arch.get("first_step_static", False))
-    pred.load_state_dict(load_file(str(_paths(cfg_path)[0])))
+    try:
+        arch = cfg["predictor"]
+        if arch["kind"] == "static":
+            pred = StaticPredictor(arch["num_steps"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
+        else:
+            pred = AmedPredictor(arch["feature_dim"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"],
+                                 num_steps=arch.get("num_steps", 0),
+                                 first_step_static=arch.get("first_step_static", False))
+        grid_sigmas = torch.tensor(cfg["grid"], dtype=torch.float64)
+        for key in ("sampler", "schedule", "nfe", "afs"):
+            cfg[key]  # noqa: B018 - what sampling with it reads
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{cfg_path} is not a complete AMED predictor description "
+                         f"({type(exc).__name__}: {exc})") from None
+    try:
+        pred.load_state_dict(load_safetensors(weights))
+    except RuntimeError as exc:  # the weights do not fit the architecture the JSON describes
+        raise ValueError(f"{weights} does not fit {cfg_path}: {str(exc).splitlines()[0]}") from None
     pred.eval().requires_grad_(False)
     pred.config = cfg  # type: ignore[attr-defined]
-    pred.grid_sigmas = torch.tensor(cfg["grid"], dtype=torch.float64)  # type: ignore[attr-defined]
+    pred.grid_sigmas = grid_sigmas  # type: ignore[attr-defined]
     pred.digest = predictor_digest(cfg_path)  # type: ignore[attr-defined]
     return pred
 
