@@ -396,3 +396,137 @@ def test_the_afs_step_has_logits_of_its_own_and_the_network_trains_without_momen
 
     groups = read_state_file(tmp_path / "p" / "checkpoint.safetensors")[1]["optimizer"]["param_groups"]
     assert [(tuple(g["betas"]), g["lr"]) for g in groups] == [((0.0, 0.999), 5e-3), ((0.9, 0.999), 0.1)]
+
+
+# ------------------------------------------------------------------ one step of each plugin, written out
+R, C, A = 0.3, 1.07, 1.13  # none at its identity value (r = ½ or 1, c = 1, a = 1)
+
+
+def _first_interval(name, model, x, grid, **knobs):
+    """x after the first interval of ``name`` on ``grid`` with FixedPredictor(R, C, A)."""
+    seen = []
+    diffsamp.get_sampler(name)(model, x.clone(), grid, predictor=FixedPredictor(R, C, A),
+                               callback=lambda info: seen.append(info.x), **knobs)
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", ["amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed"])
+def test_one_step_of_each_amed_method_at_c_and_a_off_their_identities(setup, name):
+    """Zhou et al. 2024, AMED Eq. 9 and the plugins (§3.3): the intermediate time s = σ'^r σ^(1−r); the network is
+    evaluated at a·s while the direction's divisor and the step use s; c scales the second sub-step's direction."""
+    model, grid, x = setup
+    s0, s1 = grid.sigmas[:2].tolist()
+    sm = s1**R * s0 ** (1 - R)
+
+    def D(v, sig):
+        return model(v, torch.full((v.shape[0],), sig, dtype=torch.float64))
+
+    m0 = D(x, s0)
+    d = (x - m0) / s0
+    x_s = x + (sm - s0) * d
+    m_s = D(x_s, A * sm)  # the time scale a moves only the network's σ input
+    d_s = (x_s - m_s) / sm
+    if name == "amed":
+        expected = x + C * (s1 - s0) * d_s
+    elif name == "euler+amed":
+        expected = x_s + C * (s1 - sm) * d_s
+    elif name == "dpm2+amed":  # generalized DPM-Solver-2 (AMED Table 1): ε̂_s/(2r) + (1 − 1/(2r)) ε̂
+        expected = x + C * (s1 - s0) * (d_s / (2 * R) + (1 - 1 / (2 * R)) * d)
+    elif name == "ipndm+amed":  # first interval: AB1 to s, then AB2 (3/2 ε̂_s − 1/2 ε̂) to σ' scaled by c
+        expected = x_s + C * (s1 - sm) * (1.5 * d_s - 0.5 * d)
+    else:  # DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): first order to s, second order to σ', c on the step's Δ
+        x_s = (sm / s0) * x + (1 - sm / s0) * m0
+        m_s = D(x_s, A * sm)
+        r0 = math.log(s0 / sm) / math.log(sm / s1)
+        expected = (s1 / sm) * x_s + C * (1 - s1 / sm) * (m_s + (m_s - m0) / (2 * r0))
+    got = _first_interval(name, model, x, grid, **({"order": 2} if name == "dpmpp+amed" else {}))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12), (got - expected).abs().max()
+
+
+class _Recording:
+    """A predictor that records the feature it is given, with r = ½, c = a = 1."""
+
+    def __init__(self, dim):
+        self.feature_dim, self.seen = dim, []
+
+    def __call__(self, h, step, sigma, sigma_next):
+        self.seen.append(h.clone())
+        one = torch.ones(1, dtype=torch.float64)
+        return one / 2, one, one
+
+
+@pytest.mark.parametrize("family", ["ddpm", "rf"])
+def test_the_feature_is_the_channel_mean_of_the_unets_mid_block_at_the_steps_start(family, one_thread):
+    """AMED §3.4 / Fig. 6: the predictor reads the bottleneck (the UNet's mid-block output) of the evaluation at σ,
+    pooled by a mean over channels into (B, H·W); captured here by a hook of the test's own."""
+    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+    from diffsamp.models.parameterization import ddpm_alphas_cumprod
+    from diffsamp.models.rectified_flow import RFDenoiser
+    from tests.conftest import tiny_unet
+
+    unet = tiny_unet(8)
+    model = DiffusersUNetDenoiser(unet, ddpm_alphas_cumprod(num_steps=50)) if family == "ddpm" else RFDenoiser(unet)
+    assert model.feature_module is unet.mid_block
+    mids = []
+    handle = unet.mid_block.register_forward_hook(lambda mod, inp, out: mids.append(out.detach().clone()))
+    grid = diffsamp.Grid(torch.tensor([5.0, 1.0, 0.3], dtype=torch.float64))
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 5.0
+    pred = _Recording(16)
+    try:
+        diffsamp.get_sampler("amed")(model, x, grid, predictor=pred)
+    finally:
+        handle.remove()
+    assert len(pred.seen) == 2 and len(mids) == 4  # two intervals, each σ then s
+    for h, mid in zip(pred.seen, mids[::2]):  # the evaluations at each interval's start σ
+        assert mid.shape[1:] == (16, 4, 4)
+        torch.testing.assert_close(h, mid.mean(dim=1).reshape(3, 16), rtol=0, atol=0)
+
+
+class _LearnedRCA(torch.nn.Module):
+    """Per-sample r (trainable) with fixed c, a, for gradient checks."""
+
+    feature_dim = None
+
+    def __init__(self, r, c, a):
+        super().__init__()
+        self.r = torch.nn.Parameter(r.clone())
+        self.c, self.a = c, a
+
+    def forward(self, h, step, sigma, sigma_next):
+        return self.r, torch.full_like(self.r, self.c), torch.full_like(self.r, self.a)
+
+
+def test_the_smoothed_r_gradient_near_the_ends_of_0_1(mixture2d):
+    """Per sample g = [L(r⁺) − L(r⁻)]/(r⁺ − r⁻), r^± = r ± h clipped to [0, 1], h = π timesteps in r: near 0 and 1
+    the difference is one-sided over the clipped width (written out here, with the step of AMED Eq. 9)."""
+    from diffsamp.samplers.amed import StepState, step_start
+    from diffsamp.training.amed import student_step
+
+    model = _Timesteps(mixture2d, amplitude=0.05)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, generator=g, dtype=torch.float64) * 3.0
+    target = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    r0 = torch.tensor([0.0, 0.004, 0.011, 0.5, 0.993, 1.0], dtype=torch.float64)
+    s, s_next, c, a = 3.0, 0.5, 1.04, 0.93
+    pred = _LearnedRCA(r0, c, a)
+    with torch.no_grad():
+        start = step_start(model, x, s, afs=False, predictor=pred)
+    surrogate, _, _ = student_step("amed", model, start, 0, s, s_next, pred, StepState(), target, smoothed=True)
+    surrogate.backward()
+
+    def D(v, sig):
+        return model(v, sig)
+
+    def loss(r):  # per sample, AMED Eq. 9 at per-sample r
+        sm = s_next**r * s ** (1 - r)
+        d = (x - D(x, torch.full((6,), s, dtype=torch.float64))) / s
+        x_s = x + (sm - s)[:, None] * d
+        d_s = (x_s - D(x_s, a * sm)) / sm[:, None]
+        return ((x + c * (s_next - s) * d_s - target) ** 2).sum(1)
+
+    half = math.pi * (math.log(1000.0) / 999) / math.log(s / s_next)  # π timesteps of the geometric table, in r
+    hi, lo = (r0 + half).clamp(max=1.0), (r0 - half).clamp(min=0.0)
+    with torch.no_grad():
+        expected = (loss(hi) - loss(lo)) / (hi - lo) / 6
+    assert 0.011 < half < 0.013 and bool(((r0 + half > 1) | (r0 - half < 0)).sum() == 5)
+    torch.testing.assert_close(pred.r.grad, expected, rtol=1e-9, atol=1e-12)
