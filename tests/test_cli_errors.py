@@ -193,3 +193,11 @@ def test_resume_on_a_truncated_checkpoint(tmp_path, mnist_test):
     # the same file as --model (sampling while it trains)
     line = _sample_error(run_dir, tmp_path)
     assert str(ckpt) in line and "truncated" in line
+
+
+# -- item 9: a learned sampler without --predictor ---------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["amed", "ipndm+amed"])
+def test_learned_sampler_needs_a_predictor_before_loading(no_model_load, tmp_path, sampler):
+    line = error_line(run(["sample", "--model", "mnist-ddpm", "--sampler", sampler, "--out", str(tmp_path / "g.png")]))
+    assert f"--sampler {sampler}" in line and "--predictor" in line and "mnist-ddpm/" in line

@@ -163,6 +163,8 @@ def sample_cmd(
         raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
     if skip_existing and outdir is None:
         raise click.UsageError("--skip-existing continues an --outdir run; give --outdir")
+    if predictor is None:
+        _needs_predictor(sampler, model_name)
     if out is not None:
         _check_destination(out, "--out", folder=False)
     if outdir is not None:
@@ -353,6 +355,29 @@ def _check_previous_run(folder: Path, settings: dict, skip_existing: bool) -> No
         raise click.ClickException(
             f"{folder}/ holds images made with other settings (its config.json has another {', '.join(diffs)}); "
             "use another --outdir, or drop --skip-existing to overwrite")
+
+
+def _needs_predictor(sampler: str, model_name: str) -> None:
+    """A learned sampler without --predictor is a usage error before anything loads, naming the shipped
+    predictors that fit (same model, same sampler)."""
+    from diffsamp.samplers.amed import AMED_SAMPLERS
+
+    if sampler not in AMED_SAMPLERS:
+        return
+    from diffsamp.io import read_json
+    from diffsamp.samplers.amed_files import PREDICTORS_DIR, shipped_predictors
+
+    fits = []
+    for name in shipped_predictors():
+        if name.split("/")[0] == Path(model_name).name:
+            try:
+                if read_json(PREDICTORS_DIR / f"{name}.json").get("sampler") == sampler:
+                    fits.append(name)
+            except ValueError:
+                continue
+    shipped = f"shipped for {model_name}: {', '.join(fits)}" if fits else "`diffsamp models` lists the shipped ones"
+    raise click.UsageError(f"--sampler {sampler} is a learned solver and needs --predictor NAME_OR_PATH "
+                           f"({shipped}; `diffsamp train amed` trains one)")
 
 
 def _predictor_knobs(name: str, model_name: str, sampler: str, ctx: click.Context) -> tuple[str, dict]:
