@@ -201,3 +201,26 @@ def test_resume_on_a_truncated_checkpoint(tmp_path, mnist_test):
 def test_learned_sampler_needs_a_predictor_before_loading(no_model_load, tmp_path, sampler):
     line = error_line(run(["sample", "--model", "mnist-ddpm", "--sampler", sampler, "--out", str(tmp_path / "g.png")]))
     assert f"--sampler {sampler}" in line and "--predictor" in line and "mnist-ddpm/" in line
+
+
+# -- item 1: a predictor fixes the grid; --steps/--schedule that disagree are refused --------------------------
+
+@pytest.mark.parametrize("extra", [("--steps", "10"), ("--schedule", "logsnr"), ("--steps", "10", "--schedule", "logsnr"),
+                                   ("--knob", "afs=false")])
+def test_predictor_refuses_other_steps_schedule_knobs(no_model_load, tmp_path, extra):
+    line = error_line(run(["sample", "--model", "mnist-ddpm", "--sampler", "amed", "--predictor", "mnist-ddpm/amed-nfe5",
+                           "--seeds", "0", "--out", str(tmp_path / "g.png"), *extra]))
+    assert "--steps 3 --schedule karras" in line  # what the predictor uses
+    assert " ".join(extra[:2]) in line  # what the user gave, named
+
+
+def test_predictor_records_what_ran(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "g.png"
+    res = run(["sample", "--model", "mnist-ddpm", "--predictor", "mnist-ddpm/amed-nfe3", "--steps", "2",
+               "--schedule", "karras", "--seeds", "0", "-q", "--out", str(out)])  # the predictor's own values: fine
+    assert res.exit_code == 0, res.output
+    meta = json.loads(Image.open(out).text["diffsamp"])
+    assert (meta["sampler"], meta["schedule"], meta["steps"], meta["nfe"]) == ("amed", "karras", 2, 3)
+    assert meta["knobs"]["predictor"] == "mnist-ddpm/amed-nfe3" and len(meta["sigma_grid"]) == 3

@@ -193,7 +193,10 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     amed_knobs: dict = {}
     if predictor is not None:  # the sampler, grid and knobs the predictor was trained with
         sampler, amed_knobs = _predictor_knobs(predictor, model_name, sampler, ctx)
+        given = {"--steps": steps if _given(ctx, "steps") else None, "--schedule": schedule}
         steps, schedule = len(amed_knobs["grid"]), amed_knobs["predictor"].config["schedule"]
+        _refuse_overrides(predictor, amed_knobs, given, {"--steps": steps, "--schedule": schedule},
+                          parse_knobs(sampler, knobs))
     knob_values = {**parse_knobs(sampler, knobs), **amed_knobs}
     device = resolve_device(device)
     torch_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]  # None: as stored
@@ -378,6 +381,24 @@ def _needs_predictor(sampler: str, model_name: str) -> None:
     shipped = f"shipped for {model_name}: {', '.join(fits)}" if fits else "`diffsamp models` lists the shipped ones"
     raise click.UsageError(f"--sampler {sampler} is a learned solver and needs --predictor NAME_OR_PATH "
                            f"({shipped}; `diffsamp train amed` trains one)")
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+def _refuse_overrides(predictor: str, amed_knobs: dict, given: dict, fixed: dict, user_knobs: dict) -> None:
+    """A predictor samples on the grid and with the knobs it was trained with: --steps, --schedule or a --knob
+    that says otherwise is refused in one line saying what the predictor uses (rather than silently ignored)."""
+    clash = [f"{opt} {given[opt]}" for opt in given if given[opt] is not None and given[opt] != fixed[opt]]
+    text = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731 - as typed on the command line
+    clash += [f"--knob {k}={text(v)}" for k, v in user_knobs.items() if k in amed_knobs and amed_knobs[k] != v]
+    if clash:
+        cfg = amed_knobs["predictor"].config
+        uses = f"--steps {fixed['--steps']} --schedule {fixed['--schedule']} (NFE {cfg.get('nfe', '?')})"
+        uses += "".join(f" --knob {k}={text(v)}" for k, v in amed_knobs.items() if k in user_knobs)
+        raise click.UsageError(f"--predictor {predictor} samples on the grid it was trained on: {uses}; "
+                               f"drop {' and '.join(clash)} (or train a predictor for them with `diffsamp train amed`)")
 
 
 def _predictor_knobs(name: str, model_name: str, sampler: str, ctx: click.Context) -> tuple[str, dict]:
