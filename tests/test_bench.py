@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import diffsamp
 import diffsamp.metrics.fid
 import diffsamp.metrics.scoring
 from diffsamp.cli import main
@@ -183,3 +184,22 @@ def test_a_flow_is_benched_on_its_own_grid_unless_told(tiny_model_dir):
     assert plan_cell(flow, "mnist-rf", "dpmpp3m", 5).schedule == "logsnr"
     assert plan_cell(flow, "mnist-rf", "ddim", 5, schedules={"ddim": "karras"}).schedule == "karras"
     assert plan_cell(load(tiny_model_dir), str(tiny_model_dir), "ddim", 5).schedule == "karras"
+
+
+@pytest.mark.parametrize("sampler, r", [("heun", 1.0), ("dpm2", 0.5)])
+def test_an_odd_nfe_two_stage_plan_is_its_method_with_afs_at_its_own_r(mixture2d, sampler, r):
+    """At odd NFE a two-stage row runs (NFE + 1)/2 intervals with AFS on the first (AMED §3.4): its first step is
+    ε̂ = x/√(1 + σ²) at σ, the intermediate s = σ'^r σ^(1−r) with r = 1 for Heun (s = σ') and ½ for DPM-Solver-2,
+    and the generalized DPM-Solver-2 update x' = x + (σ' − σ)[ε̂_s/(2r) + (1 − 1/(2r)) ε̂] (AMED Table 1)."""
+    plan = plan_cell(mixture2d, "mix", sampler, 5)
+    assert plan.method == "dpm2+amed" and plan.knobs["afs"] is True and len(plan.grid) == 3
+    s0, s1 = plan.grid.sigmas[:2].tolist()
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s0
+    seen = []
+    diffsamp.get_sampler(plan.method)(mixture2d, x.clone(), plan.grid, callback=lambda i: seen.append(i.x), **plan.knobs)
+    d = x / (1 + s0**2) ** 0.5
+    sm = s1**r * s0 ** (1 - r)
+    x_s = x + (sm - s0) * d
+    d_s = (x_s - mixture2d(x_s, torch.full((16,), sm, dtype=torch.float64))) / sm
+    expected = x + (s1 - s0) * (d_s / (2 * r) + (1 - 1 / (2 * r)) * d)
+    assert torch.allclose(seen[0], expected, rtol=0, atol=1e-12), (seen[0] - expected).abs().max()

@@ -264,3 +264,30 @@ def test_ode_rejects_bad_arguments(gauss_data):
         ode_nll(g, x0[:2], probes=0)
     with pytest.raises(ValueError, match="sigma_min"):
         ode_nll(g, x0[:2], sigma_min=100.0)
+
+
+def test_the_prior_term_against_the_closed_form_kl_on_a_chain_that_ends_at_a_large_alpha_bar(gauss_data):
+    """L_T = KL(N(√ᾱ_T x0, (1 − ᾱ_T) I) ‖ N(0, I)) = ½ Σ_dims [ᾱ_T x0² + (1 − ᾱ_T) − 1 − log(1 − ᾱ_T)] per image
+    (Ho et al. 2020, Eq. 5). The chain stops at ᾱ_T = 0.25, so L_T is a large part of the bound, not ~1e-5."""
+    g, x0, nll = gauss_data
+    table = torch.exp(torch.linspace(-0.01, math.log(0.25), 40, dtype=torch.float64))
+    res = elbo(g, x0[:300], alphas_cumprod=table, variance="beta", batch_size=300)
+    aT = 0.25
+    prior = 0.5 * (aT * x0[:300] ** 2 + (1 - aT) - 1 - math.log(1 - aT)).sum(1)
+    torch.testing.assert_close(res.prior_nats, prior, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res.nats, res.prior_nats + res.kl_nats + res.decoder_nats, rtol=1e-12, atol=1e-12)
+    assert float(prior.mean()) > 0.1 * float(res.nats.mean())
+    gap = res.nats - nll[:300]
+    expected = expected_gaussian_bound(table, "beta", len(MU)) - gaussian_entropy(len(MU))
+    assert abs(float(gap.mean()) - expected) < 4 * float(gap.std() / math.sqrt(300)) + 0.01
+    assert res.parts_bpd()["prior"] == pytest.approx(float(prior.mean()) / (2 * math.log(2)), rel=1e-12)
+
+
+def test_bits_per_dim_and_its_standard_error_are_written_out(gauss_data):
+    """bits/dim = mean_i nats_i/(d ln 2); its standard error = sample std (n − 1) / √n, over any dims."""
+    g, x0, _ = gauss_data
+    res = elbo(g, x0[:50], alphas_cumprod=vp_table(20), variance="beta", batch_size=50)
+    for dims in (None, 7):
+        b = res.nats / ((dims or 2) * math.log(2))
+        se = math.sqrt(float(((b - b.mean()) ** 2).sum()) / 49) / math.sqrt(50)
+        assert res.bits_per_dim(dims) == pytest.approx((float(b.mean()), se), rel=1e-12)
