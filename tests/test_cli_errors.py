@@ -224,3 +224,21 @@ def test_predictor_records_what_ran(tmp_path):
     meta = json.loads(Image.open(out).text["diffsamp"])
     assert (meta["sampler"], meta["schedule"], meta["steps"], meta["nfe"]) == ("amed", "karras", 2, 3)
     assert meta["knobs"]["predictor"] == "mnist-ddpm/amed-nfe3" and len(meta["sigma_grid"]) == 3
+
+
+# -- item 4: bench checks a predictor's NFE against the cell's before sampling -----------------------------------
+
+def test_bench_predictor_nfe_checked_before_sampling(monkeypatch, tmp_path):
+    import diffsamp.metrics.bench
+    import diffsamp.metrics.inception
+    import diffsamp.metrics.scoring
+
+    def refuse(*args, **kwargs):
+        raise _Loaded("sampling/scoring started before the error")
+
+    monkeypatch.setattr(diffsamp.metrics.inception, "load_extractor", lambda *a, **k: object())
+    monkeypatch.setattr(diffsamp.metrics.scoring, "resolve_reference", refuse)
+    monkeypatch.setattr(diffsamp.metrics.bench, "run_cell", refuse)
+    line = error_line(run(["bench", "--model", "mnist-ddpm", "--samplers", "amed", "--nfe", "5", "--num", "2",
+                           "--predictor", "5=mnist-ddpm/amed-nfe3", "--out", str(tmp_path / "b"), "--quiet"]))
+    assert "mnist-ddpm/amed-nfe3" in line and "NFE 3" in line and "not 5" in line

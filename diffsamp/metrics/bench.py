@@ -110,6 +110,11 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
         if method != base:
             raise ValueError(f"predictor {path} is for {method}, not {base}")
         cfg = pred.config
+        declared = get_sampler(method).expected_nfe(grid, **knobs)
+        if declared != nfe:  # checked here, before any cell samples, not after the cell has run
+            raise ValueError(f"predictor {path} samples at NFE {declared} ({cfg['schedule']}, {len(grid)} steps), "
+                             f"not {nfe}: give {sampler}:{nfe}=PATH (or {nfe}=PATH) of a predictor trained for NFE "
+                             f"{nfe} (`diffsamp train amed --nfe {nfe}`)")
         kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
         setting = f"{cfg['schedule']}, {len(grid)} steps to σ_min, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest)
