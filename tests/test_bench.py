@@ -21,7 +21,7 @@ from diffsamp.metrics.bench import bench, plan_cell
 from diffsamp.models import load
 from diffsamp.samplers.amed_files import predictor_digest
 from diffsamp.training.amed import AmedTrainOptions, train_amed
-from tests.fid_fakes import tiny_extractor
+from tests.conftest import tiny_extractor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

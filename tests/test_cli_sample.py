@@ -1,10 +1,14 @@
-"""`diffsamp sample` and `diffsamp models`: seed parsing, grids and per-seed files, errors, a real subprocess."""
+"""`diffsamp sample` and `diffsamp models`: seed parsing, grids and per-seed files, errors, a real subprocess, Ctrl-C,
+--skip-existing, output formats, the progress bar and the settings recorded with the images."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from PIL import Image
 
 from diffsamp.cli import main
 from diffsamp.cli.sampling import parse_seeds
+from tests.conftest import assert_one_line_error, run_sample, subprocess_env
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,3 +125,93 @@ def test_sample_picks_the_models_grid(tiny_model, tmp_path):
     assert "with euler/rf," in res.output and "NFE 2" in res.output
 
 
+def test_ctrl_c_keeps_finished_pngs_exits_130_and_skip_existing_continues(tiny_model_dir, tmp_path):
+    out = tmp_path / "imgs"
+    cmd = [sys.executable, "-m", "diffsamp", "sample", "--model", str(tiny_model_dir), "--sampler", "heun",
+           "--steps", "20", "--seeds", "0-39", "--batch-size", "2", "--outdir", str(out), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    pngs = lambda: sorted(p.name for p in out.glob("*.png") if not p.name.startswith("."))  # noqa: E731 - not temporaries
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(pngs()) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    kept = pngs()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and 2 <= len(kept) < 40
+    assert f"{len(kept)} of 40 PNGs written" in err and "--skip-existing" in err
+    assert all(Image.open(out / name).size == (8, 8) for name in kept)  # complete files only
+    done = subprocess.run(cmd + ["--skip-existing"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{40 - len(kept)} PNGs, {len(kept)} already there" in done.stdout
+    assert len(pngs()) == 40 and not [p for p in out.iterdir() if p.name.startswith(".")] and json.loads((out / "config.json").read_text())["seeds"] == "0-39"
+
+
+def test_skip_existing_refuses_a_folder_of_other_settings(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "imgs")
+    assert run_sample(tiny_model_dir, "--outdir", out, "--sampler", "euler", "-q").exit_code == 0
+    (tmp_path / "imgs" / "000001.png").unlink()
+    res = run_sample(tiny_model_dir, "--outdir", out, "--sampler", "heun", "-q", "--skip-existing")
+    assert res.exit_code == 1 and "other settings" in res.output and "sampler" in res.output
+    res = run_sample(tiny_model_dir, "--outdir", out, "--sampler", "euler", "-q", "--skip-existing")
+    assert res.exit_code == 0 and "1 PNGs, 3 already there" in res.output
+    assert "--skip-existing continues an --outdir run" in run_sample(tiny_model_dir, "--out", "g.png", "--skip-existing").output
+
+
+def test_bad_destination_device_and_seeds_are_one_line_errors(tiny_model_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert_one_line_error(run_sample(tiny_model_dir, "--out", str(tmp_path / "afile" / "a.png")), 2, "afile is a file")
+    assert_one_line_error(run_sample(tiny_model_dir, "--outdir", str(tmp_path / "afile" / "sub")), 2, "afile is a file")
+    assert_one_line_error(run_sample(tiny_model_dir, "--device", "tpu", "--out", str(tmp_path / "a.png")), 2, "tpu")
+    res = CliRunner().invoke(main, ["sample", "--model", str(tiny_model_dir), "--seeds", "abc", "--out", "a.png"])
+    assert_one_line_error(res, 2, "'abc'", "not a seed")
+    assert "invalid literal" not in res.output
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_sample(tiny_model_dir, "--device", "cuda", "--out", str(tmp_path / "a.png")), 2, "CUDA")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_bad_destination_fails_before_sampling_as_a_process(tiny_model_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "diffsamp", "sample", "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "afile" / "a.png")], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "afile is a file, not a folder" in proc.stderr and "NFE" not in proc.stdout
+
+
+def test_out_writes_the_format_its_extension_names_and_refuses_others(tiny_model_dir, tmp_path):
+    for name, fmt in (("g.jpg", "JPEG"), ("g.webp", "WEBP"), ("g.png", "PNG")):
+        assert run_sample(tiny_model_dir, "--out", str(tmp_path / name), "-q").exit_code == 0
+        assert Image.open(tmp_path / name).format == fmt
+    for bad in ("noext", "g.txt"):
+        assert_one_line_error(run_sample(tiny_model_dir, "--out", str(tmp_path / bad)), 2, "ending in", ".png")
+        assert not (tmp_path / bad).exists()
+    help_text = CliRunner().invoke(main, ["sample", "--help"]).output
+    assert "Missing output folders are created" in help_text
+
+
+def test_rk45_reports_its_adaptive_nfe_and_tolerance_not_steps(tiny_model_dir, tmp_path):
+    res = run_sample(tiny_model_dir, "--sampler", "rk45", "--knob", "rtol=1e-2", "--knob", "atol=1e-2", "--out",
+                 str(tmp_path / "g.png"), "-q")
+    assert res.exit_code == 0, res.output
+    assert "rk45/karras, adaptive (rtol 0.01, atol 0.01): NFE " in res.output and "steps" not in res.output
+
+
+def test_sample_shows_a_progress_bar_unless_quiet(tiny_model_dir, tmp_path):
+    res = run_sample(tiny_model_dir, "--sampler", "heun", "--out", str(tmp_path / "g.png"))
+    assert res.exit_code == 0 and "sampling:" in res.stderr and "/3 [" in res.stderr and "NFE/s" in res.stderr, res.stderr
+    res = run_sample(tiny_model_dir, "--sampler", "heun", "--out", str(tmp_path / "g.png"), "--quiet")
+    assert res.exit_code == 0 and res.stderr == ""
+
+
+def test_grid_text_chunk_and_outdir_config_record_the_settings(tiny_model_dir, tmp_path):
+    assert run_sample(tiny_model_dir, "--sampler", "dpm2", "--knob", "r=0.3", "--out", str(tmp_path / "g.png"),
+                  "-q").exit_code == 0
+    meta = json.loads(Image.open(tmp_path / "g.png").text["diffsamp"])
+    assert meta["model"] == str(tiny_model_dir) and meta["sampler"] == "dpm2" and meta["knobs"] == {"r": 0.3}
+    assert meta["schedule"] == "karras" and meta["steps"] == 2 and meta["nfe"] == 3 and meta["seeds"] == "0-3"
+    assert len(meta["sigma_grid"]) == 3 and {"diffsamp", "torch", "diffusers"} <= set(meta["versions"])
+    assert run_sample(tiny_model_dir, "--outdir", str(tmp_path / "d"), "--seeds", "0-2,7", "-q").exit_code == 0
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["seeds"] == "0-2,7" and cfg["sampler"] == "heun" and cfg["nfe"] == 3 and cfg["dtype"] == "float32"

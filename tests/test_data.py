@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
@@ -11,23 +10,17 @@ import pytest
 import torch
 
 from diffsamp import data
+from tests.conftest import write_idx
 
 SHARED = Path(os.environ.get("DIFFSAMP_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
 
 
 @pytest.fixture()
 def fake_mnist(tmp_path: Path) -> tuple[Path, np.ndarray]:
     rng = np.random.default_rng(0)
     imgs = rng.integers(1, 256, size=(10, 28, 28), dtype=np.uint8)  # no zeros: padding is visible
-    _write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", imgs)
-    _write_idx(tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz", imgs[:4])
+    write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", imgs)
+    write_idx(tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz", imgs[:4])
     return tmp_path, imgs
 
 

@@ -18,6 +18,7 @@ from diffsamp.metrics import distances
 from diffsamp.metrics.distances import frechet_distance, kernel_inception_distance
 from diffsamp.metrics.resize import resize_tf1_bilinear, tf1_bilinear_matrix
 from diffsamp.metrics.stats import FIDStats, StreamingMoments, load_stats, make_meta, save_stats
+from tests.conftest import tiny_extractor, write_idx
 
 
 def _spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -343,3 +344,37 @@ def test_bad_image_folders_give_clear_errors(tmp_path):
 def test_to_uint8_quantizes_like_png():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.7, -3.0])
     assert dimages.to_uint8(x).tolist() == [0, 0, 128, 191, 255, 255, 0]
+
+
+def test_a_corrupted_cached_reference_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    from diffsamp.metrics.fid import reference_stats
+
+    write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 256, (5, 28, 28)))
+    monkeypatch.setenv("DIFFSAMP_CACHE", str(tmp_path / "cache"))
+    ext = tiny_extractor()
+    first = reference_stats("mnist", "test", data_dir=tmp_path, extractor=ext, progress=False)
+    (cached,) = (tmp_path / "cache" / "fid-stats").iterdir()
+    cached.write_bytes(cached.read_bytes()[:100])  # a truncated file, as a full disk or a crash leaves it
+    with pytest.warns(UserWarning, match="unreadable.*computing them again"):
+        again = reference_stats("mnist", "test", data_dir=tmp_path, extractor=ext, progress=False)
+    np.testing.assert_allclose(again.mu, first.mu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reference_stats("mnist", "test", data_dir=tmp_path, extractor=ext, progress=False)  # the cache works again
+
+
+def test_fid_below_the_feature_dimension_warns_in_our_words():
+    from scipy.linalg import LinAlgWarning
+
+    from diffsamp.metrics.fid import compute_stats, fid_from_stats
+
+    ext = tiny_extractor(dims=16)
+    g = torch.Generator().manual_seed(0)
+    a = compute_stats(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=g), extractor=ext, progress=False)
+    b = compute_stats(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=g), extractor=ext, progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fid = fid_from_stats(a, b)
+    texts = [str(w.message) for w in seen]
+    assert any("FID from 5 images with 16-dimensional features" in t and "biased" in t for t in texts), texts
+    assert not any(issubclass(w.category, LinAlgWarning) for w in seen) and np.isfinite(fid)

@@ -12,25 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import diffsamp
 from diffsamp.cli import main
-from diffsamp.cli import fid as fid_cli
 from diffsamp.images import save_image_folder, save_png
 from diffsamp.metrics.stats import load_stats
-from tests.fid_fakes import tiny_extractor, write_idx
-
-
-@pytest.fixture
-def tiny_net(monkeypatch):
-    """Every command gets the tiny network; ``calls`` counts how often one was asked for."""
-    calls = []
-    ext = tiny_extractor()
-
-    def fake(*args):
-        calls.append(args)
-        return ext
-
-    monkeypatch.setattr(fid_cli, "_extractor", fake)
-    return calls
+from tests.conftest import assert_one_line_error, tiny_extractor, write_idx
 
 
 def _folder(path: Path, n: int, size: int = 32, seed: int = 0) -> Path:
@@ -144,3 +130,29 @@ def test_missing_weights_subprocess_says_how_to_provide_them(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "Provide the FID Inception weights" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fid_on_cuda_without_cuda_names_cuda_not_the_weights(tmp_path, tiny_net):
+    from diffsamp.metrics.inception import load_extractor
+
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_extractor(os.environ.get("DIFFSAMP_INCEPTION"), "cuda")
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        diffsamp.save_images(torch.rand(1, 8, 8) * 2 - 1, tmp_path / "a" / f"{i}.png")
+    res = CliRunner().invoke(main, ["fid", "calc", str(tmp_path / "a"), str(tmp_path / "a"), "--device", "cuda"])
+    assert_one_line_error(res, 2, "CUDA is not available")
+
+
+def test_round_off_negatives_print_as_zero(tmp_path, monkeypatch):
+    from diffsamp.metrics import fid as fid_mod
+    from diffsamp.metrics.stats import FIDStats, save_stats
+
+    feats = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    save_stats(FIDStats(feats.mean(0), np.cov(feats, rowvar=False), {"num_images": 12}, feats), tmp_path / "s.npz")
+    monkeypatch.setattr(fid_mod, "fid_from_stats", lambda a, b, check=True: -1.2e-4)  # what round-off gives
+    monkeypatch.setattr(fid_mod, "kid_from_stats", lambda a, b, **kw: (-3e-6, 1e-6))
+    res = CliRunner().invoke(main, ["fid", "calc", str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "FID: 0.0000 (round-off: -0.00012)" in res.output and "KID: 0.000000 (round-off: -3e-06)" in res.output

@@ -14,7 +14,7 @@ from diffsamp.metrics import fid
 from diffsamp.data import to_float
 from diffsamp.metrics import inception
 from diffsamp.metrics.inception import FeatureExtractor, WeightsNotFoundError, find_weights, load_extractor
-from tests.fid_fakes import TinyNVlabs, TinyPool3, tiny_extractor, write_idx
+from tests.conftest import TinyNVlabs, TinyPool3, tiny_extractor, write_idx
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "inception-2015-12-05-pool3.torchscript.pt"
 REAL_WEIGHTS = Path(os.environ.get("DIFFSAMP_INCEPTION") or SHARED_WEIGHTS)

@@ -1,28 +1,18 @@
-"""Atomic writes (``diffsamp.io``): complete or absent, and with the file mode a plain ``open`` gives."""
+"""Atomic writes (``diffsamp.io``): complete or absent, and with the file mode a plain ``open`` gives, for every
+file the commands write."""
 
 from __future__ import annotations
-
-import os
-import stat
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from diffsamp import io
+from diffsamp.cli import main
 from diffsamp.images import save_png
 from diffsamp.metrics.stats import FIDStats, save_stats
-
-
-@pytest.fixture
-def umask022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
-def _mode(path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
+from tests.conftest import file_mode, run_sample, write_idx
 
 
 def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask022):
@@ -35,7 +25,7 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path, umask022):
         save_png(torch.zeros(1, 4, 4, dtype=torch.uint8), tmp_path / "a.png"),
         save_stats(FIDStats(np.zeros(2), np.eye(2), {}), tmp_path / "s.npz"),
     ]
-    assert {p.name: _mode(p) for p in paths} == {p.name: 0o644 for p in paths}
+    assert {p.name: file_mode(p) for p in paths} == {p.name: 0o644 for p in paths}
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -54,3 +44,23 @@ def test_state_file_round_trip(tmp_path):
     io.save_safetensors({"w": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not a diffsamp training checkpoint"):
         io.read_state_file(tmp_path / "plain.safetensors")
+
+
+def test_every_file_the_commands_write_gets_the_umask_mode(tiny_model_dir, tmp_path, umask022, tiny_net, monkeypatch,
+                                                           one_thread):
+    """Grid PNGs, per-seed PNGs and config.json, `fid ref` .npz files and the reference statistics cache."""
+    assert run_sample(tiny_model_dir, "--out", str(tmp_path / "grid.png"), "-q").exit_code == 0
+    assert run_sample(tiny_model_dir, "--outdir", str(tmp_path / "imgs"), "-q").exit_code == 0
+    res = CliRunner().invoke(main, ["fid", "ref", str(tmp_path / "imgs"), "--out", str(tmp_path / "ref.npz"),
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    write_idx(tmp_path / "data" / "mnist" / "t10k-images-idx3-ubyte.gz",
+              np.random.default_rng(0).integers(0, 256, (4, 28, 28)))
+    monkeypatch.setenv("DIFFSAMP_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(main, ["fid", "ref", "--dataset", "mnist", "--split", "test", "--data-dir",
+                                    str(tmp_path / "data"), "--out", str(tmp_path / "mnist.npz"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    files = [tmp_path / "grid.png", *sorted((tmp_path / "imgs").iterdir()), tmp_path / "ref.npz",
+             tmp_path / "mnist.npz", *sorted((tmp_path / "cache" / "fid-stats").iterdir())]
+    assert len(files) == 9 and (tmp_path / "imgs" / "config.json") in files
+    assert {p.name: oct(file_mode(p)) for p in files} == {p.name: oct(0o644) for p in files}

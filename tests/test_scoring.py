@@ -17,7 +17,7 @@ from diffsamp.metrics.scoring import data_floor, resolve_reference, score_images
 from diffsamp.metrics.fid import compute_stats, fid_from_stats, folder_stats, kid_from_stats, reference_stats, save_stats
 from diffsamp.images import save_png
 from diffsamp.models import load
-from tests.fid_fakes import tiny_extractor, write_idx
+from tests.conftest import tiny_extractor, write_idx
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
