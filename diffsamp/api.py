@@ -126,10 +126,27 @@ def integrate(
     scale = prior_scale(model.prior, float(grid.sigmas[0]))
     with torch.inference_mode():
         x0 = z.to(device=device, dtype=dtype or model.dtype) * scale
-        x = spec(counter, x0, grid, generator=generator, callback=callback, **dict(knobs or {}))
+        try:
+            x = spec(counter, x0, grid, generator=generator, callback=callback, **dict(knobs or {}))
+        except ValueError as exc:
+            if "NaN/inf" not in str(exc):
+                raise
+            raise ValueError(f"{exc}{_knob_blame(spec, knobs)}") from None
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"sampler {spec.name!r} produced NaN/inf samples; check the model and the sampler's knobs")
+        blame = _knob_blame(spec, knobs) or " and the sampler's knobs"
+        raise ValueError(f"sampler {spec.name!r} produced NaN/inf samples; check the model{blame}")
     return x.float().cpu(), counter.calls
+
+
+def _knob_blame(spec: SamplerSpec, knobs: Mapping[str, Any] | None) -> str:
+    """``; knob snr=0.9 … may be the cause`` when numeric knobs were set away from their defaults, else ""."""
+    defaults = spec.knob_values()
+    moved = {k: v for k, v in (knobs or {}).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and v != defaults.get(k)}
+    if not moved:
+        return ""
+    text = ", ".join(f"{k}={v:g}" for k, v in moved.items())
+    return f"; the knob{'s' * (len(moved) > 1)} set away from the default ({text}) may be the cause"
 
 
 def generate(

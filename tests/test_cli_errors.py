@@ -242,3 +242,62 @@ def test_bench_predictor_nfe_checked_before_sampling(monkeypatch, tmp_path):
     line = error_line(run(["bench", "--model", "mnist-ddpm", "--samplers", "amed", "--nfe", "5", "--num", "2",
                            "--predictor", "5=mnist-ddpm/amed-nfe3", "--out", str(tmp_path / "b"), "--quiet"]))
     assert "mnist-ddpm/amed-nfe3" in line and "NFE 3" in line and "not 5" in line
+
+
+# -- item 5: knobs validated up front, from each sampler's registration -------------------------------------------
+
+@pytest.mark.parametrize("sampler, knob, says", [
+    ("pc", "snr=1e9", "in (0, 1]"), ("pc", "snr=inf", "finite"), ("pc", "snr=nan", "finite"), ("pc", "snr=0", "(0, 1]"),
+    ("rk45", "rtol=-1", "rtol"), ("rk45", "rtol=0", "rtol"), ("rk45", "atol=0", "> 0"), ("dpm2", "r=0", "(0, 1]"),
+    ("ddim", "eta=2", "[0, 1]"), ("ipndm", "max_order=5", "1 to 4"), ("pc", "corrector_steps=-1", "≥ 0"),
+    ("euler_maruyama", "gamma=-0.5", "[0, 1]"),
+])
+def test_knob_out_of_range_is_refused_before_loading(no_model_load, tmp_path, sampler, knob, says):
+    line = error_line(run(["sample", "--model", "mnist-ddpm", "--sampler", sampler, "--knob", knob, "--steps", "2",
+                           "--out", str(tmp_path / "g.png")]))
+    name = knob.split("=")[0]
+    assert f"sampler {sampler!r}: {name} must be" in line and says in line
+
+
+def test_knob_ranges_hold_in_the_api_too(gaussian):
+    import torch
+
+    from diffsamp.api import integrate
+    from diffsamp.samplers import Grid, get_sampler
+
+    grid = Grid(torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sampler 'rk45': rtol must be"):
+        get_sampler("rk45")(gaussian, torch.zeros(1, 4), grid, rtol=0.0)
+    with pytest.raises(ValueError, match="sampler 'pc': snr must be a finite"):
+        integrate(gaussian, torch.zeros(1, 4), sampler="pc", grid=grid, knobs={"snr": float("inf")})
+
+
+def test_every_declared_range_admits_the_default():
+    from diffsamp.samplers import available_samplers, get_sampler
+
+    for name in available_samplers():
+        spec = get_sampler(name)
+        spec.check_knobs(**{k: d for k, (_, d) in spec.knob_specs().items()})
+
+
+def test_nan_blames_a_knob_set_away_from_its_default(gaussian):
+    import torch
+
+    from diffsamp.api import integrate
+    from diffsamp.models.base import Wrapper
+    from diffsamp.samplers import Grid
+
+    class NanLater(Wrapper):  # finite at the first evaluation, NaN after
+        calls = 0
+
+        def __call__(self, x, sigma):
+            self.calls += 1
+            out = self.inner(x, sigma)
+            return out if self.calls == 1 else out * float("nan")
+
+    grid = Grid(torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"NaN/inf.*knob set away from the default \(r=0.3\)"):
+        integrate(NanLater(gaussian), torch.zeros(1, 4), sampler="dpm2", grid=grid, knobs={"r": 0.3})
+    with pytest.raises(ValueError, match="NaN/inf") as info:
+        integrate(NanLater(gaussian), torch.zeros(1, 4), sampler="dpm2", grid=grid)
+    assert "away from the default" not in str(info.value)

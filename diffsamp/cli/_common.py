@@ -122,7 +122,7 @@ def knob_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def parse_knobs(sampler: str, items: tuple[str, ...]) -> dict[str, Any]:
     """``("r=0.3", "final_denoise=true")`` → typed knobs of ``sampler``; a one-line usage error otherwise."""
     from diffsamp.samplers import get_sampler
-    from diffsamp.samplers.registry import describe_knobs
+    from diffsamp.samplers.registry import KnobValueError, describe_knobs
 
     spec = get_sampler(sampler)
     out: dict[str, Any] = {}
@@ -135,6 +135,8 @@ def parse_knobs(sampler: str, items: tuple[str, ...]) -> dict[str, Any]:
                 param_hint="--knob")
         try:
             out[name] = spec.parse_knob(name, text.strip())
+        except KnobValueError as exc:  # a value out of range: the knob is named, its range said
+            raise click.BadParameter(str(exc), param_hint="--knob") from None
         except ValueError as exc:
             listed = "its knobs:" in str(exc)
             raise click.BadParameter(str(exc) if listed else f"{exc}; knobs of {sampler}: "

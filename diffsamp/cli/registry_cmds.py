@@ -25,7 +25,8 @@ def samplers_cmd(name: str | None) -> None:
         alias = f" (= {spec.alias_of} {dict(spec.defaults)})" if spec.alias_of else ""
         click.echo(f"{name}  {spec.kind}  {spec.description}{alias}")
         for knob, (tp, default) in spec.knob_specs().items():
-            click.echo(f"  {describe_knobs({knob: (tp, default)})}")
+            rng = spec.ranges.get(knob)
+            click.echo(f"  {describe_knobs({knob: (tp, default)})}" + (f"  ({rng.describe(integer=tp is int)})" if rng is not None else ""))
         if not spec.knobs:
             click.echo("  (no knobs)")
         if spec.min_sigma_ratio is not None:

@@ -32,7 +32,7 @@ from diffsamp.samplers._util import (
 )
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.ode import adams_bashforth, dpmpp_update
-from diffsamp.samplers.registry import register_sampler
+from diffsamp.samplers.registry import KnobRange, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 AMED_SAMPLERS = ("amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed")  # the learned samplers
@@ -347,7 +347,7 @@ def dpm2_amed(
     return _run("dpm2", model, x, grid, predictor, afs, callback, final_denoise)
 
 
-@register_sampler("ipndm+amed", kind="ode", nfe=_amed_nfe)
+@register_sampler("ipndm+amed", kind="ode", nfe=_amed_nfe, ranges={"max_order": KnobRange(1, 4)})
 def ipndm_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, max_order: int = 4, final_denoise: bool = False,
@@ -358,7 +358,7 @@ def ipndm_amed(
     return _run("ipndm", model, x, grid, predictor, afs, callback, final_denoise, max_order=max_order)
 
 
-@register_sampler("dpmpp+amed", kind="ode", nfe=_amed_nfe)
+@register_sampler("dpmpp+amed", kind="ode", nfe=_amed_nfe, ranges={"order": KnobRange(1, 3)})
 def dpmpp_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, order: int = 2, threshold: bool = False,

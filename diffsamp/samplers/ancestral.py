@@ -19,7 +19,7 @@ from torch import Tensor
 from diffsamp.models.base import Denoiser
 from diffsamp.samplers._util import Generator, StepInfo, randn_like, sigma_batch
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.registry import register_alias, register_sampler
+from diffsamp.samplers.registry import KnobRange, register_alias, register_sampler
 
 
 def ancestral_coefficients(
@@ -37,7 +37,7 @@ def ancestral_coefficients(
     return math.sqrt(max(sigma_next**2 - noise**2, 0.0)), noise
 
 
-@register_sampler("ancestral", kind="sde", nfe=lambda grid, knobs: len(grid))
+@register_sampler("ancestral", kind="sde", nfe=lambda grid, knobs: len(grid), ranges={"eta": KnobRange(0, 1)})
 def ancestral(
     model: Denoiser,
     x: Tensor,

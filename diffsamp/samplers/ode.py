@@ -22,7 +22,7 @@ from torch import Tensor
 from diffsamp.models.base import PRIOR_TIMES, Denoiser
 from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, final_nfe, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.registry import register_alias, register_sampler
+from diffsamp.samplers.registry import KnobRange, register_alias, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 
@@ -78,7 +78,7 @@ def heun(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe)
+@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe, ranges={"r": KnobRange(0, 1, lo_open=True)})
 def dpm2(
     model: Denoiser,
     x: Tensor,
@@ -181,7 +181,7 @@ def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int) -> Multiste
     return rule
 
 
-@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe)
+@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe, ranges={"order": KnobRange(1, 3)})
 def dpmpp(
     model: Denoiser,
     x: Tensor,
@@ -225,7 +225,7 @@ def adams_bashforth(ds: list[Tensor]) -> Tensor:
     return out
 
 
-@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe)
+@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe, ranges={"max_order": KnobRange(1, 4)})
 def ipndm(
     model: Denoiser,
     x: Tensor,
@@ -248,7 +248,9 @@ def ipndm(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("rk45", kind="ode", nfe=lambda grid, knobs: None)
+@register_sampler("rk45", kind="ode", nfe=lambda grid, knobs: None, ranges={
+    "rtol": KnobRange(1e-13, 1, hi_open=True, why="a relative tolerance; scipy's solve_ivp goes no lower than 2.2e-14"),
+    "atol": KnobRange(0, lo_open=True, why="an absolute tolerance")})
 def rk45(
     model: Denoiser,
     x: Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -17,6 +18,40 @@ SamplerFn = Callable[..., Tensor]
 NfeRule = Callable[[Grid, Mapping[str, Any]], int | None]
 
 _SAMPLERS: dict[str, "SamplerSpec"] = {}
+
+
+class KnobValueError(ValueError):
+    """A knob's value is not finite or outside its declared ``KnobRange``."""
+
+
+@dataclass(frozen=True)
+class KnobRange:
+    """The values a numeric knob accepts: ``lo``/``hi`` bounds (None: unbounded), each closed unless ``*_open``.
+    Every float knob must be finite besides; declared per knob at registration (``register_sampler(ranges=…)``)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""  # shown with the refusal, e.g. what the bound protects
+
+    def __contains__(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def __str__(self) -> str:
+        return self.describe(integer=False)
+
+    def describe(self, *, integer: bool) -> str:
+        """``in (0, 1]``, ``> 0``, or for an integer knob with closed bounds ``1 to 4``."""
+        if integer and self.lo is not None and self.hi is not None and not (self.lo_open or self.hi_open):
+            return f"{self.lo:g} to {self.hi:g}"
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '≥'} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '≤'} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +75,7 @@ class SamplerSpec:
     min_steps: int = 1
     alias_of: str | None = None
     min_sigma_ratio: float | None = None
+    ranges: Mapping[str, KnobRange] = field(default_factory=dict)
 
     def __call__(self, model: Any, x: Tensor, grid: Grid, **kwargs: Any) -> Tensor:
         if len(grid) < self.min_steps:
@@ -52,7 +88,21 @@ class SamplerSpec:
                 f"sampler {self.name!r} has no knob {', '.join(sorted(unknown))}; "
                 f"its knobs: {', '.join(self.knobs) or 'none'}"
             )
+        self.check_knobs(**{k: v for k, v in kwargs.items() if k not in ("generator", "callback")})
         return self.fn(model, x, grid, **{**self.defaults, **kwargs})
+
+    def check_knobs(self, **knobs: Any) -> None:
+        """A ValueError naming the first knob whose value is not finite or outside its declared range."""
+        types_ = {k: t for k, (t, _) in self.knob_specs().items()} if self.ranges else {}
+        for name, value in knobs.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            what = f"sampler {self.name!r}: {name}"
+            if not math.isfinite(value):
+                raise KnobValueError(f"{what} must be a finite number, got {value}")
+            rng = self.ranges.get(name)
+            if rng is not None and value not in rng:
+                raise KnobValueError(f"{what} must be {rng.describe(integer=types_.get(name) is int)}, got {value:g}" + (f" ({rng.why})" if rng.why else ""))
 
     @property
     def knobs(self) -> list[str]:
@@ -83,7 +133,9 @@ class SamplerSpec:
         specs = self.knob_specs()
         if name not in specs:
             raise ValueError(f"sampler {self.name!r} has no knob {name!r}; its knobs: {describe_knobs(specs) or 'none'}")
-        return _convert(text, specs[name][0], f"knob {name!r} of sampler {self.name!r}")
+        value = _convert(text, specs[name][0], f"knob {name!r} of sampler {self.name!r}")
+        self.check_knobs(**{name: value})
+        return value
 
 
 def _type_name(tp: Any) -> str:
@@ -142,9 +194,12 @@ def register_sampler(
     nfe: NfeRule,
     min_steps: int = 1,
     min_sigma_ratio: float | None = None,
+    ranges: Mapping[str, KnobRange] | None = None,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Decorator: register ``fn`` under ``name``; the first docstring line is its description, its signature's
-    keyword-only parameters (besides generator and callback) are its knobs, with their defaults."""
+    keyword-only parameters (besides generator and callback) are its knobs, with their defaults. ``ranges``:
+    the values each numeric knob accepts (``KnobRange``), checked when a knob is parsed or passed; float knobs
+    must be finite in any case."""
 
     def deco(fn: SamplerFn) -> SamplerFn:
         if name in _SAMPLERS:
@@ -152,7 +207,12 @@ def register_sampler(
         if not fn.__doc__:
             raise ValueError(f"sampler {name!r} needs a docstring citing what it implements")
         desc = fn.__doc__.strip().splitlines()[0]
-        _SAMPLERS[name] = SamplerSpec(name, fn, kind, nfe, desc, {}, min_steps, min_sigma_ratio=min_sigma_ratio)
+        unknown = set(ranges or {}) - {
+            p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        if unknown:
+            raise ValueError(f"sampler {name!r} declares ranges for unknown knobs {sorted(unknown)}")
+        _SAMPLERS[name] = SamplerSpec(name, fn, kind, nfe, desc, {}, min_steps, min_sigma_ratio=min_sigma_ratio,
+                                      ranges=dict(ranges or {}))
         return fn
 
     return deco
@@ -175,6 +235,7 @@ def register_alias(
         base.min_steps,
         alias_of=target,
         min_sigma_ratio=base.min_sigma_ratio,
+        ranges=base.ranges,
     )
 
 

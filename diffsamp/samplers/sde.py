@@ -28,7 +28,7 @@ from diffsamp.samplers._util import (
     to_d,
 )
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.registry import register_sampler
+from diffsamp.samplers.registry import KnobRange, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 # A reverse-SDE Euler step is unstable once σ shrinks by about half per step (pure noise on mnist-ddpm at 10
@@ -48,7 +48,7 @@ def _em_step(x: Tensor, denoised: Tensor, s: float, s_next: float, gamma: float,
 
 @register_sampler(
     "euler_maruyama", kind="sde", nfe=lambda grid, knobs: len(grid) + final_nfe(grid, knobs),
-    min_sigma_ratio=SDE_MIN_SIGMA_RATIO,
+    min_sigma_ratio=SDE_MIN_SIGMA_RATIO, ranges={"gamma": KnobRange(0, 1)},
 )
 def euler_maruyama(
     model: Denoiser,
@@ -104,6 +104,8 @@ def langevin_correct(
     kind="sde",
     nfe=lambda grid, knobs: len(grid) * (1 + int(knobs["corrector_steps"])) + final_nfe(grid, knobs),
     min_sigma_ratio=SDE_MIN_SIGMA_RATIO,
+    ranges={"snr": KnobRange(0, 1, lo_open=True, why="the Langevin step grows as snr²; Song et al. use 0.01 to 0.17"),
+            "corrector_steps": KnobRange(0), "gamma": KnobRange(0, 1)},
 )
 def pc(
     model: Denoiser,
