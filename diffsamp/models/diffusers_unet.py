@@ -208,14 +208,31 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hub cache holds any snapshot of model repo ``repo_id``."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def _offline_message(repo_id: str, why: str) -> str:
+    return (f"could not load {repo_id!r}: it is not a local directory, the Hugging Face Hub is unreachable "
+            f"({why}) and the model is not in the local Hub cache. Download it where you have internet "
+            "and pass the local directory instead.")
+
+
 def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The UNet and scheduler config of a Hub repo: from the Hub, or only from the local Hub cache when the
     Hub is unreachable (checked first, so an offline machine fails in seconds, not after retries)."""
     import warnings
 
+    offline = hub_unreachable()
+    if offline and not _in_hub_cache(repo_id):  # fail before importing diffusers' loaders (seconds)
+        raise ValueError(_offline_message(repo_id, offline))
+
     from diffusers import DDPMScheduler, UNet2DModel
 
-    offline = hub_unreachable()
     local = {"local_files_only": True} if offline else {}
     errors = []
     with warnings.catch_warnings():  # the Hub client's deprecation notices are not the user's business
@@ -229,10 +246,7 @@ def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
                 errors.append(f"{type(exc).__name__}: {exc}")
         else:
             if offline:
-                raise ValueError(
-                    f"could not load {repo_id!r}: it is not a local directory, the Hugging Face Hub is unreachable "
-                    f"({offline}) and the model is not in the local Hub cache. Download it where you have internet "
-                    "and pass the local directory instead.")
+                raise ValueError(_offline_message(repo_id, offline))
             raise ValueError(
                 f"could not load {repo_id!r}: it is not a local directory and the Hugging Face Hub did not "
                 f"provide it (no such repo, or not a diffusers UNet). Download it where you have internet and pass "
