@@ -117,15 +117,19 @@ def integrate(
 ) -> tuple[Tensor, int]:
     """Run ``sampler`` on ``grid`` from source draws ``z`` (the state at σ_0 is prior_scale(prior, σ_0)·z).
 
-    ``device``/``dtype`` default to the model's. The model is wrapped in a checking ``CountingDenoiser``
-    (shape, NaN/inf); a non-finite result is a ValueError. Returns (samples as float32 on CPU, NFE).
+    ``device``/``dtype`` default to the model's, except float16 weights on the CPU: there the sampler's state
+    is float32 (the network still runs in float16), since float16 updates on the CPU end in NaN/inf.
+    The model is wrapped in a checking ``CountingDenoiser`` (shape, NaN/inf); a non-finite result is a
+    ValueError. Returns (samples as float32 on CPU, NFE).
     """
     spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
     device = torch.device(model.device if device is None else device)
     counter = CountingDenoiser(model, check=True)
     scale = prior_scale(model.prior, float(grid.sigmas[0]))
+    if dtype is None:
+        dtype = torch.float32 if model.dtype == torch.float16 and device.type == "cpu" else model.dtype
     with torch.inference_mode():
-        x0 = z.to(device=device, dtype=dtype or model.dtype) * scale
+        x0 = z.to(device=device, dtype=dtype) * scale
         try:
             x = spec(counter, x0, grid, generator=generator, callback=callback, **dict(knobs or {}))
         except ValueError as exc:
