@@ -317,3 +317,24 @@ def test_float16_on_the_cpu_samples(tmp_path):
     img = np.asarray(Image.open(out), dtype=np.float64)
     assert img.std() > 10  # a digit, not a constant image
     assert json.loads(Image.open(out).text["diffsamp"])["dtype"] == "float16"
+
+
+# -- item 7: --skip-existing compares the settings first, even when every PNG is there -------------------------
+
+def test_skip_existing_compares_settings_even_when_every_png_exists(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    base = ["sample", "--model", "mnist-ddpm", "--sampler", "euler", "--steps", "1", "--seeds", "0", "-q",
+            "--outdir", str(d)]
+    assert run(base).exit_code == 0
+    res = run([*base, "--skip-existing"])
+    assert res.exit_code == 0 and "nothing to do" in res.output
+    line = error_line(run([*base, "--steps", "2", "--skip-existing"]))  # every PNG there, other settings
+    assert "steps (1, not 2)" in line and str(d) in line
+    import diffsamp.models
+
+    monkeypatch.setattr(diffsamp.models, "load", lambda *a, **k: (_ for _ in ()).throw(_Loaded("loaded")))
+    line = error_line(run([*base, "--sampler", "heun", "--skip-existing"]))  # refused before the model loads
+    assert "sampler (euler, not heun)" in line
+    (d / "config.json").write_text("{")
+    line = error_line(run([*base, "--skip-existing"]))
+    assert "config.json is not valid JSON" in line

@@ -203,11 +203,14 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     all_seeds, folder = seeds, Path(outdir).expanduser() if outdir is not None else None
     width = max(6, len(str(max(seeds))))
     name_of = lambda s: f"{s:0{width}d}.png"  # noqa: E731
-    if skip_existing:
+    if skip_existing:  # what can be compared before the model loads (the σ grid is compared once it has)
+        early = {"model": model_name, "sampler": sampler, "dtype": dtype, "clip_denoised": clip_denoised,
+                 "knobs": {k: (predictor if k == "predictor" else _json_value(v))
+                           for k, v in knob_values.items() if k != "grid"}}
+        if schedule is not None:
+            early["schedule"] = schedule
+        _check_previous_run(folder, early, skip_existing)
         seeds = [s for s in seeds if not (folder / name_of(s)).is_file()]
-        if not seeds:
-            click.echo(f"all {len(all_seeds)} PNGs are already in {folder}/; nothing to do")
-            return
     t0 = time.perf_counter()
     model = load_or_fail(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
     try:
@@ -242,6 +245,11 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
         "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
     }
+    if skip_existing:
+        _check_previous_run(folder, settings, skip_existing)  # always, even when every PNG is there
+        if not seeds:
+            click.echo(f"all {len(all_seeds)} PNGs are already in {folder}/ with these settings; nothing to do")
+            return
     scoring = _fid_reference(fid_ref, inception, data_dir, device, len(seeds), shape) if fid_ref else None
     bar = _progress_bar(None if expected is None else expected * -(-len(seeds) // batch), quiet)
     model = _Progress(model, bar)
@@ -349,11 +357,16 @@ def _check_previous_run(folder: Path, settings: dict, skip_existing: bool) -> No
     cfg = folder / "config.json"
     if not skip_existing or not cfg.is_file():
         return
+    from diffsamp.io import read_json
+
     try:
-        old = json.loads(cfg.read_text())
-    except ValueError:
-        return
-    diffs = [k for k in _SAME_RUN_KEYS if k in old and old[k] != json.loads(json.dumps(settings[k]))]
+        old = read_json(cfg, what="a diffsamp samples record")
+    except ValueError as exc:
+        raise click.ClickException(f"{exc}; cannot tell which settings made the PNGs in {folder}/: use another "
+                                   "--outdir, or drop --skip-existing to overwrite") from None
+    now = {k: json.loads(json.dumps(settings[k])) for k in _SAME_RUN_KEYS if k in settings}
+    diffs = [k if isinstance(now[k], (list, dict)) else f"{k} ({old[k]}, not {now[k]})"
+             for k in now if k in old and old[k] != now[k]]
     if diffs:
         raise click.ClickException(
             f"{folder}/ holds images made with other settings (its config.json has another {', '.join(diffs)}); "
