@@ -80,6 +80,8 @@ def train() -> None:
 @click.option("--num-grid", default=64, show_default=True, type=click.IntRange(min=0), help="Images in each EMA sample grid (RUN_DIR/samples/; 0: none).")
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Pad images to this size.")
 @click.option("--init", default=None, help="Warm start from a DDPM model (zoo name, diffusers dir or run dir); its architecture replaces --channels etc.")
+@click.option("--class-conditional", is_flag=True, help="Learn p(x | class) from the data set's labels (mnist, fashion-mnist), with label dropout for classifier-free guidance; an unconditional --init gains a zero-initialised class embedding.")
+@click.option("--label-dropout", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="With --class-conditional: the fraction of labels replaced by the null class (Ho & Salimans 2022).")
 @loop_options
 def ddpm_cmd(**kw: Any) -> None:
     """Train a DDPM (ε- or v-prediction, linear β 1e-4→0.02, T=1000) saved in diffusers' format.
@@ -92,6 +94,7 @@ def ddpm_cmd(**kw: Any) -> None:
     \b
     Example:
       diffsamp train ddpm --dataset mnist --data-dir ~/data --out runs/mnist --steps 20000
+      diffsamp train ddpm --class-conditional --init mnist-ddpm --out runs/mnist-cond --steps 4000
     """
     from diffsamp.data import DataNotFoundError
     from diffsamp.training.ddpm import DDPMTrainOptions, train_ddpm

@@ -18,7 +18,8 @@ class BatchSampler:
     the current epoch) is part of ``state_dict()``, so a resumed run sees exactly the batches the
     uninterrupted run would have seen. Data sets as small as MNIST live in memory (on the GPU when
     training there), which is faster than a DataLoader with workers; ``random_flip`` mirrors images
-    horizontally at random (for CIFAR-10; not for digits).
+    horizontally at random (for CIFAR-10; not for digits). With ``labels`` ((N,) integers) each batch is the
+    pair (images, their labels).
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class BatchSampler:
         seed: int = 0,
         device: str | torch.device = "cpu",
         random_flip: bool = False,
+        labels: Tensor | None = None,
     ) -> None:
         if data.dtype == torch.uint8 and data.ndim != 4:
             raise ValueError(f"expected uint8 (N, C, H, W) images, got {data.dtype} {tuple(data.shape)}")
@@ -38,7 +40,10 @@ class BatchSampler:
             raise ValueError("random_flip mirrors images: it needs uint8 (N, C, H, W) images")
         if not 0 < batch_size:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if labels is not None and (labels.ndim != 1 or labels.shape[0] != data.shape[0] or labels.is_floating_point()):
+            raise ValueError(f"labels must be (N,) = ({data.shape[0]},) integers, got {labels.dtype} {tuple(labels.shape)}")
         self.images = data.to(device)
+        self.labels = labels.long().to(device) if labels is not None else None
         self.n = data.shape[0]
         self.batch_size = min(batch_size, self.n)
         self.random_flip = random_flip
@@ -51,7 +56,7 @@ class BatchSampler:
         self._perm = torch.randperm(self.n, generator=self.generator)
         self._pos = 0
 
-    def next(self) -> Tensor:
+    def next(self) -> Tensor | tuple[Tensor, Tensor]:
         if self._perm is None or self._pos + self.batch_size > self.n:  # drop the last partial batch
             if self._perm is not None:
                 self.epoch += 1
@@ -65,9 +70,11 @@ class BatchSampler:
         if self.random_flip:
             flip = torch.rand(x.shape[0], generator=self.generator) < 0.5
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+        if self.labels is not None:
+            return x, self.labels[idx.to(self.labels.device)]
         return x
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         while True:
             yield self.next()
 

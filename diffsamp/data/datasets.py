@@ -109,6 +109,20 @@ def find_idx_file(name: str, split: str, kind: str = "images", data_dir: str | o
     raise _missing(name, split, looked)
 
 
+def load_labels(
+    name: str, split: str = "train", data_dir: str | os.PathLike | None = None, *, limit: int | None = None
+) -> Tensor:
+    """The class labels (int64, (N,)) of ``mnist`` or ``fashion-mnist``, in the images' canonical order (so
+    ``load_labels(...)[i]`` is the class of ``load_dataset_uint8(...)[i]``); 10 classes each."""
+    key = _normalize_name(name)
+    if key not in ("mnist", "fashion-mnist"):
+        raise ValueError(f"class labels are available for mnist and fashion-mnist, not {name!r}")
+    arr = read_idx(find_idx_file(key, split, "labels", data_dir))
+    if limit is not None:
+        arr = arr[:limit]
+    return torch.from_numpy(arr.astype("int64"))
+
+
 def load_dataset_uint8(
     name: str,
     split: str = "train",

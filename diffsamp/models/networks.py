@@ -27,9 +27,11 @@ def make_unet(
     attention_head_dim: int = 32,
     norm_num_groups: int | None = None,
     dropout: float = 0.0,
+    num_class_embeds: int | None = None,
 ) -> nn.Module:
     """A diffusers ``UNet2DModel``; attention at the lowest resolution by default (``attention_levels``
-    lists the indices of levels with self-attention; ``()`` for none)."""
+    lists the indices of levels with self-attention; ``()`` for none). ``num_class_embeds``: a learned class
+    embedding added to the time embedding (diffusers' class conditioning), one row per class index."""
     from diffusers import UNet2DModel
 
     channels = tuple(int(c) for c in channels)
@@ -57,6 +59,7 @@ def make_unet(
         attention_head_dim=min(attention_head_dim, channels[-1]),
         norm_num_groups=groups,
         dropout=dropout,
+        num_class_embeds=num_class_embeds,
     )
 
 

@@ -45,13 +45,23 @@ from diffsamp.training.loop import TrainConfig, TrainResult, train_loop
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 class DDPMLoss:
-    """L_simple for ε- or v-prediction with uniformly drawn t ∈ {0, …, T−1} (Ho et al. 2020, Eq. 14)."""
+    """L_simple for ε- or v-prediction with uniformly drawn t ∈ {0, …, T−1} (Ho et al. 2020, Eq. 14).
 
-    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon") -> None:
+    Class-conditional (``num_classes`` K > 0, batches of (images, labels)): each label is replaced by the null
+    class K with probability ``label_dropout``, so one network learns both the conditional and the
+    unconditional model that classifier-free guidance combines (Ho & Salimans 2022, Alg. 1).
+    """
+
+    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon", *, num_classes: int = 0,
+                 label_dropout: float = 0.1) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.alphas_cumprod = alphas_cumprod.float()
         self.prediction_type = prediction_type
+        self.num_classes = num_classes
+        self.label_dropout = label_dropout
         self._cache: dict[torch.device, Tensor] = {}
 
     def _ac(self, device: torch.device) -> Tensor:
@@ -59,7 +69,10 @@ class DDPMLoss:
             self._cache[device] = self.alphas_cumprod.to(device)
         return self._cache[device]
 
-    def __call__(self, model: nn.Module, x0: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, model: nn.Module, batch: Tensor | tuple[Tensor, Tensor], generator: torch.Generator) -> Tensor:
+        x0, labels = batch if isinstance(batch, tuple) else (batch, None)
+        if (labels is None) != (self.num_classes == 0):
+            raise ValueError("a class-conditional loss needs (images, labels) batches, an unconditional one images")
         ac = self._ac(x0.device)
         b = x0.shape[0]
         t = torch.randint(0, ac.shape[0], (b,), device=x0.device, generator=generator)
@@ -67,7 +80,11 @@ class DDPMLoss:
         a = ac[t].view(b, *([1] * (x0.ndim - 1)))
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = eps if self.prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
-        pred = model(x_t, t).sample
+        if labels is None:
+            pred = model(x_t, t).sample
+        else:
+            drop = torch.rand(b, device=x0.device, generator=generator) < self.label_dropout
+            pred = model(x_t, t, class_labels=torch.where(drop, self.num_classes, labels)).sample
         return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
@@ -87,6 +104,8 @@ class DDPMTrainOptions:
     sample_size: int = 32
     num_grid: int = 64
     init: str | None = None  # warm start: a DDPM UNet (zoo name, diffusers dir, run dir) whose architecture wins
+    class_conditional: bool = False  # learn p(x | class) and, through label dropout, p(x) (null class = K)
+    label_dropout: float = 0.1
 
 
 def _grid_sampler(prediction_type: str, n: int, shape: tuple[int, int, int]):
@@ -114,14 +133,17 @@ def train_ddpm(
     progress: bool = True,
     stop_after: int | None = None,
     images: Tensor | None = None,
+    labels: Tensor | None = None,
 ) -> TrainResult:
     """Train a DDPM on ``options.dataset`` into run directory ``out``; when the run reaches
     ``config.steps``, the EMA model is saved there in diffusers' format (see the module docstring).
 
-    ``images`` (uint8 (N, C, H, W)) replaces loading ``options.dataset`` (tests, custom data).
+    ``images`` (uint8 (N, C, H, W)) and, for a class-conditional run, ``labels`` ((N,) in 0…K−1) replace
+    loading ``options.dataset`` (tests, custom data).
     """
-    from diffsamp.data import BatchSampler, load_dataset_uint8
+    from diffsamp.data import BatchSampler, load_dataset_uint8, load_labels
 
+    labels_given = labels
     out = Path(out)
     device = torch.device(device)
     if images is None:
@@ -129,9 +151,17 @@ def train_ddpm(
     c, h, w = images.shape[1:]
     if h != w:
         raise ValueError(f"square images expected, got {h}×{w}")
+    labels = None
+    if options.class_conditional:
+        if labels_given is None:
+            labels_given = load_labels(options.dataset, "train", options.data_dir)
+        labels = labels_given
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
+    num_classes = int(labels.max()) + 1 if labels is not None else 0
     torch.manual_seed(config.seed)  # the initial weights are a function of the seed
     if options.init is not None:
-        unet = init_unet(options.init, (c, h, w), options.prediction_type)
+        unet = init_unet(options.init, (c, h, w), options.prediction_type, num_classes=num_classes)
     else:
         unet = make_unet(
             in_channels=c,
@@ -140,6 +170,7 @@ def train_ddpm(
             layers_per_block=options.layers_per_block,
             attention_levels=options.attention_levels,
             dropout=options.dropout,
+            num_class_embeds=num_classes + 1 if num_classes else None,
         )
     n_params = sum(p.numel() for p in unet.parameters())
     config.extra = {
@@ -150,16 +181,19 @@ def train_ddpm(
         "prediction_type": options.prediction_type,
         "batch_size": options.batch_size,
         "init": options.init,
+        "conditioning": conditioning_record(num_classes, options.label_dropout),
         "parameters": n_params,
         "unet": {k: v for k, v in unet.config.items() if k != "_name_or_path"},  # no local paths
         "device": str(device),
         "hardware": hardware(device),
     }
     batches = BatchSampler(
-        images, options.batch_size, seed=config.seed, device=device, random_flip=options.random_flip
+        images, options.batch_size, seed=config.seed, device=device, random_flip=options.random_flip, labels=labels
     )
-    loss_fn = DDPMLoss(training_alphas_cumprod().float(), options.prediction_type)
-    sample_fn = _grid_sampler(options.prediction_type, options.num_grid, (c, h, w)) if options.num_grid else None
+    loss_fn = DDPMLoss(training_alphas_cumprod().float(), options.prediction_type, num_classes=num_classes,
+                       label_dropout=options.label_dropout)
+    sample_fn = (_grid_sampler(options.prediction_type, options.num_grid, (c, h, w))
+                 if options.num_grid and not num_classes else None)
     result, ema = train_loop(
         unet,
         loss_fn,
@@ -179,9 +213,21 @@ def train_ddpm(
     return result
 
 
-def init_unet(init: str, shape: tuple[int, int, int], prediction_type: str) -> nn.Module:
+def conditioning_record(num_classes: int, label_dropout: float) -> dict[str, Any] | None:
+    """What a class-conditional model takes, as its card and ``model_index.json`` record it; None if
+    unconditional."""
+    if not num_classes:
+        return None
+    return {"kind": "class", "num_classes": num_classes, "null_class": num_classes, "label_dropout": label_dropout}
+
+
+def init_unet(init: str, shape: tuple[int, int, int], prediction_type: str, *, num_classes: int = 0) -> nn.Module:
     """The UNet of an existing DDPM model (zoo name, diffusers directory or run directory) to continue training
-    from: same image shape, same prediction type and the same linear β schedule, else a ValueError."""
+    from: same image shape, same prediction type and the same linear β schedule, else a ValueError.
+
+    With ``num_classes`` K > 0 and an unconditional ``init``, the same architecture gains a class embedding of
+    K + 1 rows (the last is the null class) initialised to zero, so training starts from the unconditional
+    model for every class."""
     model = load(init, clip=False)
     if not isinstance(model, DiffusersUNetDenoiser):
         raise ValueError(f"--init {init!r} is not a DDPM UNet model (got {type(model).__name__})")
@@ -191,7 +237,22 @@ def init_unet(init: str, shape: tuple[int, int, int], prediction_type: str) -> n
         raise ValueError(f"--init {init!r} predicts {model.prediction_type!r}, this run trains {prediction_type!r}")
     if not torch.allclose(model.alphas_cumprod, training_alphas_cumprod(), rtol=1e-6, atol=1e-9):
         raise ValueError(f"--init {init!r} was trained on another noise schedule than DDPM's linear β 1e-4 → 0.02")
-    return model.network.float().train().requires_grad_(True)
+    unet = model.network.float()
+    have = unet.config.get("num_class_embeds")
+    if num_classes and have is None:
+        from diffusers import UNet2DModel
+
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        conditional = UNet2DModel(**{**config, "num_class_embeds": num_classes + 1})
+        missing, unexpected = conditional.load_state_dict(unet.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+            raise ValueError(f"--init {init!r}: its weights do not fit a class-conditional copy of its UNet")
+        nn.init.zeros_(conditional.class_embedding.weight)
+        unet = conditional
+    elif (have or 0) != (num_classes + 1 if num_classes else 0):
+        raise ValueError(f"--init {init!r} has num_class_embeds={have}; this run needs "
+                         f"{num_classes + 1 if num_classes else None}")
+    return unet.train().requires_grad_(True)
 
 
 def write_card(
@@ -212,6 +273,7 @@ def write_card(
         "unet": config.extra.get("unet"),
         "parameters": n_params,
         "objective": f"DDPM L_simple, {options.prediction_type} prediction",
+        "conditioning": config.extra.get("conditioning"),
         "scheduler": scheduler_kwargs(options.prediction_type),
         "dataset": options.dataset,
         "train_images": config.extra.get("num_train_images"),

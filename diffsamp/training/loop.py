@@ -132,6 +132,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- loop
+def _on_device(batch: Tensor | tuple[Tensor, ...], device: torch.device) -> Tensor | tuple[Tensor, ...]:
+    """A batch (a tensor, or a tuple such as images and labels) on ``device``."""
+    if isinstance(batch, tuple):
+        return tuple(_on_device(b, device) for b in batch)  # type: ignore[return-value]
+    return batch if batch.device == device else batch.to(device, non_blocking=True)
+
+
 class _StopFlag:
     """First Ctrl-C / SIGTERM asks the loop to stop at the next step boundary; a second Ctrl-C aborts."""
 
@@ -292,9 +299,7 @@ def _train_loop_locked(
     stop_reason: str | None = None
     with _StopFlag() as stop:
         while step < config.steps:
-            batch = batches.next()
-            if batch.device != device:
-                batch = batch.to(device, non_blocking=True)
+            batch = _on_device(batches.next(), device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, config)
             with _autocast(device, config.mixed_precision):
@@ -309,7 +314,7 @@ def _train_loop_locked(
             steps_this_call += 1
             window_loss += loss.detach().float()
             window_n += 1
-            window_imgs += batch.shape[0]
+            window_imgs += (batch[0] if isinstance(batch, tuple) else batch).shape[0]
 
             if step % config.log_every == 0 or step == config.steps:
                 last_loss = float(window_loss) / window_n
