@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsamp.models.base import CountingDenoiser, Denoiser, default_schedule, prior_scale
+from diffsamp.models.base import CountingDenoiser, Denoiser, default_sampler, default_schedule, prior_scale
 from diffsamp.samplers import Grid, SamplerSpec, get_sampler, get_schedule
 from diffsamp.samplers._util import Generator, StepInfo
 
@@ -157,7 +157,7 @@ def generate(
     model: Denoiser,
     shape: Sequence[int],
     *,
-    sampler: str = "heun",
+    sampler: str | None = None,
     schedule: str | None = None,
     steps: int = 18,
     seeds: Sequence[int] = (0,),
@@ -177,11 +177,13 @@ def generate(
     image i is the same whatever the batch size or device (CONTRIBUTING.md). The initial state at
     σ_0 follows the model's prior (``prior_scale``). Runs under ``torch.inference_mode()`` and returns
     the NFE measured by a ``CountingDenoiser`` (per image: one batched call counts once).
-    ``shape`` is one sample's shape, e.g. (1, 32, 32). ``schedule`` None: ``default_schedule(model)`` (``rf``
+    ``shape`` is one sample's shape, e.g. (1, 32, 32). ``sampler`` None: ``default_sampler(model)`` (``euler``
+    for rectified flows, ``heun`` otherwise); ``schedule`` None: ``default_schedule(model)`` (``rf``
     for rectified flows, ``karras`` otherwise). ``on_batch(seeds, images)`` sees each batch as it finishes
     (e.g. to write it at once). Images are in [-1, 1]: save them with ``diffsamp.save_images``.
     Known-bad settings (``setting_warnings``) are reported once with ``warnings.warn``.
     """
+    sampler = sampler or default_sampler(model)
     spec = get_sampler(sampler)
     shape = tuple(int(s) for s in shape)
     if not shape or any(s <= 0 for s in shape):

@@ -338,3 +338,26 @@ def test_skip_existing_compares_settings_even_when_every_png_exists(tmp_path, mo
     (d / "config.json").write_text("{")
     line = error_line(run([*base, "--skip-existing"]))
     assert "config.json is not valid JSON" in line
+
+
+# -- item 8: a flow's default sampler is euler -------------------------------------------------------------------
+
+def test_flow_default_sampler_is_euler(tmp_path, rf_dir):
+    from PIL import Image
+
+    for model in ("mnist-rf", str(rf_dir)):
+        out = tmp_path / "g.png"
+        res = run(["sample", "--model", model, "--steps", "2", "--seeds", "0", "-q", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert "with euler/rf, 2 steps: NFE 2" in res.output
+        assert json.loads(Image.open(out).text["diffsamp"])["sampler"] == "euler"
+    res = run(["sample", "--model", "mnist-ddpm", "--steps", "1", "--seeds", "0", "-q", "--out", str(out)])
+    assert res.exit_code == 0 and "with heun/karras" in res.output, res.output
+
+
+def test_generate_defaults_to_the_models_sampler():
+    import diffsamp
+    from diffsamp.models import load
+
+    res = diffsamp.generate(load("mnist-rf"), (1, 32, 32), steps=2, seeds=[0])
+    assert res.nfe == 2  # euler: one evaluation per step (heun would take 3)

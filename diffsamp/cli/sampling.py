@@ -101,7 +101,7 @@ def _json_value(value):  # noqa: ANN001, ANN202 - any knob value
 
 @main.command("sample")
 @click.option("--model", "model_name", required=True, help="Zoo name (see `diffsamp models`), a local model/run directory, or a Hub id.")
-@click.option("--sampler", default="heun", show_default=True, type=click.Choice(available_samplers()))
+@click.option("--sampler", default=None, type=click.Choice(available_samplers()), help="Default: euler for rectified flows, heun otherwise.")
 @click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="σ grid. Default: rf for rectified flows, karras otherwise.")
 @click.option("--steps", default=18, show_default=True, type=click.IntRange(min=1), help="Number of grid intervals (adaptive rk45 ignores it).")
 @click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
@@ -163,6 +163,8 @@ def sample_cmd(
         raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
     if skip_existing and outdir is None:
         raise click.UsageError("--skip-existing continues an --outdir run; give --outdir")
+    if sampler is None and predictor is None:
+        sampler = _default_sampler_for(model_name)
     if predictor is None:
         _needs_predictor(sampler, model_name)
     if out is not None:
@@ -371,6 +373,15 @@ def _check_previous_run(folder: Path, settings: dict, skip_existing: bool) -> No
         raise click.ClickException(
             f"{folder}/ holds images made with other settings (its config.json has another {', '.join(diffs)}); "
             "use another --outdir, or drop --skip-existing to overwrite")
+
+
+def _default_sampler_for(model_name: str) -> str:
+    """``default_sampler`` told from the model's files, before it loads: euler for a saved rectified flow
+    (zoo name, run directory or model.json), heun for everything else."""
+    from diffsamp.models import rectified_flow, zoo
+
+    path = zoo.model_path(model_name) if model_name in zoo.available_models() else Path(model_name).expanduser()
+    return "euler" if path.exists() and rectified_flow.is_rf_model(path) else "heun"
 
 
 def _needs_predictor(sampler: str, model_name: str) -> None:

@@ -248,3 +248,10 @@ def default_schedule(model: Denoiser) -> str:
     """The σ-grid a model is sampled on unless told otherwise: ``rf`` (uniform in RF time t, the RF paper's
     Euler grid) for rectified flows, ``karras`` (EDM's ρ = 7) for every other denoiser."""
     return "rf" if model.prior == "rf" else "karras"
+
+
+def default_sampler(model: Denoiser) -> str:
+    """The sampler a model is sampled with unless told otherwise: ``euler`` for rectified flows (the RF
+    paper's sampler; their straight paths are what Euler integrates exactly, and Heun's second evaluation at
+    few steps speckles the digits of ``mnist-rf``), ``heun`` (EDM's 2nd-order method) for every other model."""
+    return "euler" if model.prior == "rf" else "heun"
