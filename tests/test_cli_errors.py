@@ -361,3 +361,66 @@ def test_generate_defaults_to_the_models_sampler():
 
     res = diffsamp.generate(load("mnist-rf"), (1, 32, 32), steps=2, seeds=[0])
     assert res.nfe == 2  # euler: one evaluation per step (heun would take 3)
+
+
+# -- item 10: cosmetics --------------------------------------------------------------------------------------------
+
+def test_warnings_go_through_tqdm_write_once_per_command(monkeypatch):
+    import click
+    import tqdm
+
+    from diffsamp.cli._common import _one_line_warning
+
+    lines = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, s, file=None, **k: lines.append(s)))
+    with click.Context(main).scope():
+        for _ in range(3):  # e.g. the small-N FID warning, once per bench cell
+            _one_line_warning(UserWarning("FID from 2 images"), UserWarning, "f.py", 1)
+        _one_line_warning(UserWarning("another"), UserWarning, "f.py", 2)
+    assert lines == ["warning: FID from 2 images", "warning: another"]
+
+
+def test_kid_with_one_subset_has_no_spread():
+    from diffsamp.cli.sampling import _quality_line
+
+    assert "±" not in _quality_line(12.0, 0.002, 0.0, 10, "mnist:test")
+    assert "KID 2.000 ± 0.500 ×1e-3" in _quality_line(12.0, 0.002, 0.0005, 10, "mnist:test")
+
+
+def _saved_figures(monkeypatch):
+    import matplotlib.figure
+
+    figs = []
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(self, *a, **k):
+        figs.append(self)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return figs
+
+
+def test_fid_vs_nfe_has_integer_ticks(monkeypatch, tmp_path):
+    from diffsamp.metrics.bench import CellResult, plot_fid_vs_nfe
+
+    figs = _saved_figures(monkeypatch)
+    cells = [CellResult("heun", n, n, 30.0 / n, None, None, 2, "0-1", 1.0, 1.0, "", "", []) for n in (3, 5)]
+    plot_fid_vs_nfe(cells, None, None, tmp_path / "f.png", "t")
+    ticks = [t for t in figs[0].axes[0].get_xticks() if 3 <= t <= 5]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_nll_terms_plot_keeps_nonpositive_terms(monkeypatch, tmp_path):
+    from diffsamp.cli.nll import _plot
+
+    figs = _saved_figures(monkeypatch)
+    _plot(tmp_path / "t.png", [1, 2, 3, 4, 5], [0.5, -0.01, 0.02, 0.0, 0.3], xlabel="t", ylabel="b", title="x",
+          logy=True)
+    ax = figs[0].axes[0]
+    assert ax.get_yscale() == "symlog"  # a log axis would drop −0.01 and 0 and break the line
+
+
+def test_notebook_uses_sigma_grid():
+    nb = (Path(__file__).resolve().parents[1] / "notebooks" / "samplers_2d.ipynb").read_text()
+    assert "out.grid" not in nb

@@ -15,7 +15,17 @@ from diffsamp.models.base import Denoiser
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    click.echo(f"warning: {message}", err=True)
+    import sys
+
+    from tqdm import tqdm
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # each warning once per command (the small-N FID warning, not once per bench cell)
+        seen = ctx.meta.setdefault("diffsamp.warned", set())
+        if str(message) in seen:
+            return
+        seen.add(str(message))
+    tqdm.write(f"warning: {message}", file=sys.stderr)  # above a live progress bar, not into its line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

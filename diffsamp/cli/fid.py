@@ -220,7 +220,8 @@ def calc_cmd(a, b, num, padding_a, padding_b, kid, kid_subsets, kid_subset_size,
         m = min(kid_subset_size, len(loaded["A"].features), len(loaded["B"].features))
         mean, std = kid_from_stats(loaded["A"], loaded["B"], num_subsets=kid_subsets, subset_size=m, seed=seed,
                                    check=False)
-        click.echo(f"KID: {nonnegative(mean, 6)} ± {std:.6f}  ({kid_subsets} subsets of {m})")
+        spread = f" ± {std:.6f}" if kid_subsets > 1 else ""  # one subset has no spread to report
+        click.echo(f"KID: {nonnegative(mean, 6)}{spread}  ({kid_subsets} subset{'s' * (kid_subsets > 1)} of {m})")
     elif kid:
         click.echo("KID: n/a (needs features on both sides: folders, or stats written with --features)")
 

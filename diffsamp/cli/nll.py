@@ -45,8 +45,11 @@ def _plot(path: Path, x: list[float], y: list[float], *, xlabel: str, ylabel: st
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot(x, y, marker="." if len(x) <= 100 else None, lw=1)
     ax.set_xscale("log")
-    if logy:
+    if logy and all(v > 0 for v in y):
         ax.set_yscale("log")
+    elif logy:  # Monte-Carlo terms can be ≤ 0: a log axis would drop them and break the line into fragments
+        small = min((abs(v) for v in y if v != 0), default=1.0)
+        ax.set_yscale("symlog", linthresh=small)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

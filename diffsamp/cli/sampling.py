@@ -456,7 +456,8 @@ def _fid_reference(ref: str, inception: str | None, data_dir: str | None, device
 
 
 def _quality_line(fid: float, kid: float | None, kid_std: float | None, n: int, ref: str) -> str:
-    kid_txt = f", KID {kid * 1e3:.3f} ± {kid_std * 1e3:.3f} ×1e-3" if kid is not None else ""
+    spread = f" ± {kid_std * 1e3:.3f}" if kid_std else ""  # none (or 0: one subset) is not a spread to print
+    kid_txt = f", KID {kid * 1e3:.3f}{spread} ×1e-3" if kid is not None else ""
     return f"FID {nonnegative(fid, 3)}{kid_txt} ({n} samples vs {ref})"
 
 

@@ -246,6 +246,7 @@ def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for s in dict.fromkeys(c.sampler for c in cells):
@@ -256,6 +257,7 @@ def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference:
     if floor is not None:
         ax.axhline(floor, color="k", ls="--", label="data floor")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # NFEs are whole numbers
     ax.set_xlabel("NFE")
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
