@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from diffsamp.models.base import CountingDenoiser, Denoiser, default_sampler, default_schedule, prior_scale
+from diffsamp.models.conditioning import Guidance, Guided, condition_model, encode_conditions
 from diffsamp.samplers import Grid, SamplerSpec, get_sampler, get_schedule
 from diffsamp.samplers._util import Generator, StepInfo
 
@@ -35,6 +36,9 @@ class GenerateResult:
     nfe: int
     seconds: float
     sigma_grid: Grid
+    cond: list[Any] | None = None  # the condition of each seed, as given
+    guidance: Guidance | None = None
+    network_passes: int | None = None  # per image: NFE, doubled where guidance evaluated both halves
 
     @property
     def grid(self) -> Grid:
@@ -169,6 +173,8 @@ def generate(
     callback: Callable[[StepInfo], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_batch: Callable[[list[int], Tensor], None] | None = None,
+    cond: Sequence[Any] | Tensor | None = None,
+    guidance: float | Guidance | None = None,
     **knobs: Any,
 ) -> GenerateResult:
     """Draw one image per seed with a registered sampler on a grid from a registered schedule.
@@ -182,6 +188,11 @@ def generate(
     for rectified flows, ``karras`` otherwise). ``on_batch(seeds, images)`` sees each batch as it finishes
     (e.g. to write it at once). Images are in [-1, 1]: save them with ``diffsamp.save_images``.
     Known-bad settings (``setting_warnings``) are reported once with ``warnings.warn``.
+
+    A conditional model takes ``cond``, one condition per seed (class labels, …; see the model's
+    ``conditioning``), sliced with each batch and bound to the model, so image i depends only on seed i and
+    its condition. ``guidance`` (a scale w or a ``Guidance``) applies classifier-free guidance (Ho & Salimans
+    2022): NFE still counts guided evaluations; ``network_passes`` counts both halves.
     """
     sampler = sampler or default_sampler(model)
     spec = get_sampler(sampler)
@@ -191,6 +202,13 @@ def generate(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given: pass at least one, e.g. seeds=[0]")
+    if guidance is not None and not isinstance(guidance, Guidance):
+        guidance = Guidance(scale=float(guidance))
+    encoded = encode_conditions(model, cond, len(seeds))  # checked before any network call
+    if encoded is None and guidance is not None and guidance.active:
+        raise ValueError("guidance needs a conditional model and a condition per seed")
+    if encoded is not None and guidance is not None and guidance.active:
+        model.conditioning.unconditional(1)  # fails now, in one line, if the model has no unconditional half
     regrid = None
     if grid is None:
         grid = make_grid(model, spec, schedule=schedule, steps=steps, final_zero=final_zero,
@@ -207,14 +225,17 @@ def generate(
         warnings.warn(text, UserWarning, stacklevel=2)
     outs: list[Tensor] = []
     nfe_per_batch: list[int] = []
+    passes_per_batch: list[int] = []
     start = time.perf_counter()
     for b in range(0, len(seeds), batch_size):
         chunk = seeds[b : b + batch_size]
         gens = [torch.Generator().manual_seed(s) for s in chunk]
         z = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        x, nfe = integrate(model, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
+        bound = condition_model(model, None if encoded is None else encoded[b : b + batch_size], guidance)
+        x, nfe = integrate(bound, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
                            knobs=knobs)
         nfe_per_batch.append(nfe)
+        passes_per_batch.append(bound.passes if isinstance(bound, Guided) else nfe)
         outs.append(x)
         if on_batch is not None:
             on_batch(chunk, x)
@@ -223,4 +244,8 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return GenerateResult(torch.cat(outs), seeds, max(nfe_per_batch), seconds, grid)
+    given = None
+    if cond is not None:
+        given = cond.tolist() if isinstance(cond, Tensor) else list(cond) if isinstance(cond, Sequence) and not isinstance(cond, str) else [cond] * len(seeds)
+    return GenerateResult(torch.cat(outs), seeds, max(nfe_per_batch), seconds, grid, given,
+                          guidance if encoded is not None else None, max(passes_per_batch))

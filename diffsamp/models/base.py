@@ -38,6 +38,9 @@ class Denoiser(Protocol):
         but not smoothly: its output wiggles with a period of ≈ 2π timesteps (the fastest sinusoid of its embedding).
       info: what the model's files record about it (data set, training, card); {} if nothing.
       network: the trained ``nn.Module`` behind the model, or None (closed-form models).
+      conditioning: what the model takes as a condition (``diffsamp.models.conditioning``: class labels with K
+        classes, …), or None for an unconditional model. A conditional model also implements
+        ``bind(cond) -> Denoiser``, the model with one encoded condition per batch row fixed.
     """
 
     sigma_min: float
@@ -52,6 +55,7 @@ class Denoiser(Protocol):
     timestep_sigmas: Tensor | None
     info: dict[str, Any]
     network: nn.Module | None
+    conditioning: Any
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor: ...
 
@@ -68,6 +72,7 @@ class DenoiserBase:
     feature_module: nn.Module | None = None
     clip_sample: float | None = None
     timestep_sigmas: Tensor | None = None
+    conditioning: Any = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -162,6 +167,7 @@ class Wrapper:
     timestep_sigmas = property(lambda self: self.inner.timestep_sigmas)
     info = property(lambda self: self.inner.info)
     network = property(lambda self: self.inner.network)
+    conditioning = property(lambda self: getattr(self.inner, "conditioning", None))
 
 
 def unwrap(model: Denoiser) -> Denoiser:

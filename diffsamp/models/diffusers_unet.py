@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from diffsamp.io import check_safetensors, read_json, read_state_file
-from diffsamp.models.base import Denoiser, DenoiserBase, Prior, unwrap
+from diffsamp.models.base import Denoiser, DenoiserBase, Prior, Wrapper, unwrap
+from diffsamp.models.conditioning import ClassConditioning
 from diffsamp.models.parameterization import (
     BETA_END,
     BETA_START,
@@ -41,7 +42,10 @@ PredictionType = Literal["epsilon", "v_prediction", "sample"]
 class DiffusersUNetDenoiser(DenoiserBase):
     """D(x̄, σ) from ``unet`` + its scheduler's ᾱ_t table + ``prediction_type``.
 
-    ``feature_module`` is the UNet's ``mid_block`` (the bottleneck AMED reads).
+    ``feature_module`` is the UNet's ``mid_block`` (the bottleneck AMED reads). A UNet with a class embedding
+    (diffusers' ``num_class_embeds``) is class-conditional: ``conditioning`` says which labels it takes (by
+    default all ``num_class_embeds`` of them, without an unconditional class; a diffsamp run's card records
+    the null class its label dropout trained), and ``bind(labels)`` gives the plain D(x, σ) for one batch.
     """
 
     prior: Prior = "vp"
@@ -54,6 +58,7 @@ class DiffusersUNetDenoiser(DenoiserBase):
         *,
         quantize: bool = False,
         clip_sample: float | None = None,
+        conditioning: ClassConditioning | None = None,
     ) -> None:
         if clip_sample is not None and not clip_sample > 0:
             raise ValueError(f"clip_sample must be a positive range or None, got {clip_sample}")
@@ -71,6 +76,13 @@ class DiffusersUNetDenoiser(DenoiserBase):
         self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
         self.feature_module = getattr(unet, "mid_block", None)
         self._ac_cache: dict[torch.device, Tensor] = {}
+        embeds = getattr(unet.config, "num_class_embeds", None)
+        if conditioning is None and embeds:
+            conditioning = ClassConditioning(int(embeds))
+        if conditioning is not None and (not embeds or conditioning.num_classes > embeds
+                                         or (conditioning.null_class or 0) >= embeds):
+            raise ValueError(f"{conditioning.describe()} does not fit a UNet with num_class_embeds={embeds}")
+        self.conditioning = conditioning
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -91,6 +103,19 @@ class DiffusersUNetDenoiser(DenoiserBase):
         return ddpm_timestep_from_sigma(sigma, self._table(sigma.device), quantize=self.quantize)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        if self.conditioning is not None:
+            raise ValueError(f"this UNet is class-conditional ({self.conditioning.describe()}): give one class per "
+                             "seed (cond=[...], --class / --classes)")
+        return self.evaluate(x, sigma)
+
+    def bind(self, labels: Tensor) -> "Denoiser":
+        """The model with class ``labels`` ((B,) int64, one per batch row) fixed: a plain D(x, σ)."""
+        if self.conditioning is None:
+            raise ValueError("this UNet is unconditional: it takes no class labels")
+        return _LabelsBound(self, labels)
+
+    def evaluate(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """D(x̄, σ), given the class labels of a class-conditional UNet."""
         cfg = self.network.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -100,7 +125,11 @@ class DiffusersUNetDenoiser(DenoiserBase):
         x_in = x * vp_scale(sig)
         net_dtype = next(self.network.parameters()).dtype
         t = self.timestep(sigma).to(torch.float32)
-        out = self.network(x_in.to(net_dtype), t).sample.to(x.dtype)
+        if class_labels is not None:
+            if class_labels.shape != (x.shape[0],):
+                raise ValueError(f"{tuple(class_labels.shape)} class labels for a batch of {x.shape[0]}")
+            class_labels = class_labels.to(x.device)
+        out = self.network(x_in.to(net_dtype), t, class_labels=class_labels).sample.to(x.dtype)
         if self.prediction_type == "epsilon":
             out = x0_from_eps(x, out, sig)
         elif self.prediction_type == "v_prediction":
@@ -145,7 +174,34 @@ class DiffusersUNetDenoiser(DenoiserBase):
         unet.eval().requires_grad_(False)
         if device is not None:
             unet.to(device)
-        return cls(unet, alphas_cumprod, prediction_type, quantize=quantize, clip_sample=clip_range(sched_cfg, clip))
+        return cls(unet, alphas_cumprod, prediction_type, quantize=quantize, clip_sample=clip_range(sched_cfg, clip),
+                   conditioning=_card_conditioning(path) if path.exists() else None)
+
+
+class _LabelsBound(Wrapper):
+    """A class-conditional UNet with one batch's labels fixed (``DiffusersUNetDenoiser.bind``)."""
+
+    def __init__(self, inner: DiffusersUNetDenoiser, labels: Tensor) -> None:
+        super().__init__(inner)
+        self.labels = labels
+
+    conditioning = property(lambda self: None)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        return self.inner.evaluate(x, sigma, self.labels)
+
+
+def _card_conditioning(path: Path) -> ClassConditioning | None:
+    """The class conditioning a diffsamp run's ``card.json`` records (``train ddpm --class-conditional``)."""
+    card = path / "card.json"
+    if not card.is_file():
+        return None
+    record = read_json(card, what="a model card").get("conditioning")
+    if not record:
+        return None
+    if record.get("kind") != "class":
+        raise ValueError(f"{card}: unknown conditioning kind {record.get('kind')!r}")
+    return ClassConditioning(int(record["num_classes"]), record.get("null_class"))
 
 
 def clip_range(config: dict[str, Any], clip: bool | None = None) -> float | None:
