@@ -187,3 +187,56 @@ def test_wrong_conditions_are_one_line_errors(model, cond_dir, tiny_model_dir):
     for bad in (dict(scale=math.inf), dict(interval=(2.0, 1.0)), dict(rescale=1.5)):
         with pytest.raises(ValueError, match="guidance"):
             Guidance(**bad)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from diffsamp.cli import main
+
+    return CliRunner().invoke(main, ["sample", *args])
+
+
+def test_cli_classes_cycle_over_the_seeds_and_the_record_says_so(cond_dir, tmp_path):
+    from PIL import Image
+
+    res = _cli("--model", str(cond_dir), "--sampler", "euler", "--steps", "3", "--seeds", "10-14", "--classes", "2,0",
+               "--cfg", "2.5", "--cfg-interval", "0.1,50", "--cfg-rescale", "0.5", "--out", str(tmp_path / "g.png"))
+    assert res.exit_code == 0, res.output
+    # karras, 3 steps: σ = 157.4, 1.9, 0.01; only the middle one is inside [0.1, 50]
+    assert "NFE 3 per image (4 network passes with guidance)" in res.output
+    meta = json.loads(Image.open(tmp_path / "g.png").text["diffsamp"])
+    assert meta["classes"] == [2, 0, 2, 0, 2]
+    assert meta["guidance"] == {"scale": 2.5, "interval": [0.1, 50.0], "rescale": 0.5}
+    res = _cli("--model", str(cond_dir), "--sampler", "euler", "--steps", "3", "--seeds", "0-2", "--class", "1",
+               "--outdir", str(tmp_path / "d"))
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["classes"] == [1, 1, 1]
+    want = diffsamp.generate(load(cond_dir), (1, 8, 8), sampler="euler", steps=3, seeds=[2], cond=[1]).images
+    assert torch.equal(diffsamp.to_uint8(want.clamp(-1, 1))[0, 0],
+                       torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / "d" / "000002.png"))))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class", "1", "--classes", "0-2"], "give one of --class"),
+    (["--cfg", "2"], "give --class or --classes too"),
+    (["--classes", "2-1"], "--classes"),
+    (["--class", "0", "--cfg-interval", "5"], "--cfg-interval: expected LO,HI"),
+    (["--class", "0", "--cfg", "2", "--cfg-interval", "5,1"], "interval"),
+])
+def test_cli_bad_conditioning_options_are_usage_errors_before_loading(args, message, tmp_path):
+    res = _cli("--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "g.png"), *args)
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+@pytest.mark.parametrize("which, args, message", [
+    ("cond", ["--class", "7"], "class 7 is not one of this model's classes 0–2"),
+    ("cond", [], "give one condition per seed"),
+    ("plain", ["--class", "0"], "unconditional"),
+])
+def test_cli_conditions_the_model_does_not_take_are_one_line(which, args, message, cond_dir, tiny_model_dir, tmp_path):
+    model = cond_dir if which == "cond" else tiny_model_dir
+    res = _cli("--model", str(model), "--steps", "2", "--seeds", "0-1", "--out", str(tmp_path / "g.png"), *args)
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from diffsamp.cli._conditioning import condition_options, parse_conditions
 from diffsamp.cli._common import check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
 from diffsamp.models.base import Wrapper
 from diffsamp.samplers import available_samplers, available_schedules
@@ -119,6 +120,7 @@ def _json_value(value):  # noqa: ANN001, ANN202 - any knob value
 @knob_option
 @click.option("--predictor", default=None, help="AMED predictor: a trained run directory/.json or a shipped name (see `diffsamp models`); sets the sampler, grid and NFE it was trained for.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it goes to stderr).")
+@condition_options
 @click.pass_context
 def sample_cmd(
     ctx: click.Context,
@@ -141,6 +143,7 @@ def sample_cmd(
     knobs: tuple[str, ...],
     predictor: str | None,
     quiet: bool,
+    **conditioning: object,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
 
@@ -152,7 +155,8 @@ def sample_cmd(
       diffsamp sample --model mnist-ddpm --steps 18 --seeds 0-1999 --fid-ref mnist:test --data-dir ~/data
       diffsamp sample --model mnist-ddpm --sampler dpm2 --knob r=0.3 --steps 10 --out grid.png
       diffsamp sample --model mnist-ddpm --sampler amed --predictor mnist-ddpm/amed-nfe5 --seeds 0-63 --out g.png
-    Image i depends only on its seed, whatever --batch-size and --device.
+      diffsamp sample --model mnist-ddpm-cond --classes 0-9 --cfg 2 --seeds 0-99 --nrow 10 --out g.png
+    Image i depends only on its seed (and its class), whatever --batch-size and --device.
     With --fid-ref alone, samples stream into the FID statistics and nothing is written.
     Missing output folders are created. With --outdir each batch is written as it finishes: after Ctrl-C
     (exit code 130) the same command with --skip-existing continues where it stopped.
@@ -163,6 +167,7 @@ def sample_cmd(
         raise click.UsageError("give --out (a grid PNG), --outdir (one PNG per seed) or --fid-ref (score the samples)")
     if skip_existing and outdir is None:
         raise click.UsageError("--skip-existing continues an --outdir run; give --outdir")
+    classes, guidance = parse_conditions(conditioning, len(seeds))
     if sampler is None and predictor is None:
         sampler = _default_sampler_for(model_name)
     if predictor is None:
@@ -173,7 +178,8 @@ def sample_cmd(
         _check_destination(outdir, "--outdir", folder=True)
     try:
         _sample(ctx, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,
-                skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet)
+                skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet,
+                classes, guidance)
     except KeyboardInterrupt:
         written = ctx.meta.get("diffsamp.written")
         if outdir is not None and written is not None:
@@ -185,8 +191,11 @@ def sample_cmd(
 
 
 def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,  # noqa: ANN001
-            skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet) -> None:
+            skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet,
+            classes, guidance) -> None:
     import torch
+
+    from diffsamp.models.conditioning import encode_conditions
 
     from diffsamp.api import generate, make_grid
     from diffsamp.models.base import ClampDenoiser, default_schedule
@@ -203,6 +212,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     device = resolve_device(device)
     torch_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]  # None: as stored
     all_seeds, folder = seeds, Path(outdir).expanduser() if outdir is not None else None
+    class_of = dict(zip(seeds, classes)) if classes is not None else None
     width = max(6, len(str(max(seeds))))
     name_of = lambda s: f"{s:0{width}d}.png"  # noqa: E731
     if skip_existing:  # what can be compared before the model loads (the σ grid is compared once it has)
@@ -211,6 +221,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
                            for k, v in knob_values.items() if k != "grid"}}
         if schedule is not None:
             early["schedule"] = schedule
+        early.update(_condition_record(classes, guidance))
         _check_previous_run(folder, early, skip_existing)
         seeds = [s for s in seeds if not (folder / name_of(s)).is_file()]
     t0 = time.perf_counter()
@@ -220,6 +231,12 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     load_s = time.perf_counter() - t0
+    try:  # the model takes these conditions (kind, range, unconditional half), before any sampling
+        encode_conditions(model, classes, len(all_seeds))
+        if guidance is not None and guidance.active:
+            model.conditioning.unconditional(1)
+    except ValueError as exc:
+        raise click.ClickException(f"{model_name}: {exc}") from None
     schedule = schedule or default_schedule(model)
     if clip_denoised and model.clip_sample is None:
         model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
@@ -234,6 +251,8 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     expected = spec.expected_nfe(grid, **plain_knobs)
     batch = batch_size or min(len(seeds), 256)
     run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch, **knob_values)
+    if class_of is not None:
+        run.update(cond=[class_of[s] for s in seeds], guidance=guidance)
     if expected is None:  # adaptive: the grid's steps are not used
         tol = ", ".join(f"{k} {v:g}" for k, v in spec.knob_values(**plain_knobs).items() if k in ("rtol", "atol"))
         how = f"adaptive ({tol})" if tol else "adaptive"
@@ -246,6 +265,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         "knobs": {k: (predictor if k == "predictor" else _json_value(v)) for k, v in plain_knobs.items()},
         "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
         "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
+        **_condition_record(classes, guidance),
     }
     if skip_existing:
         _check_previous_run(folder, settings, skip_existing)  # always, even when every PNG is there
@@ -290,7 +310,8 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         else:
             _write_config(folder, settings, all_seeds, result.nfe)
             where = f"{folder}/ ({len(seeds)} PNGs" + (f", {len(all_seeds) - len(seeds)} already there)" if skip_existing else ")")
-        click.echo(f"{what}: NFE {result.nfe} per image, {result.seconds:.2f} s "
+        passes = f" ({result.network_passes} network passes with guidance)" if result.guidance else ""
+        click.echo(f"{what}: NFE {result.nfe} per image{passes}, {result.seconds:.2f} s "
                    f"({len(seeds) / max(result.seconds, 1e-9):.1f} img/s) on {device} {dtype}; "
                    f"model loaded in {load_s:.1f} s -> {where}")
         if scoring is not None:
@@ -321,6 +342,13 @@ class _Progress(Wrapper):
         out = self.inner(x, sigma)
         self.bar.update(1)
         return out
+
+
+def _condition_record(classes: list[int] | None, guidance) -> dict:  # noqa: ANN001 - a Guidance or None
+    """The conditioning part of a run's record: the class of every seed (in seed order) and the guidance."""
+    if classes is None:
+        return {}
+    return {"classes": classes, "guidance": guidance.record() if guidance is not None else None}
 
 
 def _metadata(settings: dict, seeds: list[int], nfe: int | None) -> dict:
@@ -494,6 +522,10 @@ def models_cmd(verbose: bool) -> None:
             bits.append(f"{card['parameters'] / 1e6:.1f} M params")
         if card.get("objective"):
             bits.append(str(card["objective"]))
+        cond = card.get("conditioning")
+        if cond and cond.get("kind") == "class":
+            guided = ", guidance: yes" if cond.get("null_class") is not None else ""
+            bits.append(f"class-conditional ({cond['num_classes']} classes{guided})")
         steps = card.get("steps") or (card.get("training") or {}).get("steps")
         if steps:
             bits.append(f"{steps} training steps")

@@ -126,11 +126,12 @@ def score_images(
 
 def _sample_batches(
     model: Denoiser, shape: Sequence[int], seeds: Sequence[int], batch_size: int, timer: dict[str, float],
-    nfe: list[int], **generate_kw: Any,
+    nfe: list[int], cond: Sequence[Any] | None = None, **generate_kw: Any,
 ) -> Iterator[Tensor]:
     for b in range(0, len(seeds), batch_size):
         t = time.perf_counter()
-        res = generate(model, shape, seeds=seeds[b : b + batch_size], batch_size=batch_size, **generate_kw)
+        part = None if cond is None else cond[b : b + batch_size]
+        res = generate(model, shape, seeds=seeds[b : b + batch_size], batch_size=batch_size, cond=part, **generate_kw)
         timer["sampling"] += time.perf_counter() - t
         nfe.append(res.nfe)
         yield res.images.clamp(-1, 1)
@@ -153,6 +154,7 @@ def score_model(
     data_dir: str | os.PathLike | None = None,
     kid: bool = True,
     progress: bool = True,
+    cond: Sequence[Any] | None = None,
     **knobs: Any,
 ) -> SampleQuality:
     """FID/KID of ``num`` samples of ``model`` (seeds 0…num−1, or ``seeds``) against ``reference``.
@@ -171,7 +173,9 @@ def score_model(
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
     timer, nfe = {"sampling": 0.0}, []
-    batches = _sample_batches(model, shape, seeds, min(batch_size, num), timer, nfe, sampler=sampler,
+    if cond is not None and len(cond) != num:
+        raise ValueError(f"{len(cond)} conditions for {num} seeds: give one condition per seed")
+    batches = _sample_batches(model, shape, seeds, min(batch_size, num), timer, nfe, cond, sampler=sampler,
                               schedule=schedule, steps=steps, device=device, **knobs)
     t = time.perf_counter()
     fid, kid_mean, kid_std = score_images(batches, ref, extractor=extractor, kid=kid, total=num,
