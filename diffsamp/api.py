@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from diffsamp.models.base import CountingDenoiser, Denoiser, default_sampler, default_schedule, prior_scale
-from diffsamp.models.conditioning import Guidance, Guided, condition_model, encode_conditions
+from diffsamp.models.conditioning import Guidance, Guided, condition_model, encode_conditions, take
 from diffsamp.samplers import Grid, SamplerSpec, get_sampler, get_schedule
 from diffsamp.samplers._util import Generator, StepInfo
 
@@ -39,6 +39,7 @@ class GenerateResult:
     cond: list[Any] | None = None  # the condition of each seed, as given
     guidance: Guidance | None = None
     network_passes: int | None = None  # per image: NFE, doubled where guidance evaluated both halves
+    latents: Tensor | None = None  # a latent model's samples before decoding (``return_latents=True``)
 
     @property
     def grid(self) -> Grid:
@@ -175,6 +176,7 @@ def generate(
     on_batch: Callable[[list[int], Tensor], None] | None = None,
     cond: Sequence[Any] | Tensor | None = None,
     guidance: float | Guidance | None = None,
+    return_latents: bool = False,
     **knobs: Any,
 ) -> GenerateResult:
     """Draw one image per seed with a registered sampler on a grid from a registered schedule.
@@ -192,7 +194,9 @@ def generate(
     A conditional model takes ``cond``, one condition per seed (class labels, …; see the model's
     ``conditioning``), sliced with each batch and bound to the model, so image i depends only on seed i and
     its condition. ``guidance`` (a scale w or a ``Guidance``) applies classifier-free guidance (Ho & Salimans
-    2022): NFE still counts guided evaluations; ``network_passes`` counts both halves.
+    2022): NFE still counts guided evaluations; ``network_passes`` counts both halves. A latent model
+    (``model.codec``) is sampled in latent space (``shape`` is the latent's) and its samples are decoded to
+    images; ``return_latents`` keeps the latents too.
     """
     sampler = sampler or default_sampler(model)
     spec = get_sampler(sampler)
@@ -208,7 +212,7 @@ def generate(
     if encoded is None and guidance is not None and guidance.active:
         raise ValueError("guidance needs a conditional model and a condition per seed")
     if encoded is not None and guidance is not None and guidance.active:
-        model.conditioning.unconditional(1)  # fails now, in one line, if the model has no unconditional half
+        model.conditioning.unconditional(1, guidance.negative)  # fails now, in one line, without an unconditional half
     regrid = None
     if grid is None:
         grid = make_grid(model, spec, schedule=schedule, steps=steps, final_zero=final_zero,
@@ -224,6 +228,8 @@ def generate(
     for text in setting_warnings(spec, grid, dtype=model.dtype, device=device, regrid=regrid):
         warnings.warn(text, UserWarning, stacklevel=2)
     outs: list[Tensor] = []
+    latents: list[Tensor] = []
+    codec = getattr(model, "codec", None)
     nfe_per_batch: list[int] = []
     passes_per_batch: list[int] = []
     start = time.perf_counter()
@@ -231,11 +237,16 @@ def generate(
         chunk = seeds[b : b + batch_size]
         gens = [torch.Generator().manual_seed(s) for s in chunk]
         z = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        bound = condition_model(model, None if encoded is None else encoded[b : b + batch_size], guidance)
+        bound = condition_model(model, None if encoded is None else take(encoded, slice(b, b + batch_size)), guidance)
         x, nfe = integrate(bound, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
                            knobs=knobs)
         nfe_per_batch.append(nfe)
         passes_per_batch.append(bound.passes if isinstance(bound, Guided) else nfe)
+        if codec is not None:
+            if return_latents:
+                latents.append(x)
+            with torch.inference_mode():
+                x = codec.decode(x.to(device)).float().cpu()
         outs.append(x)
         if on_batch is not None:
             on_batch(chunk, x)
@@ -248,4 +259,5 @@ def generate(
     if cond is not None:
         given = cond.tolist() if isinstance(cond, Tensor) else list(cond) if isinstance(cond, Sequence) and not isinstance(cond, str) else [cond] * len(seeds)
     return GenerateResult(torch.cat(outs), seeds, max(nfe_per_batch), seconds, grid, given,
-                          guidance if encoded is not None else None, max(passes_per_batch))
+                          guidance if encoded is not None else None, max(passes_per_batch),
+                          torch.cat(latents) if latents else None)

@@ -208,7 +208,7 @@ def test_cli_classes_cycle_over_the_seeds_and_the_record_says_so(cond_dir, tmp_p
     assert "NFE 3 per image (4 network passes with guidance)" in res.output
     meta = json.loads(Image.open(tmp_path / "g.png").text["diffsamp"])
     assert meta["classes"] == [2, 0, 2, 0, 2]
-    assert meta["guidance"] == {"scale": 2.5, "interval": [0.1, 50.0], "rescale": 0.5}
+    assert meta["guidance"] == {"scale": 2.5, "interval": [0.1, 50.0], "rescale": 0.5, "negative": None}
     res = _cli("--model", str(cond_dir), "--sampler", "euler", "--steps", "3", "--seeds", "0-2", "--class", "1",
                "--outdir", str(tmp_path / "d"))
     assert res.exit_code == 0, res.output

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from diffsamp.cli._seeds import parse_seeds
 from diffsamp.models.conditioning import Guidance
 
 
@@ -35,8 +36,6 @@ def condition_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def parse_conditions(kw: dict[str, Any], n_seeds: int) -> tuple[list[int] | None, Guidance | None]:
     """Pop the conditioning options from ``kw``: (one class per seed or None, the guidance or None). A bad
     combination is a click.UsageError before any model loads."""
-    from diffsamp.cli.sampling import parse_seeds  # the same list syntax as --seeds
-
     one, many = kw.pop("class_label"), kw.pop("classes")
     scale, interval, rescale = kw.pop("cfg_scale"), kw.pop("cfg_interval"), kw.pop("cfg_rescale")
     if one is not None and many is not None:

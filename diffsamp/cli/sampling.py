@@ -9,69 +9,12 @@ from pathlib import Path
 import click
 
 from diffsamp.cli._conditioning import condition_options, parse_conditions
+from diffsamp.cli._seeds import SeedList, format_seeds, parse_seeds  # noqa: F401 - parse_seeds is public here
 from diffsamp.cli._common import check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
 from diffsamp.models.base import Wrapper
 from diffsamp.samplers import available_samplers, available_schedules
 
 DTYPES = ("float32", "bfloat16", "float16")
-MAX_SEEDS = 1_000_000
-
-
-def _seed_int(part: str, text: str) -> int:
-    try:
-        return int(part)
-    except ValueError:
-        raise ValueError(f"{part!r} in {text!r} is not a seed (a non-negative integer)") from None
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``0-63`` → 0..63, ``1,5,9`` → [1, 5, 9], ``0-3,10`` → [0, 1, 2, 3, 10]. Order kept, duplicates refused."""
-    seeds: list[int] = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            raise ValueError(f"empty item in seed list {text!r}")
-        if "-" in part[1:]:
-            i = part.index("-", 1)
-            lo, hi = _seed_int(part[:i], text), _seed_int(part[i + 1 :], text)
-            if hi < lo:
-                raise ValueError(f"seed range {part!r} is decreasing")
-            if hi - lo + 1 > MAX_SEEDS:
-                raise ValueError(f"seed range {part!r} is longer than {MAX_SEEDS}")
-            seeds.extend(range(lo, hi + 1))
-        else:
-            seeds.append(_seed_int(part, text))
-    if any(s < 0 or s >= 2**63 for s in seeds):
-        raise ValueError("seeds must be non-negative 64-bit integers")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seed list {text!r} repeats a seed")
-    return seeds
-
-
-def format_seeds(seeds: list[int]) -> str:
-    """The inverse of ``parse_seeds``: runs of consecutive seeds written as ``lo-hi``, e.g. ``0-63,100``."""
-    parts: list[str] = []
-    i = 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-class SeedList(click.ParamType):
-    """A click type for ``parse_seeds`` lists."""
-
-    name = "SEEDS"
-
-    def convert(self, value, param, ctx):  # noqa: ANN001 - click's signature
-        if isinstance(value, list):
-            return value
-        try:
-            return parse_seeds(str(value))
-        except ValueError as exc:
-            self.fail(f"{exc} (expected e.g. 0-63, 1,5,9 or 0-3,10)", param, ctx)
 
 
 def _check_destination(path: str, hint: str, *, folder: bool) -> None:
@@ -234,7 +177,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     try:  # the model takes these conditions (kind, range, unconditional half), before any sampling
         encode_conditions(model, classes, len(all_seeds))
         if guidance is not None and guidance.active:
-            model.conditioning.unconditional(1)
+            model.conditioning.unconditional(1, guidance.negative)
     except ValueError as exc:
         raise click.ClickException(f"{model_name}: {exc}") from None
     schedule = schedule or default_schedule(model)

@@ -41,6 +41,9 @@ class Denoiser(Protocol):
       conditioning: what the model takes as a condition (``diffsamp.models.conditioning``: class labels with K
         classes, …), or None for an unconditional model. A conditional model also implements
         ``bind(cond) -> Denoiser``, the model with one encoded condition per batch row fixed.
+      codec: a latent model's autoencoder (``encode(images) -> latents``, ``decode(latents) -> images`` in
+        [-1, 1]; the VAE with its scaling factor), or None for a pixel-space model. A latent model is sampled in
+        latent space: ``sample_shape`` is the latent's.
     """
 
     sigma_min: float
@@ -56,6 +59,7 @@ class Denoiser(Protocol):
     info: dict[str, Any]
     network: nn.Module | None
     conditioning: Any
+    codec: Any
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor: ...
 
@@ -73,6 +77,7 @@ class DenoiserBase:
     clip_sample: float | None = None
     timestep_sigmas: Tensor | None = None
     conditioning: Any = None
+    codec: Any = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -168,6 +173,7 @@ class Wrapper:
     info = property(lambda self: self.inner.info)
     network = property(lambda self: self.inner.network)
     conditioning = property(lambda self: getattr(self.inner, "conditioning", None))
+    codec = property(lambda self: getattr(self.inner, "codec", None))
 
 
 def unwrap(model: Denoiser) -> Denoiser:

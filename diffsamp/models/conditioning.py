@@ -49,15 +49,56 @@ class ClassConditioning:
             out.append(int(v))
         return torch.tensor(out, dtype=torch.int64)
 
-    def unconditional(self, n: int) -> Tensor:
-        """``n`` null labels (the unconditional half of guidance)."""
+    def unconditional(self, n: int, negative: Any = None) -> Tensor:
+        """``n`` null labels (the unconditional half of guidance), or ``n`` copies of class ``negative``."""
+        if negative is not None:
+            return self.encode([negative] * n)
         if self.null_class is None:
             raise ValueError("this class-conditional model was trained without an unconditional (null) class, "
                              "so classifier-free guidance cannot be applied to it; use a guidance scale of 1")
         return torch.full((n,), self.null_class, dtype=torch.int64)
 
 
-Conditioning = ClassConditioning
+@dataclass(frozen=True)
+class TextConditioning:
+    """Text prompts, encoded by the model's own text encoder(s) into what its network takes (``encode_prompts``:
+    a list of N prompts → a tensor, or a dict of tensors, with N rows); the unconditional half of guidance is
+    the empty prompt or the negative prompt."""
+
+    encode_prompts: Any  # Callable[[list[str]], Tensor | dict[str, Tensor]]
+    kind: ClassVar[str] = "text"
+
+    def describe(self) -> str:
+        return "text prompts"
+
+    def encode(self, values: Sequence[Any]) -> Tensor | dict[str, Tensor]:
+        if not all(isinstance(v, str) for v in values):
+            bad = next(v for v in values if not isinstance(v, str))
+            raise ValueError(f"this model takes text prompts, got {bad!r}")
+        return self.encode_prompts(list(values))
+
+    def unconditional(self, n: int, negative: Any = None) -> Tensor | dict[str, Tensor]:
+        """``n`` encodings of the negative prompt (default: the empty prompt)."""
+        return self.encode([negative if negative is not None else ""] * n)
+
+
+Conditioning = ClassConditioning | TextConditioning
+Encoded = Tensor | dict[str, Tensor]  # one row per sample
+
+
+def take(cond: Encoded, rows: slice) -> Encoded:
+    """Rows ``rows`` of encoded conditions (a tensor, or each tensor of a dict)."""
+    return {k: v[rows] for k, v in cond.items()} if isinstance(cond, dict) else cond[rows]
+
+
+def concat(a: Encoded, b: Encoded) -> Encoded:
+    """Encoded conditions ``a`` then ``b`` (the doubled batch of guidance)."""
+    return {k: torch.cat([a[k], b[k]]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
+
+
+def rows(cond: Encoded) -> int:
+    """How many samples ``cond`` encodes."""
+    return next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
 
 
 def conditioning_of(model: Denoiser) -> Conditioning | None:
@@ -65,7 +106,7 @@ def conditioning_of(model: Denoiser) -> Conditioning | None:
     return getattr(model, "conditioning", None)
 
 
-def encode_conditions(model: Denoiser, cond: Sequence[Any] | Tensor | None, n: int) -> Tensor | None:
+def encode_conditions(model: Denoiser, cond: Sequence[Any] | Tensor | None, n: int) -> Encoded | None:
     """``cond`` (one condition per seed) checked against what ``model`` takes and encoded; None for an
     unconditional model. A ValueError in one line for a condition of the wrong kind or count, before any
     network call."""
@@ -84,7 +125,7 @@ def encode_conditions(model: Denoiser, cond: Sequence[Any] | Tensor | None, n: i
     return kind.encode(cond)
 
 
-def bind(model: Denoiser, cond: Tensor) -> Denoiser:
+def bind(model: Denoiser, cond: Encoded) -> Denoiser:
     """``model`` with the encoded conditions ``cond`` (one per batch row) fixed: a plain D(x, σ). Wrappers
     around a conditional model are kept, around the bound innermost one."""
     if isinstance(model, Wrapper):
@@ -99,12 +140,14 @@ def bind(model: Denoiser, cond: Tensor) -> Denoiser:
 @dataclass(frozen=True)
 class Guidance:
     """Classifier-free guidance settings: ``scale`` w (1: the conditional model alone; 0: the unconditional),
-    ``interval`` (σ_lo, σ_hi) where w applies (Kynkäänniemi et al. 2024; None: everywhere) and ``rescale`` φ
-    (Lin et al. 2024, Alg. 2; 0: off)."""
+    ``interval`` (σ_lo, σ_hi) where w applies (Kynkäänniemi et al. 2024; None: everywhere), ``rescale`` φ
+    (Lin et al. 2024, Alg. 2; 0: off) and ``negative``, the condition of the unconditional half (a negative
+    prompt, or a class; None: the empty prompt or the null class)."""
 
     scale: float = 1.0
     interval: tuple[float, float] | None = None
     rescale: float = 0.0
+    negative: Any = None
 
     def __post_init__(self) -> None:
         if not torch.isfinite(torch.tensor(float(self.scale))):
@@ -123,7 +166,7 @@ class Guidance:
 
     def record(self) -> dict[str, Any]:
         return {"scale": self.scale, "interval": list(self.interval) if self.interval else None,
-                "rescale": self.rescale}
+                "rescale": self.rescale, "negative": self.negative}
 
 
 class Guided(Wrapper):
@@ -136,11 +179,11 @@ class Guided(Wrapper):
     ``passes`` counts network passes per image (2 for a guided call, 1 otherwise).
     """
 
-    def __init__(self, inner: Denoiser, cond: Tensor, uncond: Tensor, guidance: Guidance) -> None:
+    def __init__(self, inner: Denoiser, cond: Encoded, uncond: Encoded, guidance: Guidance) -> None:
         super().__init__(inner)
         self.guidance = guidance
         self.conditional = bind(inner, cond)
-        self.both = bind(inner, torch.cat([cond, uncond])) if guidance.active else None
+        self.both = bind(inner, concat(cond, uncond)) if guidance.active else None
         self.passes = 0
 
     conditioning = property(lambda self: None)  # bound: a plain D(x, σ)
@@ -173,7 +216,7 @@ def _rescaled(x: Tensor, d: Tensor, d_c: Tensor, sigma: Tensor, phi: float) -> T
     return x - s * eps
 
 
-def condition_model(model: Denoiser, cond: Tensor | None, guidance: Guidance | None) -> Denoiser:
+def condition_model(model: Denoiser, cond: Encoded | None, guidance: Guidance | None) -> Denoiser:
     """The plain D(x, σ) the samplers run for one batch: ``model`` itself (unconditional), bound to ``cond``,
     or guided (``Guided``) when ``guidance`` has a scale other than 1."""
     if cond is None:
@@ -184,4 +227,4 @@ def condition_model(model: Denoiser, cond: Tensor | None, guidance: Guidance | N
     assert kind is not None
     if guidance is None or not guidance.active:
         return bind(model, cond)
-    return Guided(model, cond, kind.unconditional(cond.shape[0]), guidance)
+    return Guided(model, cond, kind.unconditional(rows(cond), guidance.negative), guidance)
