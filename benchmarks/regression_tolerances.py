@@ -40,8 +40,10 @@ def fixture_under(env: dict[str, str], path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     full = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "tests.regression", "--write", str(path)], cwd=ROOT, env=full, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "tests.regression", "--write", str(path)], cwd=ROOT, env=full,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        sys.exit(f"the fixture failed under {env or 'the native kernels'}:\n{proc.stderr[-2000:]}")
     return load_file(str(path))
 
 

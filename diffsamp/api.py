@@ -119,8 +119,10 @@ def integrate(
     generator: Generator = None,
     callback: Callable[[StepInfo], None] | None = None,
     knobs: Mapping[str, Any] | None = None,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, int]:
-    """Run ``sampler`` on ``grid`` from source draws ``z`` (the state at σ_0 is prior_scale(prior, σ_0)·z).
+    """Run ``sampler`` on ``grid`` from source draws ``z`` (the state at σ_0 is prior_scale(prior, σ_0)·z), or
+    from the given state ``start`` at σ_0 (img2img; ``z`` is then ignored).
 
     ``device``/``dtype`` default to the model's, except float16 weights on the CPU: there the sampler's state
     is float32 (the network still runs in float16), since float16 updates on the CPU end in NaN/inf.
@@ -134,7 +136,7 @@ def integrate(
     if dtype is None:
         dtype = torch.float32 if model.dtype == torch.float16 and device.type == "cpu" else model.dtype
     with torch.inference_mode():
-        x0 = z.to(device=device, dtype=dtype) * scale
+        x0 = z.to(device=device, dtype=dtype) * scale if start is None else start.to(device=device, dtype=dtype)
         try:
             x = spec(counter, x0, grid, generator=generator, callback=callback, **dict(knobs or {}))
         except ValueError as exc:
@@ -158,6 +160,27 @@ def _knob_blame(spec: SamplerSpec, knobs: Mapping[str, Any] | None) -> str:
     return f"; the knob{'s' * (len(moved) > 1)} set away from the default ({text}) may be the cause"
 
 
+def _img2img_start(model: Denoiser, grid: Grid, init: Tensor, strength: float, n: int, device: torch.device) -> tuple[Grid | None, Tensor | None]:
+    """The tail of ``grid`` that ``strength`` keeps (None at strength 0: nothing to run) and the clean start x0
+    (encoded for a latent model); the whole grid and no start at strength 1."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if init.ndim < 2 or init.shape[0] not in (1, n):
+        raise ValueError(f"init images must be (1 or {n}, C, H, W), one per seed or one for all, got "
+                         f"{tuple(init.shape)}")
+    steps = len(grid)
+    keep = min(int(strength * steps), steps)  # as diffusers' img2img pipelines count them
+    if keep == steps:
+        return grid, None
+    codec = getattr(model, "codec", None)
+    with torch.inference_mode():
+        x0 = codec.encode(init.to(device)).float() if codec is not None else init.float().to(device)
+    if tuple(x0.shape[1:]) != tuple(model.sample_shape):
+        raise ValueError(f"the init image gives a state of shape {tuple(x0.shape[1:])}; the model samples "
+                         f"{tuple(model.sample_shape)}")
+    return (Grid(grid.sigmas[steps - keep :]) if keep else None), x0.cpu()
+
+
 def generate(
     model: Denoiser,
     shape: Sequence[int],
@@ -177,6 +200,8 @@ def generate(
     cond: Sequence[Any] | Tensor | None = None,
     guidance: float | Guidance | None = None,
     return_latents: bool = False,
+    init: Tensor | None = None,
+    strength: float = 1.0,
     **knobs: Any,
 ) -> GenerateResult:
     """Draw one image per seed with a registered sampler on a grid from a registered schedule.
@@ -197,6 +222,12 @@ def generate(
     2022): NFE still counts guided evaluations; ``network_passes`` counts both halves. A latent model
     (``model.codec``) is sampled in latent space (``shape`` is the latent's) and its samples are decoded to
     images; ``return_latents`` keeps the latents too.
+
+    img2img (SDEdit, Meng et al. 2022, Sec. 3): ``init`` ((N or 1, C, H, W) images in [-1, 1]; a latent
+    model encodes them) and ``strength`` s in [0, 1] run the sampler over the last ⌊s·n⌋ intervals of the
+    n-step grid only (as diffusers' img2img pipelines count them), from x = x0 + σ_start·ε with ε drawn from
+    each seed. s = 1 is plain sampling (the image is not used), s = 0 returns the image (through the codec's
+    round trip for a latent model).
     """
     sampler = sampler or default_sampler(model)
     spec = get_sampler(sampler)
@@ -225,6 +256,10 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(model.device if device is None else device)
+    start_x0, run_grid = None, grid
+    if init is not None:
+        run_grid, start_x0 = _img2img_start(model, grid, init, strength, len(seeds), device)
+        grid = run_grid if run_grid is not None else grid
     for text in setting_warnings(spec, grid, dtype=model.dtype, device=device, regrid=regrid):
         warnings.warn(text, UserWarning, stacklevel=2)
     outs: list[Tensor] = []
@@ -238,8 +273,15 @@ def generate(
         gens = [torch.Generator().manual_seed(s) for s in chunk]
         z = torch.stack([torch.randn(shape, generator=g) for g in gens])
         bound = condition_model(model, None if encoded is None else take(encoded, slice(b, b + batch_size)), guidance)
-        x, nfe = integrate(bound, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
-                           knobs=knobs)
+        x_start = None
+        if start_x0 is not None:
+            x0 = start_x0 if start_x0.shape[0] == 1 else start_x0[b : b + batch_size]
+            x_start = x0.expand(len(chunk), *x0.shape[1:]) + (float(grid.sigmas[0]) * z if run_grid is not None else 0)
+        if run_grid is None:  # strength 0: the image itself
+            x, nfe = x_start.float().cpu(), 0
+        else:
+            x, nfe = integrate(bound, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
+                               knobs=knobs, start=x_start)
         nfe_per_batch.append(nfe)
         passes_per_batch.append(bound.passes if isinstance(bound, Guided) else nfe)
         if codec is not None:

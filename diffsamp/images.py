@@ -140,6 +140,22 @@ def _read(path: Path, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def load_init_image(path: str | os.PathLike, channels: int, size: tuple[int, int]) -> Tensor:
+    """One image file as a (1, C, H, W) float tensor in [-1, 1]: converted to ``channels`` (1: grey, 3: RGB) and
+    resized to ``size`` (H, W) with bicubic resampling where it differs (an img2img start)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if (im.height, im.width) != tuple(size):
+                im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable image ({exc})") from None
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return to_float(torch.from_numpy(arr.copy())[None])
+
+
 def iter_image_folder(
     folder: str | os.PathLike, batch_size: int = 256, limit: int | None = None
 ) -> Iterator[Tensor]:

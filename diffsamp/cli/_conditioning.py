@@ -1,5 +1,5 @@
-"""The conditioning options every sampling command shares: class labels cycled over the seeds and
-classifier-free guidance (scale, interval, rescale)."""
+"""The conditioning options every sampling command shares: class labels cycled over the seeds,
+classifier-free guidance (scale, interval, rescale) and an img2img start."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from diffsamp.models.conditioning import Guidance
 
 
 def condition_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--class``, ``--classes``, ``--cfg``, ``--cfg-interval``, ``--cfg-rescale``."""
+    """``--class``, ``--classes``, ``--cfg``, ``--cfg-interval``, ``--cfg-rescale``, ``--init-image``,
+    ``--strength``."""
     options = [
         click.option("--class", "class_label", default=None, type=click.IntRange(min=0),
                      help="Class-conditional models: the class of every image."),
@@ -27,10 +28,24 @@ def condition_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Apply the guidance only for σ in [LO, HI] (Kynkäänniemi et al. 2024), e.g. 0.3,5."),
         click.option("--cfg-rescale", default=0.0, show_default=True, type=click.FloatRange(0, 1),
                      help="Guidance rescale φ (Lin et al. 2024, Alg. 2)."),
+        click.option("--init-image", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="img2img (SDEdit, Meng et al. 2022): start every image from this one, noised to the σ "
+                          "that --strength picks (resized and converted to the model's image size and channels)."),
+        click.option("--strength", default=None, type=click.FloatRange(0, 1),
+                     help="With --init-image: the fraction of the grid's steps that run (its later part); 1 ignores "
+                          "the image, 0 returns it.  [default: 0.6]"),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def parse_init(kw: dict[str, Any]) -> tuple[str | None, float]:
+    """Pop ``--init-image`` and ``--strength``: (the image path or None, the strength)."""
+    path, strength = kw.pop("init_image"), kw.pop("strength")
+    if strength is not None and path is None:
+        raise click.UsageError("--strength sets how much of an --init-image is kept; give --init-image too")
+    return path, 0.6 if strength is None else strength
 
 
 def parse_conditions(kw: dict[str, Any], n_seeds: int) -> tuple[list[int] | None, Guidance | None]:

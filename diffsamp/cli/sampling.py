@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffsamp.cli._conditioning import condition_options, parse_conditions
+from diffsamp.cli._conditioning import condition_options, parse_conditions, parse_init
 from diffsamp.cli._seeds import SeedList, format_seeds, parse_seeds  # noqa: F401 - parse_seeds is public here
 from diffsamp.cli._common import check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
 from diffsamp.models.base import Wrapper
@@ -111,6 +111,7 @@ def sample_cmd(
     if skip_existing and outdir is None:
         raise click.UsageError("--skip-existing continues an --outdir run; give --outdir")
     classes, guidance = parse_conditions(conditioning, len(seeds))
+    init_image, strength = parse_init(conditioning)
     if sampler is None and predictor is None:
         sampler = _default_sampler_for(model_name)
     if predictor is None:
@@ -122,7 +123,7 @@ def sample_cmd(
     try:
         _sample(ctx, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,
                 skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet,
-                classes, guidance)
+                classes, guidance, init_image, strength)
     except KeyboardInterrupt:
         written = ctx.meta.get("diffsamp.written")
         if outdir is not None and written is not None:
@@ -135,7 +136,7 @@ def sample_cmd(
 
 def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,  # noqa: ANN001
             skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet,
-            classes, guidance) -> None:
+            classes, guidance, init_image=None, strength=0.6) -> None:
     import torch
 
     from diffsamp.models.conditioning import encode_conditions
@@ -196,6 +197,11 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch, **knob_values)
     if class_of is not None:
         run.update(cond=[class_of[s] for s in seeds], guidance=guidance)
+    if init_image is not None:
+        try:
+            run.update(init=_init_tensor(init_image, model, shape), strength=strength)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     if expected is None:  # adaptive: the grid's steps are not used
         tol = ", ".join(f"{k} {v:g}" for k, v in spec.knob_values(**plain_knobs).items() if k in ("rtol", "atol"))
         how = f"adaptive ({tol})" if tol else "adaptive"
@@ -209,6 +215,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
         "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
         **_condition_record(classes, guidance),
+        **({"init_image": str(init_image), "strength": strength} if init_image is not None else {}),
     }
     if skip_existing:
         _check_previous_run(folder, settings, skip_existing)  # always, even when every PNG is there
@@ -285,6 +292,17 @@ class _Progress(Wrapper):
         out = self.inner(x, sigma)
         self.bar.update(1)
         return out
+
+
+def _init_tensor(path: str, model, shape):  # noqa: ANN001, ANN202 - a Denoiser; a (1, C, H, W) tensor
+    """The --init-image at the model's image size: its sample shape, or the latent's times the codec's factor."""
+    from diffsamp.images import load_init_image
+
+    codec = getattr(model, "codec", None)
+    if codec is None:
+        return load_init_image(path, int(shape[0]), (int(shape[1]), int(shape[2])))
+    f = int(getattr(codec, "scale_factor", 8))
+    return load_init_image(path, int(getattr(codec, "image_channels", 3)), (int(shape[1]) * f, int(shape[2]) * f))
 
 
 def _condition_record(classes: list[int] | None, guidance) -> dict:  # noqa: ANN001 - a Guidance or None
