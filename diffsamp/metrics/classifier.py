@@ -267,6 +267,8 @@ def train_classifier(
         gen.set_state(state["generator"])
         res.losses, res.epochs, res.steps = state["losses"], state["epochs"], state["steps"]
         res.seconds, res.log = state["seconds"], state["log"]
+        if "torch_rng" in state:  # dropout draws from the global generator
+            torch.set_rng_state(state["torch_rng"])
         if log:
             log(f"resumed from {ckpt} after epoch {res.epochs}")
     model.train()
@@ -302,7 +304,8 @@ def train_classifier(
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(ckpt) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "generator": gen.get_state(), "losses": res.losses,
+                            "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                            "torch_rng": torch.get_rng_state(), "losses": res.losses,
                             "epochs": res.epochs, "steps": res.steps, "seconds": res.seconds, "log": res.log}, tmp)
     model.eval()
     return res
