@@ -240,3 +240,37 @@ def test_cli_conditions_the_model_does_not_take_are_one_line(which, args, messag
     res = _cli("--model", str(model), "--steps", "2", "--seeds", "0-1", "--out", str(tmp_path / "g.png"), *args)
     assert res.exit_code == 1 and message in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def test_bench_scores_each_guidance_scale_with_class_balanced_seeds(cond_dir, tmp_path, monkeypatch):
+    """One table per scale, cells keyed by classes and scale, each cell's FID that of generate(cond, guidance)."""
+    from click.testing import CliRunner
+
+    import diffsamp.metrics.fid
+    from diffsamp.cli import main
+    from diffsamp.metrics.fid import compute_stats, frechet_distance, save_stats
+    from tests.conftest import tiny_extractor
+
+    ext = tiny_extractor()
+    ref_images = torch.randint(0, 256, (30, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    ref = compute_stats(ref_images, extractor=ext, keep_features=True, padding=0, progress=False)
+    save_stats(ref, tmp_path / "ref.npz")
+    monkeypatch.setattr(diffsamp.metrics.fid, "load_extractor", lambda *a, **k: ext)
+    monkeypatch.setattr("diffsamp.metrics.inception.load_extractor", lambda *a, **k: ext)
+    out = tmp_path / "b"
+    args = ["bench", "--model", str(cond_dir), "--ref", str(tmp_path / "ref.npz"), "--out", str(out), "--num", "9",
+            "--quiet", "--no-reference", "--samplers", "euler", "--nfe", "3", "--classes", "0-2", "--cfg", "1,3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "fid_vs_cfg.png").is_file() and (out / "cfg-1" / "table.md").is_file()
+    assert "guidance w = 3" in (out / "cfg-3" / "table.md").read_text()
+    cell = json.loads(next((out / "cfg-3" / "cells").glob("euler-*.json")).read_text())
+    images = diffsamp.generate(load(cond_dir), (1, 8, 8), sampler="euler", steps=3, seeds=range(9),
+                               cond=[i % 3 for i in range(9)], guidance=3.0, final_zero=False).images.clamp(-1, 1)
+    mine = compute_stats(images, extractor=ext, padding=0, progress=False)
+    assert cell["fid"] == pytest.approx(max(frechet_distance(mine.mu, mine.sigma, ref.mu, ref.sigma), 0), rel=1e-4)
+    other = json.loads(next((out / "cfg-1" / "cells").glob("euler-*.json")).read_text())
+    assert other["fid"] != cell["fid"]
+    res = CliRunner().invoke(main, args[:-4] + ["--cfg", "2"])
+    assert res.exit_code == 2 and "give --classes too" in res.output

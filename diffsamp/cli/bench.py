@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from diffsamp.cli._common import check_writable, load_or_fail, main, resolve_device
@@ -39,6 +41,30 @@ def _int_list(text: str, what: str) -> list[int]:
     return vals
 
 
+def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int] | None, list[float]]:
+    """``--classes`` as a list and ``--cfg`` as the guidance scales (``[1.0]`` without it)."""
+    from diffsamp.cli._seeds import parse_seeds
+
+    class_list = None
+    if classes is not None:
+        try:
+            class_list = parse_seeds(classes)
+        except ValueError as exc:
+            raise click.BadParameter(f"{exc} (expected e.g. 0-9)", param_hint="--classes") from None
+    if cfg_scales is None:
+        return class_list, [1.0]
+    if class_list is None:
+        raise click.UsageError("--cfg guides a class-conditional model: give --classes too")
+    try:
+        scales = [float(v) for v in cfg_scales.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated scales such as 1,2,4, got {cfg_scales!r}",
+                                 param_hint="--cfg") from None
+    if not scales or len(set(scales)) != len(scales):
+        raise click.BadParameter(f"expected distinct scales such as 1,2,4, got {cfg_scales!r}", param_hint="--cfg")
+    return class_list, scales
+
+
 @main.command("bench")
 @click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
 @click.option("--samplers", default="ddim,heun,dpm2,dpmpp3m,ipndm,amed,ipndm+amed", show_default=True,
@@ -60,10 +86,13 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (else $DIFFSAMP_DATA).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--classes", default=None, help="Class-conditional models: classes cycled over the seeds, e.g. 0-9 (class-balanced).")
+@click.option("--cfg", "cfg_scales", default=None, help="Guidance scales, e.g. 1,2,4: one table per scale (DIR/cfg-W/) and DIR/fid_vs_cfg.png.")
 def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
               predictors: tuple[str, ...], knobs: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
               cached_only: bool, skip_missing: bool,
-              inception: str | None, data_dir: str | None, device: str, quiet: bool) -> None:
+              inception: str | None, data_dir: str | None, device: str, quiet: bool, classes: str | None,
+              cfg_scales: str | None) -> None:
     """Score each sampler at each NFE; cached cells make an interrupted bench resume.
 
     \b
@@ -71,6 +100,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
       diffsamp bench --model mnist-ddpm --nfe 3,5,7,9 --num 2000 --ref mnist:test --out bench/mnist-ddpm
       diffsamp bench --model mnist-ddpm --samplers ipndm,ipndm+amed --nfe 5 --predictor 5=runs/ipndm-amed5 --out b/
       diffsamp bench --model mnist-ddpm --samplers ipndm --schedule ipndm=time_uniform --knob ipndm:max_order=3 --out b/
+      diffsamp bench --model mnist-ddpm-cond --classes 0-9 --cfg 1,2,4 --samplers ddim,dpmpp3m --nfe 5,9 --out b/
     """
     from diffsamp.metrics.bench import bench, split_row
     from diffsamp.metrics.inception import load_extractor
@@ -91,19 +121,37 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
         raise click.BadParameter(f"unknown sampler in row {stray[0]!r}; available: {', '.join(available_samplers())}",
                                  param_hint="--knob")
     targets = _int_list(nfes, "--nfe")
+    class_list, scales = _conditioning(classes, cfg_scales)
     device = resolve_device(device)
     check_writable(out, "--out", folder=True)
     clip_text = {None: "as the model's scheduler config", True: "on", False: "off"}[clip]
     try:
         model = load_or_fail(model_name, device=device, clip=clip)
         extractor = load_extractor(inception, device)
-        _, table = bench(model, model_name, samplers=names, nfes=targets, num=num, reference=reference, out=out,
-                         extractor=extractor, data_dir=data_dir, batch_size=batch_size,
-                         schedules=_pairs(schedules, "--schedule"), predictors=_pairs(predictors, "--predictor"),
-                         knobs=row_knobs,
-                         clip=clip_text, reference_row=not no_reference, echo=click.echo, progress=not quiet,
-                         skip_missing=skip_missing, cached_only=cached_only)
+        if class_list is not None:
+            from diffsamp.models.conditioning import encode_conditions
+
+            encode_conditions(model, class_list, len(class_list))  # the model takes these classes
+            if any(w != 1.0 for w in scales):
+                model.conditioning.unconditional(1)
+        results, tables = {}, []
+        for w in scales:
+            from diffsamp.models.conditioning import Guidance
+
+            where = out if len(scales) == 1 else str(Path(out) / f"cfg-{w:g}")
+            cells, table = bench(model, model_name, samplers=names, nfes=targets, num=num, reference=reference,
+                                 out=where, extractor=extractor, data_dir=data_dir, batch_size=batch_size,
+                                 schedules=_pairs(schedules, "--schedule"), predictors=_pairs(predictors, "--predictor"),
+                                 knobs=row_knobs, clip=clip_text, reference_row=not no_reference, echo=click.echo,
+                                 progress=not quiet, skip_missing=skip_missing, cached_only=cached_only,
+                                 classes=class_list, guidance=None if class_list is None else Guidance(w))
+            results[w] = cells
+            tables.append(table)
+        if len(scales) > 1:
+            from diffsamp.metrics.bench import plot_fid_vs_cfg
+
+            plot_fid_vs_cfg(results, max(targets), None, Path(out) / "fid_vs_cfg.png", f"{model_name}, N = {num}")
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(table)
+    click.echo("\n".join(tables))
     click.echo(f"-> {out}/table.md, table.csv, fid_vs_nfe.png")

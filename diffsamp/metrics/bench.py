@@ -28,6 +28,7 @@ import torch
 
 from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, default_schedule
+from diffsamp.models.conditioning import Guidance
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import AMED_SAMPLERS, FixedPredictor
 from diffsamp.samplers.registry import describe_knobs
@@ -176,9 +177,11 @@ def _cell_key(parts: Mapping[str, Any]) -> str:
 def run_cell(
     model: Denoiser, plan: CellPlan, *, reference: Any, extractor: Any, num: int, batch_size: int, clip: str,
     cache_dir: Path, cache_parts: Mapping[str, Any], progress: bool = False, cached_only: bool = False,
+    cond: Sequence[Any] | None = None, guidance: Guidance | None = None,
 ) -> CellResult | None:
     """Score one cell (or read it from ``cache_dir``): ``num`` samples, seeds 0…num−1, streamed into FID/KID.
-    ``cached_only``: None for a cell not in the cache, instead of computing it."""
+    ``cached_only``: None for a cell not in the cache, instead of computing it. A conditional model takes one
+    condition per seed (``cond``) and ``guidance``; both are part of ``cache_parts``."""
     from diffsamp.metrics.scoring import score_model
 
     parts = {**cache_parts, "sampler": plan.sampler, "nfe": plan.nfe, "method": plan.method,
@@ -190,8 +193,11 @@ def run_cell(
         return CellResult(**json.loads(path.read_text()))
     if cached_only:
         return None
+    extra_kw: dict[str, Any] = {"cond": cond} if cond is not None else {}
+    if guidance is not None:
+        extra_kw["guidance"] = guidance
     q = score_model(model, reference, num=num, sampler=plan.method, schedule=plan.schedule, batch_size=batch_size,
-                    extractor=extractor, grid=plan.grid, progress=progress, **plan.knobs)
+                    extractor=extractor, grid=plan.grid, progress=progress, **extra_kw, **plan.knobs)
     res = CellResult(plan.sampler, plan.nfe, q.nfe, q.fid, q.kid, q.kid_std, num, f"0-{num - 1}",
                      round(q.sampling_seconds, 2), round(q.feature_seconds, 2), plan.setting, clip,
                      plan.grid.sigmas.tolist(), plan.predictor, predictor_digest=plan.predictor_digest,
@@ -239,6 +245,34 @@ def write_csv(cells: Sequence[CellResult], path: Path) -> None:
     write_text(path, buf.getvalue())
 
 
+def plot_fid_vs_cfg(results: Mapping[float, Sequence[CellResult]], nfe: int, floor: float | None, path: Path,
+                    title: str) -> None:
+    """FID against the guidance scale w at one NFE, one line per sampler (the guidance trade-off curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    rows = dict.fromkeys(c.sampler for cells in results.values() for c in cells)
+    for s in rows:
+        pts = sorted((w, c.fid) for w, cells in results.items() for c in cells if c.sampler == s and c.nfe == nfe)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", label="data floor")
+    ax.set_xlabel("guidance scale w")
+    ax.set_ylabel("FID")
+    ax.set_title(f"{title}, NFE {nfe}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference: CellResult | None, path: Path,
                     title: str) -> None:
     """FID against NFE, one line per sampler (log FID axis), the data floor and the reference drawn."""
@@ -276,12 +310,14 @@ def bench(
     schedules: Mapping[str, str] | None = None, predictors: Mapping[str, str] | None = None, clip: str = "model default",
     reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False, skip_missing: bool = False,
     knobs: Mapping[str, Mapping[str, Any]] | None = None, cached_only: bool = False,
+    classes: Sequence[int] | None = None, guidance: Guidance | None = None,
 ) -> tuple[list[CellResult], str]:
     """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``.
 
     ``skip_missing``: a learned row without a predictor at some NFE shows "—" there instead of stopping the bench.
     ``knobs``: per-row sampler knobs (see ``plan_cell``). ``cached_only``: the tables from the cells already in the
-    cache (the others show "—"; nothing is sampled), e.g. while another process is filling them."""
+    cache (the others show "—"; nothing is sampled), e.g. while another process is filling them. A class-conditional
+    model takes ``classes``, cycled over the seeds (seed i gets ``classes[i mod len]``), and ``guidance``."""
     from diffsamp.metrics.scoring import data_floor, resolve_reference
 
     out = Path(out)
@@ -301,6 +337,11 @@ def bench(
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
     parts = cache_parts(model_name, reference, clip, shape)
+    cond = None
+    if classes is not None:
+        cond = [classes[i % len(classes)] for i in range(num)]
+        parts["classes"] = list(classes)
+        parts["guidance"] = guidance.record() if guidance is not None else None
     floor = None
     if ":" in reference and not Path(reference).exists():
         f = data_floor(reference.split(":")[0], num=num, image_size=shape[-1], extractor=extractor,
@@ -311,12 +352,14 @@ def bench(
               "knobs": {row: {k: str(v) for k, v in kv.items()} for row, kv in (knobs or {}).items()},
               "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "cached_only": cached_only}
+              "cached_only": cached_only, "classes": list(classes) if classes is not None else None,
+              "guidance": guidance.record() if guidance is not None else None}
     write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     cells = []
     for plan in plans:
         c = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size, clip=clip,
-                     cache_dir=cache, cache_parts=parts, progress=progress, cached_only=cached_only)
+                     cache_dir=cache, cache_parts=parts, progress=progress, cached_only=cached_only, cond=cond,
+                     guidance=guidance)
         if c is None:
             echo(f"{plan.sampler:>12} NFE {plan.nfe:>2}: not in the cache — left out")
             continue
@@ -326,12 +369,16 @@ def bench(
     if reference_row:
         ref_cell = run_cell(model, reference_plan(model), reference=ref, extractor=extractor, num=num,
                             batch_size=batch_size, clip=clip, cache_dir=cache, cache_parts=parts, progress=progress,
-                            cached_only=cached_only)
+                            cached_only=cached_only, cond=cond, guidance=guidance)
         if ref_cell is not None:
             ref_cell.nfe_target = None
     table = format_table(cells, nfes, floor, ref_cell)
+    conditioning = ""
+    if classes is not None:
+        w = guidance.scale if guidance is not None else 1.0
+        conditioning = f"; classes {classes} cycled over the seeds, guidance w = {w:g}"
     head = (f"{model_name}: FID (KID×10³) of N = {num} samples (seeds 0–{num - 1}) vs {reference}; "
-            f"x̂0 clipping: {clip}\n\n")
+            f"x̂0 clipping: {clip}{conditioning}\n\n")
     write_text(out / "table.md", head + table)
     write_csv(cells + ([ref_cell] if ref_cell else []), out / "table.csv")
     plot_fid_vs_nfe(cells, floor[0] if floor else None, ref_cell, out / "fid_vs_nfe.png", f"{model_name}, N = {num}")
