@@ -164,8 +164,8 @@ class DiffusersUNetDenoiser(DenoiserBase):
             unet_dir = path / "unet" if (path / "unet" / "config.json").exists() else path
             if not (unet_dir / "config.json").exists():
                 raise ValueError(f"{path} has no diffusers UNet (no config.json or unet/config.json)")
-            sched_cfg = _local_scheduler_config(path)
-            _check_unet_files(unet_dir)
+            sched_cfg = local_scheduler_config(path)
+            check_model_files(unet_dir)
             unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, torch_dtype=dtype)
         else:
             unet, sched_cfg = _hub_load(str(name_or_path), dtype)
@@ -179,16 +179,17 @@ class DiffusersUNetDenoiser(DenoiserBase):
 
 
 class _LabelsBound(Wrapper):
-    """A class-conditional UNet with one batch's labels fixed (``DiffusersUNetDenoiser.bind``)."""
+    """A class-conditional model with one batch's labels fixed (``DiffusersUNetDenoiser.bind``, ``DiTDenoiser.bind``):
+    ``inner.evaluate(x, σ, labels)`` as a plain D(x, σ)."""
 
-    def __init__(self, inner: DiffusersUNetDenoiser, labels: Tensor) -> None:
+    def __init__(self, inner: Denoiser, labels: Tensor) -> None:
         super().__init__(inner)
         self.labels = labels
 
     conditioning = property(lambda self: None)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return self.inner.evaluate(x, sigma, self.labels)
+        return self.inner.evaluate(x, sigma, self.labels)  # type: ignore[attr-defined]
 
 
 def _card_conditioning(path: Path) -> ClassConditioning | None:
@@ -222,10 +223,11 @@ def scheduler_alphas_cumprod(config: dict[str, Any]) -> Tensor:
     return sched.alphas_cumprod.to(torch.float64)
 
 
-def _check_unet_files(unet_dir: Path) -> None:
-    """A damaged ``config.json`` or weights file of a local UNet folder as a one-line ValueError naming it
-    (diffusers would raise an OSError about "the checkpoint" or a bare JSON error)."""
-    read_json(unet_dir / "config.json", what="a diffusers UNet config")
+def check_model_files(unet_dir: Path, what: str = "a diffusers UNet config") -> None:
+    """A damaged ``config.json`` or weights file of a local diffusers model folder (a UNet, a transformer, a VAE)
+    as a one-line ValueError naming it (diffusers would raise an OSError about "the checkpoint" or a bare JSON
+    error); ``what`` names the config in that error."""
+    read_json(unet_dir / "config.json", what=what)
     weights = sorted(unet_dir.glob("*.safetensors"))
     if not weights and not any(unet_dir.glob("*.bin")):
         raise ValueError(f"{unet_dir} has no weights file (diffusion_pytorch_model.safetensors)")
@@ -233,7 +235,8 @@ def _check_unet_files(unet_dir: Path) -> None:
         check_safetensors(w)
 
 
-def _local_scheduler_config(path: Path) -> dict[str, Any]:
+def local_scheduler_config(path: Path) -> dict[str, Any]:
+    """The scheduler config of a local diffusers folder (pipeline or flat layout); a ValueError without one."""
     for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
         if candidate.exists():
             return read_json(candidate, what="a diffusers scheduler config")
@@ -272,10 +275,21 @@ def _in_hub_cache(repo_id: str) -> bool:
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
-def _offline_message(repo_id: str, why: str) -> str:
+def offline_message(repo_id: str, why: str) -> str:
+    """The one-line error for a Hub id that cannot be loaded offline."""
     return (f"could not load {repo_id!r}: it is not a local directory, the Hugging Face Hub is unreachable "
             f"({why}) and the model is not in the local Hub cache. Download it where you have internet "
             "and pass the local directory instead.")
+
+
+def hub_offline_check(repo_id: str) -> str | None:
+    """Why the Hub is unreachable (None when it is reachable); when it is and ``repo_id`` is not in the local Hub
+    cache, a one-line ValueError at once, before diffusers' loaders are imported (an offline machine fails in
+    seconds, not after retries)."""
+    offline = hub_unreachable()
+    if offline and not _in_hub_cache(repo_id):
+        raise ValueError(offline_message(repo_id, offline))
+    return offline
 
 
 def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -283,9 +297,7 @@ def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
     Hub is unreachable (checked first, so an offline machine fails in seconds, not after retries)."""
     import warnings
 
-    offline = hub_unreachable()
-    if offline and not _in_hub_cache(repo_id):  # fail before importing diffusers' loaders (seconds)
-        raise ValueError(_offline_message(repo_id, offline))
+    offline = hub_offline_check(repo_id)
 
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -302,7 +314,7 @@ def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module
                 errors.append(f"{type(exc).__name__}: {exc}")
         else:
             if offline:
-                raise ValueError(_offline_message(repo_id, offline))
+                raise ValueError(offline_message(repo_id, offline))
             raise ValueError(
                 f"could not load {repo_id!r}: it is not a local directory and the Hugging Face Hub did not "
                 f"provide it (no such repo, or not a diffusers UNet). Download it where you have internet and pass "
@@ -411,6 +423,7 @@ def load_diffusers(
 
 
 def alphas_cumprod_of(model: Denoiser) -> Tensor | None:
-    """The discrete ᾱ_t table of a DDPM-family model (through any wrappers), None for other families."""
-    inner = unwrap(model)
-    return inner.alphas_cumprod if isinstance(inner, DiffusersUNetDenoiser) else None
+    """The discrete ᾱ_t table of a DDPM-family model (through any wrappers): the scheduler's ᾱ table a model
+    trained on it keeps as ``alphas_cumprod`` (the diffusers UNets, DiT); None for other families."""
+    table = getattr(unwrap(model), "alphas_cumprod", None)
+    return table if isinstance(table, Tensor) else None

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from diffsamp.models import diffusers_unet, rectified_flow
+from diffsamp.models import diffusers_unet, dit, rectified_flow
 from diffsamp.models.base import Denoiser
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -61,6 +61,7 @@ def _load_rf(path: Path, *, device: Any = None, dtype: torch.dtype | None = None
 register_format("rectified-flow", rectified_flow.is_rf_model, _load_rf)
 register_format("diffusers", lambda p: p.is_dir() and diffusers_unet.is_diffusers_dir(p), diffusers_unet.load_diffusers)
 register_format("ddpm-checkpoint", diffusers_unet.is_ddpm_checkpoint, diffusers_unet.load_ddpm_checkpoint)
+register_format("dit", dit.is_dit_dir, dit.load_dit)
 
 
 def find_format(path: str | os.PathLike) -> ModelFormat | None:
@@ -75,7 +76,7 @@ def _shipped() -> dict[str, Path]:
         return {}
     out = {}
     for p in sorted(WEIGHTS_DIR.iterdir()):
-        if p.is_dir() and diffusers_unet.is_diffusers_dir(p):
+        if p.is_dir() and find_format(p) is not None:
             out[p.name] = p
         elif p.suffix == ".json" and not p.name.endswith(".card.json") and rectified_flow.is_rf_model(p):
             out[p.stem] = p
