@@ -260,6 +260,12 @@ def generate(
     if init is not None:
         run_grid, start_x0 = _img2img_start(model, grid, init, strength, len(seeds), device)
         grid = run_grid if run_grid is not None else grid
+    trained = getattr(knobs.get("predictor"), "config", None) or {}
+    if "guidance" in trained and encoded is not None:
+        w = guidance.scale if guidance is not None else 1.0
+        if w != trained["guidance"]:
+            warnings.warn(f"the AMED predictor was trained under guidance w = {trained['guidance']:g}; sampling at "
+                          f"w = {w:g}", UserWarning, stacklevel=2)
     for text in setting_warnings(spec, grid, dtype=model.dtype, device=device, regrid=regrid):
         warnings.warn(text, UserWarning, stacklevel=2)
     outs: list[Tensor] = []

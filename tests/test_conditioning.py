@@ -274,3 +274,35 @@ def test_bench_scores_each_guidance_scale_with_class_balanced_seeds(cond_dir, tm
     assert other["fid"] != cell["fid"]
     res = CliRunner().invoke(main, args[:-4] + ["--cfg", "2"])
     assert res.exit_code == 2 and "give --classes too" in res.output
+
+
+# ---------------------------------------------------------------------------------------------- AMED
+def test_amed_trains_on_a_guided_model_reading_the_conditional_half(cond_dir, tmp_path):
+    from diffsamp.samplers.amed import evaluate_with_features
+    from diffsamp.samplers.amed_files import load_predictor
+    from diffsamp.training.amed import AmedTrainOptions, train_amed
+
+    model = load(cond_dir)
+    x, s = xs(3)
+    c = torch.tensor([0, 1, 2])
+    _, h_guided = evaluate_with_features(Guided(model, c, torch.full((3,), K), Guidance(3.0)), x, s)
+    _, h_cond = evaluate_with_features(bind(model, c), x, s)
+    torch.testing.assert_close(h_guided, h_cond, rtol=1e-5, atol=1e-5)  # the conditional half's bottleneck
+
+    opts = AmedTrainOptions(nfe=3, trajectories=8, batch=4, classes=[0, 2], guidance=2.0)
+    path = train_amed(model, model.sample_shape, opts, tmp_path / "amed", model_name=str(cond_dir))
+    pred = load_predictor(path)
+    assert pred.config["classes"] == [0, 2] and pred.config["guidance"] == 2.0
+    kw = dict(sampler="amed", predictor=pred, grid=diffsamp.Grid(torch.tensor(pred.config["grid"])), seeds=range(2),
+              cond=[0, 2], afs=pred.config["afs"])
+    with pytest.warns(UserWarning, match="trained under guidance w = 2; sampling at w = 4"):
+        diffsamp.generate(model, (1, 8, 8), guidance=4.0, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = diffsamp.generate(model, (1, 8, 8), guidance=2.0, **kw)
+    assert res.nfe == 3 and res.network_passes == 6
+    with pytest.raises(ValueError, match="give one condition per seed"):
+        train_amed(model, model.sample_shape, AmedTrainOptions(nfe=3, trajectories=4, batch=4), tmp_path / "x",
+                   model_name=str(cond_dir))

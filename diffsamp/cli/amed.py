@@ -45,12 +45,14 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")
+@click.option("--classes", default=None, help="Class-conditional models: classes cycled over the trajectories, e.g. 0-9.")
+@click.option("--cfg", "cfg_scale", default=1.0, show_default=True, type=float, help="With --classes: the guidance scale the teacher and student run at (recorded; sampling at another scale warns).")
 def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None, afs: bool | None, teacher: str | None,
                    teacher_m: int | None, static: bool, scale_dir: float, scale_time: float | None, max_order: int,
                    r_gradient: str | None, step_offsets: bool, first_step_static: bool, beta1: float | None,
                    trajectories: int,
                    batch: int, lr: float | None, clip: bool | None, seed: int, device: str, out: str, resume: bool,
-                   quiet: bool, snapshots: str) -> None:
+                   quiet: bool, snapshots: str, classes: str | None, cfg_scale: float) -> None:
     """Train an AMED predictor: teacher trajectories on a refined grid, one Adam step per student interval.
 
     \b
@@ -58,11 +60,22 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
       diffsamp train amed --model mnist-ddpm --sampler amed --nfe 5 --out runs/amed5
       diffsamp train amed --model mnist-ddpm --sampler ipndm+amed --nfe 3 --trajectories 4096 --out runs/ipndm-amed3
       diffsamp sample --model mnist-ddpm --sampler amed --predictor runs/amed5 --seeds 0-63 --out g.png
+      diffsamp train amed --model runs/mnist-cond --classes 0-9 --cfg 2 --nfe 5 --out runs/amed5-cfg2
     """
     from tqdm import tqdm
 
     from diffsamp.training.amed import AmedTrainOptions, train_amed
 
+    from diffsamp.cli._seeds import parse_seeds
+
+    class_list = None
+    if classes is not None:
+        try:
+            class_list = parse_seeds(classes)
+        except ValueError as exc:
+            raise click.BadParameter(f"{exc} (expected e.g. 0-9)", param_hint="--classes") from None
+    elif cfg_scale != 1.0:
+        raise click.UsageError("--cfg guides a class-conditional model: give --classes too")
     device = resolve_device(device)
     try:
         model = load_or_fail(model_name, device=device, clip=clip)
@@ -71,7 +84,8 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
                                 teacher_m=teacher_m, static=static, scale_dir=scale_dir, scale_time=scale_time,
                                 max_order=max_order, r_gradient=r_gradient, step_offsets=step_offsets,
                                 first_step_static=first_step_static, beta1=beta1,
-                                trajectories=trajectories, batch=batch, lr=lr, seed=seed)
+                                trajectories=trajectories, batch=batch, lr=lr, seed=seed, classes=class_list,
+                                guidance=cfg_scale)
         opts.resolved()
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -182,7 +182,10 @@ def evaluate_with_features(model: Denoiser, x: Tensor, sigma: float | Tensor) ->
         denoised = model(x, sig)
     if box.output is None:
         raise ValueError("the model's feature module did not run during the evaluation")
-    return denoised, pool_features(box.output)
+    h = pool_features(box.output)
+    if h.shape[0] == 2 * x.shape[0]:  # classifier-free guidance's doubled batch: the conditional half
+        h = h[: x.shape[0]]
+    return denoised, h
 
 
 # ------------------------------------------------------------------------------------------ one step

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.conditioning import Guidance, condition_model, encode_conditions
 from diffsamp.samplers import get_sampler, get_schedule
 from diffsamp.samplers._util import StepInfo
 from diffsamp.samplers.amed import (
@@ -90,6 +91,10 @@ class AmedTrainOptions:
     first_step_static: bool = True
     # Adam's β1 for the per-sample network (None: NETWORK_BETA1); the static predictor's logits keep 0.9
     beta1: float | None = None
+    # a class-conditional model: trajectory j gets classes[j mod len] and the teacher and student run under
+    # classifier-free guidance at this scale (the predictor reads the conditional half's features)
+    classes: list[int] | None = None
+    guidance: float = 1.0
 
     def resolved(self) -> "AmedTrainOptions":
         if self.sampler not in SINGLE_STEP and self.sampler not in MULTISTEP:
@@ -253,9 +258,17 @@ def train_amed(
     sigma0 = float(coarse.sigmas[0])
     scale = prior_scale(model.prior, sigma0)
 
+    def conditioned(first: int, n: int) -> Denoiser:
+        """The model for trajectories first…first+n−1: bound to their classes, guided at the stated scale."""
+        if opts.classes is None:
+            encode_conditions(model, None, n)  # a conditional model needs classes: one line, before training
+            return model
+        labels = [opts.classes[(first + j) % len(opts.classes)] for j in range(n)]
+        return condition_model(model, encode_conditions(model, labels, n), Guidance(opts.guidance))
+
     probe = torch.randn((1, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype) * scale
     with torch.no_grad():
-        fdim = None if opts.static else feature_dim(model, probe, sigma0)
+        fdim = None if opts.static else feature_dim(conditioned(0, 1), probe, sigma0)
     torch.manual_seed(opts.seed)
     predictor = (
         StaticPredictor(opts.steps, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
@@ -283,7 +296,9 @@ def train_amed(
         return {
             "model": model_name, "sampler": opts.sampler, "nfe": opts.nfe, "steps": opts.steps, "afs": opts.afs,
             "schedule": opts.schedule, "schedule_params": opts.schedule_params, "grid": coarse.sigmas.tolist(),
-            "final_zero": False, "knobs": knobs, "sample_shape": list(sample_shape), **(extra or {}),
+            "final_zero": False, "knobs": knobs, "sample_shape": list(sample_shape),
+            **({"classes": opts.classes, "guidance": opts.guidance} if opts.classes is not None else {}),
+            **(extra or {}),
         }
 
     def _training(elapsed: float) -> dict[str, Any]:
@@ -302,13 +317,14 @@ def train_amed(
         while it < iterations and stop.requested is None and (stop_after is None or ran < stop_after):
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + it)
             z = torch.randn((opts.batch, *sample_shape), generator=gen).to(device, dtype)
-            targets = teacher_targets(model, z * scale, fine, opts)
+            bound = conditioned(it * opts.batch, opts.batch)
+            targets = teacher_targets(bound, z * scale, fine, opts)
             x, state, it_loss = targets[0], StepState(), []
             for i, (s, s_next) in enumerate(coarse.intervals()):
                 with torch.no_grad():
-                    start = step_start(model, x, s, afs=bool(opts.afs) and i == 0, predictor=predictor)
+                    start = step_start(bound, x, s, afs=bool(opts.afs) and i == 0, predictor=predictor)
                 surrogate, loss, x_next = student_step(
-                    method, model, start, i, s, s_next, predictor, state, targets[i + 1],
+                    method, bound, start, i, s, s_next, predictor, state, targets[i + 1],
                     smoothed=opts.r_gradient == "smoothed", max_order=opts.max_order, order=opts.order,
                     total=2 * len(coarse))
                 if observe is not None:
@@ -355,6 +371,7 @@ def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
     # what checkpoints from before these options did
     theirs = {"r_gradient": "autograd", "step_offsets": False, "first_step_static": False, "beta1": STATIC_BETA1,
+              "classes": None, "guidance": 1.0,
               **{k: v for k, v in state["options"].items() if k != "trajectories"}}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
