@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from diffsamp.models import diffusers_unet, dit, rectified_flow
+from diffsamp.models import diffusers_unet, dit, rectified_flow, sd_pipeline
 from diffsamp.models.base import Denoiser
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -59,6 +59,7 @@ def _load_rf(path: Path, *, device: Any = None, dtype: torch.dtype | None = None
 
 
 register_format("rectified-flow", rectified_flow.is_rf_model, _load_rf)
+register_format("sd-pipeline", sd_pipeline.is_sd_pipeline_dir, sd_pipeline.load_sd_pipeline)  # before "diffusers": it has unet/ too
 register_format("diffusers", lambda p: p.is_dir() and diffusers_unet.is_diffusers_dir(p), diffusers_unet.load_diffusers)
 register_format("ddpm-checkpoint", diffusers_unet.is_ddpm_checkpoint, diffusers_unet.load_ddpm_checkpoint)
 register_format("dit", dit.is_dit_dir, dit.load_dit)
@@ -156,6 +157,10 @@ def load(
             )
         return fmt.load(path, device=device, dtype=dtype, clip=clip)
     if _looks_like_hub_id(name):
+        if sd_pipeline.is_sd_hub_id(name):
+            return sd_pipeline.load_sd_pipeline(name, device=device, dtype=dtype, clip=clip)
+        if dit.is_dit_hub_id(name):
+            return dit.load_dit(name, device=device, dtype=dtype, clip=clip)
         return diffusers_unet.load_diffusers(name, device=device, dtype=dtype, clip=clip)
     raise ValueError(
         f"unknown model {name!r}: not in the zoo ({', '.join(available_models()) or 'empty'}), not an existing "
