@@ -237,3 +237,21 @@ def test_cli_samples_a_decoded_rgb_grid_and_lists_a_shipped_dit(dit_dir, tmp_pat
     assert "tiny-dit" in zoo.available_models() and isinstance(load("tiny-dit"), DiTDenoiser)
     res = CliRunner().invoke(main, ["models"])
     assert res.exit_code == 0 and "tiny-dit" in res.output, res.output
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline(dit_dir, monkeypatch, tmp_path):
+    """A DiT pipeline Hub id, offline, from the local Hub cache: ``load`` tells it from its ``model_index.json``."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--diffsamp-tests--tiny-dit"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(dit_dir, repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub = load("diffsamp-tests/tiny-dit", dtype=torch.float64)
+    assert isinstance(hub, DiTDenoiser) and hub.labels == {"Tinca tinca": 0, "goldfish": 1, "tench": 0}
+    x, s = xs()
+    labels = torch.tensor([0, 1, K])
+    with torch.no_grad():
+        assert torch.equal(hub.evaluate(x, s, labels), load(dit_dir, dtype=torch.float64).evaluate(x, s, labels))

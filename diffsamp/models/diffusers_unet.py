@@ -292,6 +292,21 @@ def hub_offline_check(repo_id: str) -> str | None:
     return offline
 
 
+def hub_model_index(repo_id: str) -> Path | None:
+    """The local copy of Hub repo ``repo_id``'s ``model_index.json`` (a pipeline's list of components; from the Hub
+    or, when it is unreachable, the local Hub cache), None where there is none or it cannot be had. Its folder is
+    what a format's ``detect`` reads to tell which pipeline the repo holds."""
+    offline = hub_unreachable()
+    if offline and not _in_hub_cache(repo_id):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "model_index.json", local_files_only=bool(offline)))
+    except Exception:  # noqa: BLE001 - no index, no such repo, no network: nothing to tell
+        return None
+
+
 def _hub_load(repo_id: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The UNet and scheduler config of a Hub repo: from the Hub, or only from the local Hub cache when the
     Hub is unreachable (checked first, so an offline machine fails in seconds, not after retries)."""

@@ -7,7 +7,10 @@ models): σ → timestep and x̄ → x_VP as for the diffusers UNets (``diffuser
 2·C channels where it learned the variance (Peebles & Xie 2023, Sec. 3.1, after Nichol & Dhariwal 2021): the
 first C are ε̂, the rest the variance interpolation, which an ODE or DDIM sampler does not use and is dropped.
 The class embedder has K + 1 rows; the last (label K) is the null class of label dropout, the unconditional half
-of classifier-free guidance (Ho & Salimans 2022), as ``DiTPipeline`` uses it.
+of classifier-free guidance (Ho & Salimans 2022), as ``DiTPipeline`` uses it. Guidance (``conditioning.Guided``)
+combines all latent channels, as diffusers' ``DiTPipeline`` does since it guides ``noise_pred[:, :latent_channels]``;
+the original DiT code (``forward_with_cfg``) and early ``DiTPipeline`` releases guided only the first 3 of the 4,
+which diffsamp does not reproduce.
 
 ``codec`` maps latents to images and back through the ``AutoencoderKL`` with its ``scaling_factor`` (0.18215 for
 DiT's sd-vae-ft-ema; Rombach et al. 2022, Sec. 4.3.2): ``decode(z) = vae.decode(z / s)`` clamped to [−1, 1],
@@ -31,6 +34,7 @@ from diffsamp.models.diffusers_unet import (
     check_model_files,
     clip_range,
     hub_offline_check,
+    hub_model_index,
     local_scheduler_config,
     offline_message,
     scheduler_alphas_cumprod,
@@ -192,6 +196,7 @@ class DiTDenoiser(DenoiserBase):
 def _hub_configs(repo_id: str, local: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``model_index.json`` and the scheduler config of a Hub DiT pipeline."""
     import json
+    import warnings
 
     from diffusers import DDIMScheduler
     from huggingface_hub import hf_hub_download
@@ -199,7 +204,9 @@ def _hub_configs(repo_id: str, local: dict[str, Any]) -> tuple[dict[str, Any], d
     index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", **local)).read_text())
     if index.get("_class_name") not in PIPELINE_CLASSES:
         raise ValueError(f"it is a {index.get('_class_name')}, not a DiTPipeline")
-    return index, dict(DDIMScheduler.load_config(repo_id, subfolder="scheduler", **local))
+    with warnings.catch_warnings():  # the Hub client's deprecation notices are not the user's business
+        warnings.simplefilter("ignore")
+        return index, dict(DDIMScheduler.load_config(repo_id, subfolder="scheduler", **local))
 
 
 def _load_modules(source: str, dtype: torch.dtype | None, local: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
@@ -238,6 +245,12 @@ def is_dit_dir(path: str | os.PathLike) -> bool:
     transformer = cfg.get("transformer")
     return (cfg.get("_class_name") in PIPELINE_CLASSES or (isinstance(transformer, list)
             and transformer[-1] in TRANSFORMER_CLASSES and "unet" not in cfg)) and "vae" in cfg
+
+
+def is_dit_hub_id(repo_id: str) -> bool:
+    """Whether Hub repo ``repo_id`` holds a DiT pipeline (its ``model_index.json``; offline, from the local cache)."""
+    index = hub_model_index(repo_id)
+    return index is not None and is_dit_dir(index.parent)
 
 
 def load_dit(
