@@ -220,7 +220,7 @@ def test_cli_classes_cycle_over_the_seeds_and_the_record_says_so(cond_dir, tmp_p
 
 @pytest.mark.parametrize("args, message", [
     (["--class", "1", "--classes", "0-2"], "give one of --class"),
-    (["--cfg", "2"], "give --class or --classes too"),
+    (["--cfg", "2"], "give --class, --classes, --prompt or --prompts too"),
     (["--classes", "2-1"], "--classes"),
     (["--class", "0", "--cfg-interval", "5"], "--cfg-interval: expected LO,HI"),
     (["--class", "0", "--cfg", "2", "--cfg-interval", "5,1"], "interval"),

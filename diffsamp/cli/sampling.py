@@ -99,7 +99,8 @@ def sample_cmd(
       diffsamp sample --model mnist-ddpm --sampler dpm2 --knob r=0.3 --steps 10 --out grid.png
       diffsamp sample --model mnist-ddpm --sampler amed --predictor mnist-ddpm/amed-nfe5 --seeds 0-63 --out g.png
       diffsamp sample --model mnist-ddpm-cond --classes 0-9 --cfg 2 --seeds 0-99 --nrow 10 --out g.png
-    Image i depends only on its seed (and its class), whatever --batch-size and --device.
+      diffsamp sample --model SD-FOLDER --prompt "a cat" --cfg 7.5 --sampler ddim --steps 20 --seeds 0-3 --out g.png
+    Image i depends only on its seed (and its class or prompt), whatever --batch-size and --device.
     With --fid-ref alone, samples stream into the FID statistics and nothing is written.
     Missing output folders are created. With --outdir each batch is written as it finishes: after Ctrl-C
     (exit code 130) the same command with --skip-existing continues where it stopped.
@@ -305,11 +306,13 @@ def _init_tensor(path: str, model, shape):  # noqa: ANN001, ANN202 - a Denoiser;
     return load_init_image(path, int(getattr(codec, "image_channels", 3)), (int(shape[1]) * f, int(shape[2]) * f))
 
 
-def _condition_record(classes: list[int] | None, guidance) -> dict:  # noqa: ANN001 - a Guidance or None
-    """The conditioning part of a run's record: the class of every seed (in seed order) and the guidance."""
+def _condition_record(classes: list[int] | list[str] | None, guidance) -> dict:  # noqa: ANN001 - a Guidance or None
+    """The conditioning part of a run's record: the class (``classes``) or prompt (``prompts``) of every seed, in
+    seed order, and the guidance."""
     if classes is None:
         return {}
-    return {"classes": classes, "guidance": guidance.record() if guidance is not None else None}
+    key = "prompts" if any(isinstance(c, str) for c in classes) else "classes"
+    return {key: classes, "guidance": guidance.record() if guidance is not None else None}
 
 
 def _metadata(settings: dict, seeds: list[int], nfe: int | None) -> dict:
