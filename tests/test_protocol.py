@@ -72,7 +72,7 @@ def test_the_wrapper_list_is_complete():
             yield from subclasses(sub)
 
     found = {c.__name__ for c in subclasses(Wrapper) if c.__module__.startswith("diffsamp.")}
-    found -= {"Guided", "_LabelsBound"}  # a conditional model bound to its conditions: tests/test_conditioning.py
+    found -= {"Guided", "_LabelsBound", "_PromptBound"}  # bound conditional models: test_conditioning, test_sd_pipeline
     assert found == {"CountingDenoiser", "ClampDenoiser", "AutocastDenoiser", "_Progress"}, found
 
 
