@@ -187,7 +187,9 @@ def test_generate_decodes_to_images_in_range_and_keeps_the_latents(model):
 
 
 def test_wrong_conditions_are_one_line_errors(model):
-    gen = lambda **kw: diffsamp.generate(model, model.sample_shape, sampler="euler", steps=2, seeds=range(2), **kw)  # noqa: E731
+    def gen(**kw):
+        return diffsamp.generate(model, model.sample_shape, sampler="euler", steps=2, seeds=range(2), **kw)
+
     with pytest.raises(ValueError, match=f"class {K} is not one of this model's classes 0–{K - 1}"):
         gen(cond=[0, K])  # the null class is not a class to ask for
     with pytest.raises(ValueError, match=r"conditional \(class labels 0–999, unconditional = class 1000\)"):

@@ -14,7 +14,7 @@ which diffsamp does not reproduce.
 
 ``codec`` maps latents to images and back through the ``AutoencoderKL`` with its ``scaling_factor`` (0.18215 for
 DiT's sd-vae-ft-ema; Rombach et al. 2022, Sec. 4.3.2): ``decode(z) = vae.decode(z / s)`` clamped to [−1, 1],
-``encode(x) = s · mean(q(z | x))``.
+``encode(x) = s · mean(q(z | x))`` (``sd_pipeline.VAECodec``, shared with Stable Diffusion).
 """
 
 from __future__ import annotations
@@ -40,32 +40,10 @@ from diffsamp.models.diffusers_unet import (
     scheduler_alphas_cumprod,
 )
 from diffsamp.models.parameterization import ddpm_sigmas, ddpm_timestep_from_sigma, vp_scale, x0_from_eps
+from diffsamp.models.sd_pipeline import VAECodec  # latent diffusion's VAE with its scaling factor
 
 PIPELINE_CLASSES = ("DiTPipeline",)
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
-
-
-class VAECodec:
-    """A latent model's autoencoder: ``encode(images) = s · mean(q(z | x))``, ``decode(z) = vae.decode(z / s)``
-    clamped to [−1, 1], s the VAE's ``scaling_factor`` (Rombach et al. 2022, Sec. 4.3.2; DiTPipeline's 1/0.18215).
-    Both take and return tensors in the caller's dtype and run the VAE in its own."""
-
-    def __init__(self, vae: nn.Module, scaling_factor: float | None = None) -> None:
-        self.vae = vae
-        self.scaling_factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
-
-    def _vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Images in [−1, 1] from latents (B, C, h, w), as DiTPipeline decodes them (before its [0, 1] mapping)."""
-        z = (latents * (1 / self.scaling_factor)).to(self._vae_dtype())
-        return self.vae.decode(z).sample.clamp(-1, 1).to(latents.dtype)
-
-    def encode(self, images: Tensor) -> Tensor:
-        """Latents (B, C, h, w) of images in [−1, 1]: the scaled mean of the VAE encoder's posterior."""
-        z = self.vae.encode(images.to(self._vae_dtype())).latent_dist.mean
-        return (z * self.scaling_factor).to(images.dtype)
 
 
 class DiTDenoiser(DenoiserBase):
@@ -215,7 +193,7 @@ def _load_modules(source: str, dtype: torch.dtype | None, local: dict[str, Any])
 
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    with warnings.catch_warnings():  # "Transformer2DModel" configs of older diffusers load as DiT: not the user's business
+    with warnings.catch_warnings():  # older diffusers' "Transformer2DModel" configs load as DiT: not the user's business
         warnings.simplefilter("ignore")
         kw = dict(low_cpu_mem_usage=False, torch_dtype=dtype, **local)
         transformer = DiTTransformer2DModel.from_pretrained(source, subfolder="transformer", **kw)
