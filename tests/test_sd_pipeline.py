@@ -242,3 +242,59 @@ def test_cli_bad_prompt_options_are_usage_errors_before_loading(args, message, t
     res = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "no-such-model"), "--out",
                                     str(tmp_path / "g.png"), *args])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+# ---------------------------------------------------------------------------------------------- SDXL
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tmp = tmp_path_factory.mktemp("sdxl")
+    parts = _components(tmp, "epsilon")
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16, cross_attention_dim=32,
+        norm_num_groups=4)
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=parts["text_encoder"].config.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        projection_dim=16))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=enc2.eval(),
+                                     tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer"], unet=unet.eval(),
+                                     scheduler=sched, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(tmp / "sdxl", safe_serialization=True)
+    return tmp / "sdxl"
+
+
+@pytest.mark.parametrize("w, negative", [(1.0, None), (5.0, None), (5.0, "blurry")])
+def test_sdxl_euler_equals_diffusers_stable_diffusion_xl_pipeline(sdxl_dir, w, negative):
+    """Both text encoders' penultimate states, the pooled projection, the added time ids and (without a negative
+    prompt) the all-zero unconditional half, against StableDiffusionXLPipeline; tolerance as above."""
+    from diffusers import StableDiffusionXLPipeline
+
+    model = load(sdxl_dir, dtype=torch.float64)
+    enc = model.conditioning.encode(PROMPTS)
+    assert enc["embeds"].shape == (2, 77, 32) and enc["pooled"].shape == (2, 16)
+    assert enc["time_ids"].tolist() == [[IMAGE, IMAGE, 0, 0, IMAGE, IMAGE]] * 2
+    seeds, steps = [3, 8], 5
+    z = torch.stack([torch.randn(model.sample_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, torch_dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(prompt=PROMPTS, negative_prompt=None if negative is None else [negative] * 2, guidance_scale=w,
+                   num_inference_steps=steps, latents=z.double(), output_type="latent").images
+    grid = diffsamp.get_schedule("ddpm", model=model, spacing="leading", steps_offset=1).grid(steps)
+    res = diffsamp.generate(model, model.sample_shape, sampler="euler", grid=grid, seeds=seeds, cond=PROMPTS,
+                            guidance=Guidance(w, negative=negative), return_latents=True)
+    diff = float((res.latents.double() - ref).abs().max())
+    print(f"sdxl euler w={w} negative={negative}: max |ours − diffusers| = {diff:.2e} (scale {float(ref.abs().max()):.2f})")
+    assert diff <= 1e-6 * float(ref.abs().max()), diff
+    if negative is None and w != 1:
+        zeros = model.conditioning.unconditional(2)
+        assert not zeros["embeds"].any() and not zeros["pooled"].any() and torch.equal(zeros["time_ids"], enc["time_ids"])
