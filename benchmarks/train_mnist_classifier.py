@@ -20,6 +20,7 @@ import torch
 from diffsamp.data import load_dataset, load_labels
 from diffsamp.metrics.classifier import (
     DEFAULT_WEIGHTS,
+    ClassifierConfig,
     accuracy,
     hardware,
     num_parameters,
@@ -37,13 +38,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-shift", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=ClassifierConfig.hidden, help="Width of the hidden fc layer.")
+    ap.add_argument("--pool", type=int, default=ClassifierConfig.pool, help="Max pooling after the second conv.")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--checkpoint", default="runs/mnist-classifier/checkpoint.pt")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    res = train_classifier(data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    config = ClassifierConfig(hidden=args.hidden, pool=args.pool)
+    res = train_classifier(data_dir=args.data_dir, config=config, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            max_shift=args.max_shift, seed=args.seed, checkpoint=args.checkpoint,
                            log=lambda s: print(s, flush=True))
     test_x, test_y = load_dataset("mnist", "test", args.data_dir), load_labels("mnist", "test", args.data_dir)

@@ -58,10 +58,11 @@ class ClassifierConfig:
     in_channels: int = 1
     image_size: int = 32
     dropout: float = 0.25
+    pool: int = 4  # max pooling after conv2 (the first conv is followed by 2×2)
 
 
 class MNISTClassifier(nn.Module):
-    """conv3×3(c1)-BN-ReLU-maxpool2 → conv3×3(c2)-BN-ReLU-maxpool4 → fc(hidden)-ReLU-dropout → fc(classes).
+    """conv3×3(c1)-BN-ReLU-maxpool2 → conv3×3(c2)-BN-ReLU-maxpool(pool) → fc(hidden)-ReLU-dropout → fc(classes).
 
     Takes images in [-1, 1], (N, 1, 32, 32); returns logits (N, num_classes).
     """
@@ -74,14 +75,14 @@ class MNISTClassifier(nn.Module):
         self.bn1 = nn.BatchNorm2d(c1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(c2)
-        side = config.image_size // 8
+        side = config.image_size // (2 * config.pool)
         self.fc1 = nn.Linear(c2 * side * side, config.hidden)
         self.fc2 = nn.Linear(config.hidden, config.num_classes)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 4)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), self.config.pool)
         x = self.dropout(F.relu(self.fc1(x.flatten(1))))
         return self.fc2(x)
 
