@@ -116,8 +116,8 @@ def encode_conditions(model: Denoiser, cond: Sequence[Any] | Tensor | None, n: i
             raise ValueError("this model is unconditional: it takes no condition (class label, prompt)")
         return None
     if cond is None:
-        raise ValueError(f"this model is conditional ({kind.describe()}): give one condition per seed, "
-                         "e.g. cond=[3] / --class 3")
+        hint = 'cond=["a cat"] / --prompt "a cat"' if kind.kind == "text" else "cond=[3] / --class 3"
+        raise ValueError(f"this model is conditional ({kind.describe()}): give one condition per seed, e.g. {hint}")
     if isinstance(cond, (str, bytes)) or not isinstance(cond, (Sequence, Tensor)):
         cond = [cond] * n
     if len(cond) != n:

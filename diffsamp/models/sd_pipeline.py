@@ -16,7 +16,8 @@ in latent space: ``sample_shape`` is the latent's (4, H/8, W/8).
   the penultimate hidden states of both CLIP encoders concatenated, the pooled projection of the second and the
   added time ids (original size, crop (0, 0), target size: the UNet's native resolution), an encoded condition
   being the dict {"embeds", "pooled", "time_ids"}; the unconditional half is zeros when the folder's
-  ``force_zeros_for_empty_prompt`` says so and no negative prompt is given, as in diffusers. Not supported: the
+  ``force_zeros_for_empty_prompt`` says so and no negative prompt is given, as in diffusers (tested against
+  ``StableDiffusionXLPipeline``). A float16 SDXL VAE is run in float32 (``force_upcast``). Not supported: the
   refiner (no first text encoder, aesthetic-score time ids), size/crop micro-conditioning other than the native
   resolution, clip skip, prompt weighting and prompts over the tokenizer's length (truncated, as diffusers does).
 
@@ -276,16 +277,23 @@ class StableDiffusionDenoiser(DenoiserBase):
             raise ValueError("Stable Diffusion pipelines need the transformers package for their CLIP text "
                              "encoder: pip install transformers") from None
         from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers.utils import logging as hf_logging
 
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
         vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, low_cpu_mem_usage=False)
-        enc = CLIPTextModel.from_pretrained(path / "text_encoder")
-        tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        modules = [unet, vae, enc]
-        if xl:
-            enc2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2")
-            tok2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2")
-            modules.append(enc2)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' per-file "Loading weights" bars
+        try:
+            enc = CLIPTextModel.from_pretrained(path / "text_encoder")
+            tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
+            modules = [unet, vae, enc]
+            if xl:
+                enc2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2")
+                tok2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2")
+                modules.append(enc2)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         for m in modules:
             m.eval().requires_grad_(False)
             if device is not None:

@@ -5,9 +5,11 @@
 * a zoo name — a folder ``diffsamp/weights/<name>/`` in diffusers' pipeline layout (``mnist-ddpm``,
   ``fashion-mnist-ddpm``) or a shipped rectified flow ``diffsamp/weights/<name>.json``;
 * a local path — a diffusers directory (pipeline layout ``unet/`` + ``scheduler/``, or a flat UNet folder
-  with ``scheduler_config.json``), a ``diffsamp train ddpm`` run directory (its exported model, else the
-  EMA weights of its latest checkpoint), or a saved rectified flow;
-* a Hugging Face Hub id such as ``google/ddpm-cifar10-32`` (needs the network the first time; diffusers
+  with ``scheduler_config.json``), a Stable-Diffusion-style pipeline folder (``model_index.json`` with a
+  ``UNet2DConditionModel``, VAE and CLIP text encoder(s): ``sd_pipeline``), a ``diffsamp train ddpm`` run
+  directory (its exported model, else the EMA weights of its latest checkpoint), or a saved rectified flow;
+* a Hugging Face Hub id such as ``google/ddpm-cifar10-32`` or a Stable Diffusion repo (told apart by its
+  ``model_index.json``; needs the network the first time; diffusers
   caches it).
 
 and returns a σ-space ``Denoiser``. ``available_models()`` lists the zoo, ``model_card(name)`` its card.
