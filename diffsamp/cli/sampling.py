@@ -208,7 +208,8 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         how = f"adaptive ({tol})" if tol else "adaptive"
     else:
         how = f"{len(grid)} step{'s' * (len(grid) != 1)}"
-    what = f"{len(seeds)} images {tuple(shape)} with {sampler}/{schedule}, {how}"
+    space = f"from latents {tuple(shape)}" if getattr(model, "codec", None) is not None else str(tuple(shape))
+    what = f"{len(seeds)} images {space} with {sampler}/{schedule}, {how}"
     settings = {
         "model": model_name, "sampler": sampler, "schedule": schedule,
         "steps": len(grid) if expected is not None else "adaptive",
