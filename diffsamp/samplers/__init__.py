@@ -16,6 +16,7 @@ from diffsamp.samplers.registry import (
 )
 from diffsamp.samplers._util import StepInfo
 from diffsamp.samplers import amed, ancestral, ode, sde  # noqa: F401  (registration side effects)
+from diffsamp.samplers import ancestral_k, dpmpp_sde  # noqa: F401  (registration side effects)
 from diffsamp.samplers.amed import StepState, amed_step, step_start
 
 __all__ = [
