@@ -13,11 +13,15 @@ from diffsamp.samplers.registry import (
     get_sampler,
     register_alias,
     register_sampler,
+    sampler_aliases,
+    suggest_samplers,
 )
 from diffsamp.samplers._util import StepInfo
-from diffsamp.samplers import amed, ancestral, ode, sde  # noqa: F401  (registration side effects)
+from diffsamp.samplers import amed, ancestral, multistep, ode, sde  # noqa: F401  (registration side effects)
 from diffsamp.samplers import ancestral_k, dpmpp_sde  # noqa: F401  (registration side effects)
 from diffsamp.samplers.amed import StepState, amed_step, step_start
+from diffsamp.samplers import names  # noqa: F401,E402  (aliases; last: they name samplers registered above)
+from diffsamp.samplers.names import diffusers_equivalent
 
 __all__ = [
     "Grid",
@@ -28,10 +32,12 @@ __all__ = [
     "amed_step",
     "available_samplers",
     "available_schedules",
+    "diffusers_equivalent",
     "get_sampler",
     "get_schedule",
     "register_alias",
     "register_sampler",
+    "sampler_aliases",
     "schedule_description",
     "step_start",
 ]

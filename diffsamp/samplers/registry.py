@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import types
@@ -18,6 +19,10 @@ SamplerFn = Callable[..., Tensor]
 NfeRule = Callable[[Grid, Mapping[str, Any]], int | None]
 
 _SAMPLERS: dict[str, "SamplerSpec"] = {}
+# names other toolkits use (k-diffusion, ComfyUI, diffusers): name → (target, description, kind, bound knobs);
+# resolved at lookup, so a target registered by a module imported later still resolves
+_NAMES: dict[str, tuple[str, str, str | None, dict[str, Any]]] = {}
+_RESOLVED: dict[str, "SamplerSpec"] = {}
 
 
 class KnobValueError(ValueError):
@@ -219,16 +224,31 @@ def register_sampler(
 
 
 def register_alias(
-    alias: str, target: str, *, description: str, kind: Literal["ode", "sde"] | None = None, **defaults: Any
+    alias: str, target: str, *, description: str, kind: Literal["ode", "sde"] | None = None, lazy: bool = False,
+    **defaults: Any,
 ) -> None:
-    """Register ``alias`` as ``target`` with some knobs bound (e.g. ``ddim`` = ancestral, eta=0)."""
-    if alias in _SAMPLERS:
+    """Register ``alias`` as ``target`` with some knobs bound (e.g. ``ddim`` = ancestral, eta=0).
+
+    ``lazy``: a name another toolkit uses (k-diffusion's ``dpmpp_2m``, ComfyUI's ``uni_pc_bh2``, diffusers'
+    ``UniPCMultistepScheduler``). It is resolved when first looked up, so its target may be registered later
+    (by a module imported after this one); it works wherever a name does (``get_sampler``, ``generate``,
+    ``--sampler``) but is listed beside its target (``sampler_aliases``), not by ``available_samplers``.
+    """
+    if alias in _SAMPLERS or alias in _NAMES:
         raise ValueError(f"sampler {alias!r} is already registered")
+    if lazy:
+        _NAMES[alias] = (target, description, kind, dict(defaults))
+        return
     base = get_sampler(target)
-    _SAMPLERS[alias] = SamplerSpec(
+    _SAMPLERS[alias] = _alias_spec(alias, base, target, description, kind, defaults)
+
+
+def _alias_spec(alias: str, base: SamplerSpec, target: str, description: str, kind: str | None,
+                defaults: Mapping[str, Any]) -> SamplerSpec:
+    return SamplerSpec(
         alias,
         base.fn,
-        kind or base.kind,
+        kind or base.kind,  # type: ignore[arg-type]
         base.nfe,
         description,
         {**base.defaults, **defaults},
@@ -239,14 +259,50 @@ def register_alias(
     )
 
 
-def get_sampler(name: str) -> SamplerSpec:
-    """The spec registered as ``name``; an unknown name lists the valid ones."""
-    try:
+def _resolve(name: str) -> SamplerSpec | None:
+    """The spec of a registered sampler or of a lazy name whose target is registered (None otherwise)."""
+    if name in _SAMPLERS:
         return _SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(_SAMPLERS))}") from None
+    if name in _RESOLVED:
+        return _RESOLVED[name]
+    if name not in _NAMES:
+        return None
+    target, description, kind, defaults = _NAMES[name]
+    base = _resolve(target)
+    if base is None:
+        return None
+    _RESOLVED[name] = spec = _alias_spec(name, base, target, description, kind, defaults)
+    return spec
+
+
+def suggest_samplers(name: str, n: int = 3) -> list[str]:
+    """The registered names and aliases closest to ``name`` (difflib, case-insensitive), best first."""
+    names = available_samplers() + sorted(sampler_aliases())
+    lower = {k.lower(): k for k in reversed(names)}
+    exact = [lower[name.lower()]] if name.lower() in lower else []
+    close = difflib.get_close_matches(name.lower(), list(lower), n=n, cutoff=0.6)
+    return list(dict.fromkeys(exact + [lower[c] for c in close]))[:n]
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """The spec registered as ``name`` (or a lazy alias of one); an unknown name suggests the closest ones and
+    lists the valid ones."""
+    spec = _resolve(name)
+    if spec is not None:
+        return spec
+    if name in _NAMES:
+        raise ValueError(f"sampler {name!r} names {_NAMES[name][0]!r}, which is not registered")
+    close = suggest_samplers(name)
+    hint = f"; did you mean {' or '.join(close)}? " if close else "; "
+    raise ValueError(f"unknown sampler {name!r}{hint}available: {', '.join(available_samplers())} "
+                     "(and their aliases: `diffsamp samplers`)")
 
 
 def available_samplers() -> list[str]:
-    """Names of every registered sampler, sorted."""
+    """Names of every registered sampler, sorted (lazy aliases are in ``sampler_aliases``)."""
     return sorted(_SAMPLERS)
+
+
+def sampler_aliases() -> dict[str, str]:
+    """Every lazy alias whose target is registered → that target, sorted by alias."""
+    return {a: _NAMES[a][0] for a in sorted(_NAMES) if _resolve(a) is not None}
