@@ -201,3 +201,23 @@ def load_or_fail(name: str, **kwargs: Any) -> Denoiser:
         return load(name, **kwargs)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
+
+
+class SamplerName(click.ParamType):
+    """A registered sampler or any of its aliases (k-diffusion, ComfyUI, diffusers names); an unknown name is a
+    usage error suggesting the closest ones."""
+
+    name = "sampler"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:  # noqa: ARG002
+        return "NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from diffsamp.samplers import get_sampler
+
+        try:
+            get_sampler(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+

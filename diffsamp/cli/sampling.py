@@ -10,9 +10,9 @@ import click
 
 from diffsamp.cli._conditioning import condition_options, parse_conditions, parse_init
 from diffsamp.cli._seeds import SeedList, format_seeds, parse_seeds  # noqa: F401 - parse_seeds is public here
-from diffsamp.cli._common import check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
+from diffsamp.cli._common import SamplerName, check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
 from diffsamp.models.base import Wrapper
-from diffsamp.samplers import available_samplers, available_schedules
+from diffsamp.samplers import available_schedules
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,7 +45,7 @@ def _json_value(value):  # noqa: ANN001, ANN202 - any knob value
 
 @main.command("sample")
 @click.option("--model", "model_name", required=True, help="Zoo name (see `diffsamp models`), a local model/run directory, or a Hub id.")
-@click.option("--sampler", default=None, type=click.Choice(available_samplers()), help="Default: euler for rectified flows, heun otherwise.")
+@click.option("--sampler", default=None, type=SamplerName(), help="A name or alias from `diffsamp samplers`. Default: euler for rectified flows, heun otherwise.")
 @click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="σ grid. Default: rf for rectified flows, karras otherwise.")
 @click.option("--steps", default=18, show_default=True, type=click.IntRange(min=1), help="Number of grid intervals (adaptive rk45 ignores it).")
 @click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
