@@ -123,15 +123,14 @@ def dpmpp_2m_sde(
     s_noise: float = 1.0,
     solver_type: Literal["midpoint", "heun"] = "midpoint",
     noise: Literal["brownian", "gaussian"] = "brownian",
-    lower_order_final: bool = False,
     final_denoise: bool = False,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE ("DPM++ 2M SDE"; k-diffusion ``sample_dpmpp_2m_sde``; DPM-Solver++ §5, Eq. 9).
 
     x' = (σ'/σ)e^{−ηh}x + (1 − e^{−(1+η)h})D + c·(D − D_prev)/r_h + σ'√(1 − e^{−2ηh})·s_noise·n, r_h = h_prev/h,
     c = ½(1 − e^{−(1+η)h}) (``midpoint``) or (1 − e^{−(1+η)h})/(−(1+η)h) + 1 (``heun``); the first step is
-    first order. η = 0 is DPM-Solver++(2M) (``dpmpp2m``). ``lower_order_final``: on grids of < 15 steps the last
-    two steps are first order, as diffusers' ``DPMSolverMultistepScheduler`` does. NFE = len(grid).
+    first order. η = 0 is DPM-Solver++(2M) (``dpmpp2m``); η = 1 with ``noise="gaussian"`` is diffusers'
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` on grids that end at 0. NFE = len(grid).
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
@@ -147,8 +146,7 @@ def dpmpp_2m_sde(
             eta_h = eta * h
             phi = -math.expm1(-h - eta_h)
             x_new = (s_next / s) * math.exp(-eta_h) * x + phi * denoised
-            first_order = old_denoised is None or (lower_order_final and len(grid) < 15 and i >= len(grid) - 2)
-            if not first_order:
+            if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
                     x_new = x_new + (phi / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
