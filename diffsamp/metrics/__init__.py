@@ -1,7 +1,7 @@
 """Metrics: the FID feature network, feature statistics, Fréchet distance and KID (``inception``, ``resize``,
 ``stats``, ``distances``), FID/KID of images, folders and data sets (``fid``), scoring a model's samples
-against a reference (``scoring``), the straightness of a model's ODE (``straightness``) and distances between
-toy point clouds (``toy_distances``)."""
+against a reference (``scoring``), the straightness of a model's ODE (``straightness``), distances between
+toy point clouds (``toy_distances``) and the MNIST classifier that measures class adherence (``classifier``)."""
 
 from diffsamp.metrics.bench import cache_parts, plan_cell, reference_plan, run_cell
 from diffsamp.metrics.distances import frechet_distance, kernel_inception_distance
