@@ -215,6 +215,148 @@ class RFSchedule(Schedule):
 
 
 @dataclass(frozen=True)
+class PolyExponentialSchedule(Schedule):
+    """k-diffusion ``get_sigmas_polyexponential``: log σ = (1 − u)^ρ (log σ_max − log σ_min) + log σ_min; ρ = 1 is
+    ``exponential`` (= logsnr)."""
+
+    sigma_min: float
+    sigma_max: float
+    rho: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range(self.sigma_min, self.sigma_max)
+        if not self.rho > 0:
+            raise ValueError(f"rho must be positive, got {self.rho}")
+
+    def sigma(self, u: Tensor) -> Tensor:
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return torch.exp((1 - u) ** self.rho * (hi - lo) + lo)
+
+
+@dataclass(frozen=True)
+class BetaSchedule(Schedule):
+    """Beta sampling (Lee et al. 2024, "Improving the Training of Rectified Flows"/"Beta Sampling is All You Need",
+    arXiv:2407.12173; diffusers ``use_beta_sigmas``): σ(u) = σ_min + F⁻¹(1 − u; α, β)(σ_max − σ_min), F the Beta CDF,
+    α = β = 0.6. (ComfyUI's ``beta`` applies the same quantiles to the model's discrete timesteps instead.)"""
+
+    sigma_min: float
+    sigma_max: float
+    alpha: float = 0.6
+    beta: float = 0.6
+
+    def __post_init__(self) -> None:
+        _check_range(self.sigma_min, self.sigma_max)
+        if not (self.alpha > 0 and self.beta > 0):
+            raise ValueError(f"alpha and beta must be positive, got {self.alpha}, {self.beta}")
+
+    def sigma(self, u: Tensor) -> Tensor:
+        from scipy.stats import beta as beta_dist
+
+        ppf = torch.from_numpy(beta_dist.ppf((1 - u).numpy(), self.alpha, self.beta))
+        return self.sigma_min + ppf.to(torch.float64) * (self.sigma_max - self.sigma_min)
+
+
+@dataclass(frozen=True)
+class KLOptimalSchedule(Schedule):
+    """KL-optimal schedule (Sabour, Fidler & Kreis 2024, "Align Your Steps", arXiv:2404.14507, Thm. 3.1; ComfyUI
+    ``kl_optimal``): uniform in arctan σ, σ(u) = tan((1 − u)·atan σ_max + u·atan σ_min)."""
+
+    sigma_min: float
+    sigma_max: float
+
+    def __post_init__(self) -> None:
+        _check_range(self.sigma_min, self.sigma_max)
+
+    def sigma(self, u: Tensor) -> Tensor:
+        return torch.tan((1 - u) * math.atan(self.sigma_max) + u * math.atan(self.sigma_min))
+
+
+class _ListSchedule(Schedule):
+    """A schedule defined by its n-step σ list ending at 0 (ComfyUI's ``*_scheduler`` functions): ``points(n)``.
+    ``grid(n, final_zero=False)`` is the (n + 1)-step list without its final 0 (n intervals, ending above 0)."""
+
+    def points(self, n: int) -> list[float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grid(self, n: int, *, final_zero: bool = True) -> Grid:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of steps must be a positive integer, got {n!r}")
+        pts = self.points(n) if final_zero else self.points(n + 1)[:-1]
+        return Grid(torch.tensor(pts, dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class ComfyTableSchedule(_ListSchedule):
+    """ComfyUI's schedules on a model's discrete σ table (comfy/samplers.py), σ_t = √((1 − ᾱ_t)/ᾱ_t), t = 0 … T−1:
+
+    normal: T−1 … 0 in n equal steps (log σ interpolated between timesteps), then 0 (``normal_scheduler``);
+    sgm_uniform: the same over n + 1 points without the last (SGM/SD-XL "trailing"; ``normal_scheduler(sgm=True)``);
+    simple: σ_table[−(1 + ⌊k·T/n⌋)], k = 0 … n−1, then 0 (``simple_scheduler``);
+    ddim_uniform: every ⌊T/n⌋-th σ from t = 1 up, reversed, then 0 (``ddim_scheduler``; it can give n + 1 steps).
+    """
+
+    alphas_cumprod: Tensor = field(repr=False)
+    kind: Literal["normal", "sgm_uniform", "simple", "ddim_uniform"] = "normal"
+
+    @property
+    def table(self) -> Tensor:
+        return ddpm_sigmas(self.alphas_cumprod)
+
+    def _at(self, t: Tensor) -> Tensor:
+        log_table = self.table.log()
+        t = t.clamp(0, len(log_table) - 1)
+        lo, hi = t.floor().long(), t.ceil().long()
+        w = t - t.floor()
+        return torch.exp((1 - w) * log_table[lo] + w * log_table[hi])
+
+    def sigma(self, u: Tensor) -> Tensor:
+        return self._at((len(self.table) - 1) * (1 - u))
+
+    def points(self, n: int) -> list[float]:
+        table, T = self.table, len(self.alphas_cumprod)
+        if self.kind == "normal":
+            ts = torch.linspace(T - 1, 0, n, dtype=torch.float64) if n > 1 else torch.full((1,), T - 1.0, dtype=torch.float64)
+            return self._at(ts).tolist() + [0.0]
+        if self.kind == "sgm_uniform":
+            return self._at(torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1]).tolist() + [0.0]
+        if self.kind == "simple":
+            ss = T / n
+            return [float(table[-(1 + int(k * ss))]) for k in range(n)] + [0.0]
+        ss, sig, x = max(T // n, 1), [0.0], 1
+        while x < T:
+            sig.append(float(table[x]))
+            x += ss
+        return sig[::-1]
+
+
+@dataclass(frozen=True)
+class LinearQuadraticSchedule(_ListSchedule):
+    """ComfyUI ``linear_quadratic`` (from Mochi, genmo 2024): the first ⌊n/2⌋ steps fall linearly to
+    ``threshold_noise``·σ_max, the rest quadratically to 0; σ_k = (1 − f_k)·σ_max."""
+
+    sigma_max: float
+    threshold_noise: float = 0.025
+
+    def points(self, n: int) -> list[float]:
+        if n == 1:
+            sched = [1.0, 0.0]
+        else:
+            lin = n // 2
+            linear = [i * self.threshold_noise / lin for i in range(lin)]
+            diff = lin - self.threshold_noise * n
+            quad_steps = n - lin
+            quad_coef = diff / (lin * quad_steps**2)
+            lin_coef = self.threshold_noise / lin - 2 * diff / (quad_steps**2)
+            const = quad_coef * lin**2
+            quadratic = [quad_coef * i**2 + lin_coef * i + const for i in range(lin, n)]
+            sched = [1.0 - v for v in linear + quadratic + [1.0]]
+        return [v * self.sigma_max for v in sched]
+
+    def sigma(self, u: Tensor) -> Tensor:
+        raise ValueError("linear_quadratic is defined by its step list only; use .grid(n)")
+
+
+@dataclass(frozen=True)
 class _ScheduleEntry:
     factory: Callable[..., Schedule]
     description: str
@@ -227,7 +369,27 @@ _SCHEDULES: dict[str, _ScheduleEntry] = {
     "time_uniform": _ScheduleEntry(TimeUniformSchedule, "uniform in VP-SDE time, ρ=1 (EDM disc='vp', AMED)", ("sigma_min", "sigma_max")),
     "ddpm": _ScheduleEntry(DDPMSchedule, "the model's discrete DDPM timesteps; spacing linspace/leading/trailing", ("alphas_cumprod",)),
     "rf": _ScheduleEntry(RFSchedule, "uniform in rectified-flow time t ∈ (0, 1), σ = t/(1−t)", ()),
+    "exponential": _ScheduleEntry(LogSNRSchedule, "= logsnr (k-diffusion get_sigmas_exponential)", ("sigma_min", "sigma_max")),
+    "polyexponential": _ScheduleEntry(PolyExponentialSchedule, "log σ ∝ (1−u)^ρ, ρ=1 (k-diffusion get_sigmas_polyexponential)", ("sigma_min", "sigma_max")),
+    "normal": _ScheduleEntry(lambda **k: ComfyTableSchedule(kind="normal", **k), "uniform in the model's timesteps, then 0 (ComfyUI normal)", ("alphas_cumprod",)),
+    "sgm_uniform": _ScheduleEntry(lambda **k: ComfyTableSchedule(kind="sgm_uniform", **k), "uniform in timesteps over n+1 points, last dropped (ComfyUI sgm_uniform)", ("alphas_cumprod",)),
+    "simple": _ScheduleEntry(lambda **k: ComfyTableSchedule(kind="simple", **k), "every T/n-th σ of the model's table (ComfyUI simple)", ("alphas_cumprod",)),
+    "ddim_uniform": _ScheduleEntry(lambda **k: ComfyTableSchedule(kind="ddim_uniform", **k), "every ⌊T/n⌋-th timestep from 1 (ComfyUI ddim_uniform)", ("alphas_cumprod",)),
+    "beta": _ScheduleEntry(BetaSchedule, "Beta(0.6, 0.6) quantiles in σ (Lee et al. 2024; diffusers use_beta_sigmas)", ("sigma_min", "sigma_max")),
+    "linear_quadratic": _ScheduleEntry(LinearQuadraticSchedule, "linear then quadratic to 0, threshold 0.025 (ComfyUI, Mochi)", ("sigma_max",)),
+    "kl_optimal": _ScheduleEntry(KLOptimalSchedule, "uniform in arctan σ (Sabour et al. 2024, AYS Thm. 3.1; ComfyUI)", ("sigma_min", "sigma_max")),
 }
+
+
+def schedule_parameters(name: str) -> list[str]:
+    """The parameters schedule ``name`` takes (its fields), e.g. sigma_min, sigma_max, rho."""
+    import dataclasses
+    import inspect
+
+    factory = _entry(name).factory
+    if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+        return [f.name for f in dataclasses.fields(factory)]
+    return [p for p in inspect.signature(ComfyTableSchedule).parameters if p != "kind"]
 
 
 # what a schedule may take from a model: the σ range every model declares, the ᾱ table of the DDPM family
