@@ -85,7 +85,7 @@ def class_rows(images: torch.Tensor, classes: Sequence[int], num_classes: int, c
 
 def compute_cell(
     model: Any, w: float, *, settings: dict[str, Any], reference: Any, extractor: Any, classifier: torch.nn.Module,
-    out: Path, num_classes: int, grid_cols: int, batch_size: int, progress: bool,
+    out: Path, num_classes: int, grid_cols: int, batch_size: int, progress: bool, device: str | None = None,
 ) -> dict[str, Any]:
     """Sample, score and classify one guidance scale; write its grid; return the cell's record."""
     num = settings["num"]
@@ -97,7 +97,7 @@ def compute_cell(
 
     q = score_model(model, reference, num=num, sampler=settings["sampler"], schedule=settings["schedule"],
                     steps=settings["steps"], batch_size=batch_size, extractor=extractor, progress=progress,
-                    cond=classes, guidance=w, on_batch=keep)
+                    device=device, cond=classes, guidance=w, on_batch=keep)
     images = torch.cat(kept)
     t = time.perf_counter()
     pred = predict(classifier, images)
@@ -229,7 +229,7 @@ def run_table(
             echo(f"w = {w_label(w)}: sampling {num} images, {sampler} {steps} steps")
             cell = compute_cell(model, w, settings=settings, reference=ref_stats, extractor=extractor,
                                 classifier=classifier, out=out, num_classes=num_classes, grid_cols=grid_cols,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, device=device)
             cell["runtime"] = runtime
             write_text(path, json.dumps(cell, indent=2) + "\n")
         echo(f"w = {w_label(w)}: FID {cell['fid']:.2f}, adherence {100 * cell['adherence']:.2f} %")
