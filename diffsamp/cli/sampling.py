@@ -48,6 +48,9 @@ def _json_value(value):  # noqa: ANN001, ANN202 - any knob value
 @click.option("--sampler", default=None, type=SamplerName(), help="A name or alias from `diffsamp samplers`. Default: euler for rectified flows, heun otherwise.")
 @click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="σ grid. Default: rf for rectified flows, karras otherwise.")
 @click.option("--steps", default=18, show_default=True, type=click.IntRange(min=1), help="Number of grid intervals (adaptive rk45 ignores it).")
+@click.option("--sigma-min", default=None, type=float, help="The schedule's smallest σ (default: the model's); for schedules that take it (`diffsamp schedules`).")
+@click.option("--sigma-max", default=None, type=float, help="The schedule's largest σ (default: the model's); for schedules that take it.")
+@click.option("--rho", default=None, type=float, help="The schedule's ρ (karras: 7, polyexponential: 1, time_uniform: 1); for schedules that take it.")
 @click.option("--seeds", default="0-63", show_default=True, type=SeedList(), help="One image per seed: 0-63, 1,5,9, 0-3,10.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), help="Images per network call (default: all seeds at once, at most 256).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -86,6 +89,9 @@ def sample_cmd(
     knobs: tuple[str, ...],
     predictor: str | None,
     quiet: bool,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float | None = None,
     **conditioning: object,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
@@ -183,6 +189,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     except ValueError as exc:
         raise click.ClickException(f"{model_name}: {exc}") from None
     schedule = schedule or default_schedule(model)
+    schedule_params = _schedule_params(ctx, schedule, model)
     if clip_denoised and model.clip_sample is None:
         model = ClampDenoiser(model, -1.0, 1.0)  # models without a clip setting of their own (rectified flows)
     spec = get_sampler(sampler)
@@ -190,7 +197,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     try:
         grid = knob_values.get("grid")
         if grid is None:
-            grid = make_grid(model, spec, schedule=schedule, steps=steps, knobs=plain_knobs)
+            grid = make_grid(model, spec, schedule=schedule, steps=steps, knobs=plain_knobs, schedule_params=schedule_params)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     expected = spec.expected_nfe(grid, **plain_knobs)
@@ -214,6 +221,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         "model": model_name, "sampler": sampler, "schedule": schedule,
         "steps": len(grid) if expected is not None else "adaptive",
         "knobs": {k: (predictor if k == "predictor" else _json_value(v)) for k, v in plain_knobs.items()},
+        **({"schedule_params": schedule_params} if schedule_params else {}),
         "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
         "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
         **_condition_record(classes, guidance),
@@ -366,6 +374,28 @@ def _check_previous_run(folder: Path, settings: dict, skip_existing: bool) -> No
         raise click.ClickException(
             f"{folder}/ holds images made with other settings (its config.json has another {', '.join(diffs)}); "
             "use another --outdir, or drop --skip-existing to overwrite")
+
+
+def _schedule_params(ctx: click.Context, schedule: str, model) -> dict:  # noqa: ANN001
+    """--sigma-min/--sigma-max/--rho as schedule parameters: each finite and positive, σ_min < σ_max (the model's
+    own bound standing in for the one not given), and taken by the schedule; one-line usage errors otherwise."""
+    import math
+
+    from diffsamp.samplers.grid import schedule_parameters
+
+    given = {k: ctx.params.get(k) for k in ("sigma_min", "sigma_max", "rho") if ctx.params.get(k) is not None}
+    takes = schedule_parameters(schedule)
+    for key, value in given.items():
+        opt = "--" + key.replace("_", "-")
+        if key not in takes:
+            raise click.UsageError(f"{opt}: schedule {schedule!r} does not take {key} (it takes "
+                                   f"{', '.join(takes) or 'nothing'}); see `diffsamp schedules`")
+        if not (math.isfinite(value) and value > 0):
+            raise click.BadParameter(f"must be a finite positive number, got {value:g}", param_hint=opt)
+    lo, hi = given.get("sigma_min", model.sigma_min), given.get("sigma_max", model.sigma_max)
+    if ("sigma_min" in given or "sigma_max" in given) and lo is not None and hi is not None and not lo < hi:
+        raise click.UsageError(f"need --sigma-min < --sigma-max, got σ_min = {lo:g}, σ_max = {hi:g}")
+    return given
 
 
 def _default_sampler_for(model_name: str) -> str:
