@@ -295,3 +295,51 @@ def test_dpmpp_sde_matches_diffusers_dpmsolver_sde(s_noise, rtol):
     if s_noise:
         assert (other - ref).abs().max() > 100 * rtol * scale
 
+
+
+# ------------------------------------------------------------------------------ EDM's stochastic sampler (churn)
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_churn_steps_written_out(mixture64d, name):
+    """EDM Alg. 2 with S_churn = 3, S_noise = 1.01 and a window [S_tmin, S_tmax] that leaves some steps out."""
+    grid = _karras(mixture64d, 6)
+    knobs = {"s_churn": 3.0, "s_tmin": 0.05, "s_tmax": 5.0, "s_noise": 1.01}
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 20
+    ours = _run(name, mixture64d, x, grid, seed=3, **knobs)
+    g = torch.Generator().manual_seed(3)
+    D = lambda y, s: mixture64d(y, torch.full((len(y),), s, dtype=torch.float64))  # noqa: E731
+    y, churned = x.clone(), 0
+    for s, t in grid.intervals():
+        gamma = min(3.0 / 6, 2**0.5 - 1) if 0.05 <= s <= 5.0 else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            churned += 1
+            y = y + 1.01 * math.sqrt(s_hat**2 - s**2) * torch.randn(y.shape, generator=g, dtype=torch.float64)
+        d = (y - D(y, s_hat)) / s_hat
+        y_next = y + (t - s_hat) * d
+        if name == "heun" and t > 0:
+            y_next = y + (t - s_hat) * (d + (y_next - D(y_next, t)) / t) / 2
+        y = y_next
+    assert 0 < churned < len(grid)
+    assert torch.allclose(ours, y, rtol=1e-12, atol=1e-12), float((ours - y).abs().max())
+
+
+def test_churn_zero_is_the_deterministic_solver(mixture64d):
+    grid = _karras(mixture64d, 6)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 20
+    for name in ("euler", "heun"):
+        assert torch.equal(_run(name, mixture64d, x, grid, s_churn=0.0, s_noise=1.5), _run(name, mixture64d, x, grid))
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_churn_moments(mixture, name):
+    """Churn with S_churn = 40 (EDM's ImageNet setting, γ = √2 − 1 at 40 steps) keeps the mixture's moments."""
+    steps = 80 if name == "euler" else 40
+    g = torch.Generator().manual_seed(123)
+    grid = _karras(mixture, steps)
+    x = torch.randn(N, 2, generator=g, dtype=torch.float64) * float(grid.sigmas[0])
+    out = diffsamp.get_sampler(name)(mixture, x, grid, generator=g, s_churn=40.0)
+    mean, cov = mixture.mean(), mixture.covariance()
+    se_mean = (torch.diag(cov) / N).sqrt()
+    se_cov = ((torch.outer(torch.diag(cov), torch.diag(cov)) + cov**2) / N).sqrt()
+    assert ((out.mean(0) - mean).abs() < 4 * se_mean + 0.03).all(), f"{name}: mean {out.mean(0)} vs {mean}"
+    assert ((torch.cov(out.T) - cov).abs() < 4 * se_cov + 0.03).all(), f"{name}: cov {torch.cov(out.T)} vs {cov}"

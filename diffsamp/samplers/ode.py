@@ -1,6 +1,6 @@
 """Probability-flow ODE solvers in σ-space: dx/dσ = ε̂(x, σ) = (x − D(x, σ))/σ (EDM Eq. 1, 3).
 
-Single-step: euler (= DDIM η=0), heun (EDM Alg. 1), dpm2 (generalized DPM-Solver-2, knob r).
+Single-step: euler (= DDIM η=0), heun (EDM Alg. 1; with s_churn > 0 both are EDM's stochastic Alg. 2), dpm2 (generalized DPM-Solver-2, knob r).
 Multistep (one shared loop, ``_multistep``): dpmpp (aliases dpmpp2m / dpmpp3m) (DPM-Solver++ in data prediction,
 Lu et al. 2022, DPM-Solver++ Alg. 2), ipndm (Adams–Bashforth on ε̂, order ≤ 4, Zhang & Chen 2023).
 Adaptive: rk45 (scipy ``solve_ivp`` on the PF-ODE, Song et al. 2021 §4.3).
@@ -20,7 +20,15 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from diffsamp.models.base import PRIOR_TIMES, Denoiser
-from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, final_nfe, sigma_batch, to_d
+from diffsamp.samplers._util import (
+    Generator,
+    StepInfo,
+    final_denoise_step,
+    final_nfe,
+    randn_like,
+    sigma_batch,
+    to_d,
+)
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import KnobRange, register_alias, register_sampler
 
@@ -35,7 +43,23 @@ def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
     return len(grid) + final_nfe(grid, knobs)
 
 
-@register_sampler("euler", kind="ode", nfe=_one_stage_nfe)
+_CHURN_RANGES = {"s_churn": KnobRange(0, why="EDM's S_churn; γ = min(S_churn/N, √2 − 1)"), "s_tmin": KnobRange(0),
+                 "s_tmax": KnobRange(0), "s_noise": KnobRange(0)}
+
+
+def churn(
+    x: Tensor, s: float, steps: int, generator: Generator, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
+) -> tuple[Tensor, float]:
+    """EDM's stochastic step (Karras et al. 2022, EDM Alg. 2, lines 4–6): with γ = min(S_churn/N, √2 − 1) for σ in
+    [S_tmin, S_tmax] (else 0), σ̂ = (1 + γ)σ and x̂ = x + √(σ̂² − σ²)·S_noise·z; γ = 0 returns (x, σ) untouched."""
+    gamma = min(s_churn / steps, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
+    if gamma <= 0:
+        return x, s
+    s_hat = s * (gamma + 1)
+    return x + (s_noise * math.sqrt(s_hat**2 - s**2)) * randn_like(x, generator), s_hat
+
+
+@register_sampler("euler", kind="ode", nfe=_one_stage_nfe, ranges=_CHURN_RANGES)
 def euler(
     model: Denoiser,
     x: Tensor,
@@ -44,17 +68,26 @@ def euler(
     generator: Generator = None,
     callback: Callback = None,
     final_denoise: bool = False,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """Euler on the PF-ODE, x' = D + (σ'/σ)(x − D) (EDM Euler = DDIM η=0 = DPM-Solver-1; DDIM Eq. 12–14)."""
+    """Euler on the PF-ODE, x' = D + (σ'/σ)(x − D) (EDM Euler = DDIM η=0 = DPM-Solver-1; DDIM Eq. 12–14).
+
+    ``s_churn`` > 0: EDM's stochastic sampler with Euler steps (EDM Alg. 2; k-diffusion ``sample_euler``), each step
+    from σ̂ = (1 + γ)σ after adding noise (``churn``); stochastic then, though registered as an ODE solver.
+    """
     for i, (s, s_next) in enumerate(grid.intervals()):
-        denoised = model(x, sigma_batch(x, s))
-        x = denoised + (s_next / s) * (x - denoised)
+        x, s_hat = churn(x, s, len(grid), generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_batch(x, s_hat))
+        x = denoised + (s_next / s_hat) * (x - denoised)
         if callback is not None:
             callback(StepInfo(i, s, s_next, x, denoised))
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("heun", kind="ode", nfe=_two_stage_nfe)
+@register_sampler("heun", kind="ode", nfe=_two_stage_nfe, ranges=_CHURN_RANGES)
 def heun(
     model: Denoiser,
     x: Tensor,
@@ -63,15 +96,24 @@ def heun(
     generator: Generator = None,
     callback: Callback = None,
     final_denoise: bool = False,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, EDM Alg. 1, deterministic); Euler on the step to σ=0."""
+    """Heun's 2nd-order method (Karras et al. 2022, EDM Alg. 1, deterministic); Euler on the step to σ=0.
+
+    ``s_churn`` > 0: EDM's stochastic sampler (EDM Alg. 2; k-diffusion ``sample_heun``): noise raises σ to
+    σ̂ = (1 + γ)σ (``churn``), then the Heun step from σ̂ to σ'. Same NFE.
+    """
     for i, (s, s_next) in enumerate(grid.intervals()):
-        denoised = model(x, sigma_batch(x, s))
-        d = to_d(x, s, denoised)
-        x_pred = x + (s_next - s) * d
+        x, s_hat = churn(x, s, len(grid), generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_batch(x, s_hat))
+        d = to_d(x, s_hat, denoised)
+        x_pred = x + (s_next - s_hat) * d
         if s_next > 0:
             d_next = to_d(x_pred, s_next, model(x_pred, sigma_batch(x, s_next)))
-            x_pred = x + (s_next - s) * (d + d_next) / 2
+            x_pred = x + (s_next - s_hat) * (d + d_next) / 2
         x = x_pred
         if callback is not None:
             callback(StepInfo(i, s, s_next, x, denoised))
