@@ -44,7 +44,7 @@ def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
 
 
 _CHURN_RANGES = {"s_churn": KnobRange(0, why="EDM's S_churn; γ = min(S_churn/N, √2 − 1)"), "s_tmin": KnobRange(0),
-                 "s_tmax": KnobRange(0), "s_noise": KnobRange(0)}
+                 "s_tmax": KnobRange(0, infinite_ok=True), "s_noise": KnobRange(0)}
 
 
 def churn(

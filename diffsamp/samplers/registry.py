@@ -39,6 +39,7 @@ class KnobRange:
     lo_open: bool = False
     hi_open: bool = False
     why: str = ""  # shown with the refusal, e.g. what the bound protects
+    infinite_ok: bool = False  # +inf is a meaningful value (an open-ended σ window such as EDM's s_tmax)
 
     def __contains__(self, v: float) -> bool:
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
@@ -103,9 +104,9 @@ class SamplerSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             what = f"sampler {self.name!r}: {name}"
-            if not math.isfinite(value):
-                raise KnobValueError(f"{what} must be a finite number, got {value}")
             rng = self.ranges.get(name)
+            if not math.isfinite(value) and not (rng is not None and rng.infinite_ok and value == math.inf):
+                raise KnobValueError(f"{what} must be a finite number, got {value}")
             if rng is not None and value not in rng:
                 raise KnobValueError(f"{what} must be {rng.describe(integer=types_.get(name) is int)}, got {value:g}" + (f" ({rng.why})" if rng.why else ""))
 
