@@ -106,7 +106,7 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     base = ["bench", "--model", str(tiny_model_dir), "--ref", str(tmp / "ref.npz"), "--out", str(tmp / "cli"),
             "--num", "6", "--quiet", "--no-reference"]
     res = CliRunner().invoke(main, base + ["--samplers", "euler,nope"])
-    assert res.exit_code != 0 and "unknown sampler nope" in res.output
+    assert res.exit_code != 0 and "unknown sampler 'nope'" in res.output
     res = CliRunner().invoke(main, base + ["--samplers", "ddim:tu"])
     assert res.exit_code != 0 and "only the learned samplers" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, base + ["--nfe", "3,x"])
@@ -116,6 +116,8 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     res = CliRunner().invoke(main, base + ["--samplers", "euler", "--nfe", "2"])
     assert res.exit_code == 0, res.output
     assert "| euler |" in res.output
+    res = CliRunner().invoke(main, base + ["--samplers", "dpmpp_2m", "--nfe", "2"])  # an alias names a row too
+    assert res.exit_code == 0 and "| dpmpp_2m |" in res.output, res.output
 
 
 def test_a_row_knob_reaches_the_sampler_is_named_and_keys_its_own_cell(setup, tiny_model_dir, monkeypatch):
