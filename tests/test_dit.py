@@ -257,3 +257,23 @@ def test_a_hub_id_in_the_local_cache_loads_offline(dit_dir, monkeypatch, tmp_pat
     labels = torch.tensor([0, 1, K])
     with torch.no_grad():
         assert torch.equal(hub.evaluate(x, s, labels), load(dit_dir, dtype=torch.float64).evaluate(x, s, labels))
+
+
+def test_the_fid_path_scores_decoded_images(model, tmp_path):
+    """score_model on a latent model: the statistics are those of the decoded RGB images, not of the latents."""
+    from diffsamp.metrics.fid import compute_stats, frechet_distance
+    from diffsamp.metrics.scoring import score_model
+    from tests.conftest import tiny_extractor
+
+    ext = tiny_extractor()
+    ref = compute_stats(torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(2)),
+                        extractor=ext, keep_features=True, padding=0, progress=False)
+    cond = [i % 3 for i in range(6)]
+    q = score_model(model, ref, num=6, sampler="ddim", steps=3, extractor=ext, progress=False, cond=cond,
+                    guidance=2.0, kid=False)
+    images = diffsamp.generate(model, model.sample_shape, sampler="ddim", steps=3, seeds=range(6), cond=cond,
+                               guidance=2.0).images.clamp(-1, 1)
+    assert images.shape == (6, 3, 16, 16)
+    mine = compute_stats(images, extractor=ext, padding=0, progress=False)
+    assert q.fid == pytest.approx(max(frechet_distance(mine.mu, mine.sigma, ref.mu, ref.sigma), 0.0), rel=1e-5)
