@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from diffsamp.cli._seeds import parse_seeds
+from diffsamp.cli._seeds import parse_class_list
 from diffsamp.models.conditioning import Guidance
 
 
@@ -90,10 +90,7 @@ def parse_conditions(kw: dict[str, Any], n_seeds: int) -> tuple[list[int] | list
     if one is not None:
         classes = [one] * n_seeds
     elif many is not None:
-        try:
-            cycle = parse_seeds(many)
-        except ValueError as exc:
-            raise click.UsageError(f"--classes: {exc} (expected e.g. 0-9 or 1,5,9)") from None
+        cycle = parse_class_list(many)
         classes = [cycle[i % len(cycle)] for i in range(n_seeds)]
     return classes, _guidance(scale, interval, rescale, None, classes)
 

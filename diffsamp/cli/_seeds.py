@@ -62,3 +62,14 @@ class SeedList(click.ParamType):
             return parse_seeds(str(value))
         except ValueError as exc:
             self.fail(f"{exc} (expected e.g. 0-63, 1,5,9 or 0-3,10)", param, ctx)
+
+
+def parse_class_list(text: str | None, hint: str = "--classes") -> list[int] | None:
+    """``--classes`` (the seed-list syntax, e.g. ``0-9``) as a list of classes, None when not given; a bad list
+    is a click.BadParameter."""
+    if text is None:
+        return None
+    try:
+        return parse_seeds(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (expected e.g. 0-9 or 1,5,9)", param_hint=hint) from None

@@ -66,15 +66,10 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
 
     from diffsamp.training.amed import AmedTrainOptions, train_amed
 
-    from diffsamp.cli._seeds import parse_seeds
+    from diffsamp.cli._seeds import parse_class_list
 
-    class_list = None
-    if classes is not None:
-        try:
-            class_list = parse_seeds(classes)
-        except ValueError as exc:
-            raise click.BadParameter(f"{exc} (expected e.g. 0-9)", param_hint="--classes") from None
-    elif cfg_scale != 1.0:
+    class_list = parse_class_list(classes)
+    if class_list is None and cfg_scale != 1.0:
         raise click.UsageError("--cfg guides a class-conditional model: give --classes too")
     device = resolve_device(device)
     try:

@@ -43,14 +43,9 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int] | None, list[float]]:
     """``--classes`` as a list and ``--cfg`` as the guidance scales (``[1.0]`` without it)."""
-    from diffsamp.cli._seeds import parse_seeds
+    from diffsamp.cli._seeds import parse_class_list
 
-    class_list = None
-    if classes is not None:
-        try:
-            class_list = parse_seeds(classes)
-        except ValueError as exc:
-            raise click.BadParameter(f"{exc} (expected e.g. 0-9)", param_hint="--classes") from None
+    class_list = parse_class_list(classes)
     if cfg_scales is None:
         return class_list, [1.0]
     if class_list is None:

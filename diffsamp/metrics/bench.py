@@ -245,6 +245,16 @@ def write_csv(cells: Sequence[CellResult], path: Path) -> None:
     write_text(path, buf.getvalue())
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_fid_vs_cfg(results: Mapping[float, Sequence[CellResult]], nfe: int, floor: float | None, path: Path,
                     title: str) -> None:
     """FID against the guidance scale w at one NFE, one line per sampler (the guidance trade-off curve)."""
@@ -267,10 +277,7 @@ def plot_fid_vs_cfg(results: Mapping[float, Sequence[CellResult]], nfe: int, flo
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference: CellResult | None, path: Path,
@@ -298,10 +305,7 @@ def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 def bench(
