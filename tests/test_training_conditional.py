@@ -101,3 +101,29 @@ def test_a_conditional_run_learns_the_labels_and_records_them(tmp_path):
     emb = unet.class_embedding.weight.detach()
     assert emb[:3].abs().sum(1).gt(0).all()  # the three classes were trained, apart from one another
     assert not torch.allclose(emb[0], emb[1]) and not torch.allclose(emb[1], emb[2])
+
+
+def test_the_class_embedding_learns_at_its_own_rate(tmp_path, tiny_model_dir):
+    """lr_scales: the class embedding's Adam steps are class_lr_scale times the others' (first step: |Δ| = lr·scale
+    for every coordinate with a gradient, Adam's normalised update), and the groups survive a resume."""
+    from diffsamp.training.checkpoint import CHECKPOINT, read_checkpoint
+
+    images, labels = labelled_images()
+    config = dict(lr=1e-4, warmup_steps=0, ckpt_every=0, log_every=1, ema_decay=0.0, seed=0, grad_clip=0.0)
+    opts = DDPMTrainOptions(**TINY, class_conditional=True, class_lr_scale=40.0, init=str(tiny_model_dir))
+    train_ddpm(tmp_path / "a", opts, TrainConfig(steps=1, **config), images=images, labels=labels, progress=False)
+    tensors, _ = read_checkpoint(tmp_path / "a" / CHECKPOINT)
+    emb = tensors["model.class_embedding.weight"]  # zero-initialised by the warm start, one step taken
+    moved = emb[emb != 0].abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, 1e-4 * 40.0), rtol=1e-3, atol=0)
+    from diffusers import UNet2DModel
+
+    before = UNet2DModel.from_pretrained(tiny_model_dir / "unet").state_dict()["conv_in.bias"]
+    step = (tensors["model.conv_in.bias"] - before).abs()
+    assert 0 < step.max() <= 1e-4 * 1.001  # the rest at the base rate
+    train_ddpm(tmp_path / "a", opts, TrainConfig(steps=3, **config), images=images, labels=labels, progress=False,
+               resume=True)  # the optimizer's two groups load back
+    with pytest.raises(ValueError, match="no parameter is named"):
+        from diffsamp.training.loop import param_groups
+
+        param_groups(torch.nn.Linear(2, 2), {"class_embedding.": 2.0})

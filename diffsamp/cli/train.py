@@ -81,6 +81,7 @@ def train() -> None:
 @click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Pad images to this size.")
 @click.option("--init", default=None, help="Warm start from a DDPM model (zoo name, diffusers dir or run dir); its architecture replaces --channels etc.")
 @click.option("--class-conditional", is_flag=True, help="Learn p(x | class) from the data set's labels (mnist, fashion-mnist), with label dropout for classifier-free guidance; an unconditional --init gains a zero-initialised class embedding.")
+@click.option("--class-lr-scale", default=50.0, show_default=True, type=click.FloatRange(0, min_open=True), help="With --class-conditional: the class embedding's learning rate relative to --lr (it starts at zero; at the base rate it learns too slowly in a warm-started network).")
 @click.option("--label-dropout", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="With --class-conditional: the fraction of labels replaced by the null class (Ho & Salimans 2022).")
 @loop_options
 def ddpm_cmd(**kw: Any) -> None:

@@ -106,6 +106,9 @@ class DDPMTrainOptions:
     init: str | None = None  # warm start: a DDPM UNet (zoo name, diffusers dir, run dir) whose architecture wins
     class_conditional: bool = False  # learn p(x | class) and, through label dropout, p(x) (null class = K)
     label_dropout: float = 0.1
+    # the class embedding's learning rate relative to ``lr``: zero-initialised in a warm-started network, at the
+    # base rate it barely moves (mnist-ddpm, lr 2e-4, 1 848 steps: row norms 0.03–0.10, class adherence at chance)
+    class_lr_scale: float = 50.0
 
 
 def _grid_sampler(prediction_type: str, n: int, shape: tuple[int, int, int]):
@@ -173,6 +176,8 @@ def train_ddpm(
             num_class_embeds=num_classes + 1 if num_classes else None,
         )
     n_params = sum(p.numel() for p in unet.parameters())
+    if num_classes and options.class_lr_scale != 1.0:
+        config.lr_scales = {**config.lr_scales, "class_embedding.": options.class_lr_scale}
     config.extra = {
         **config.extra,
         "trainer": "ddpm",
@@ -182,6 +187,7 @@ def train_ddpm(
         "batch_size": options.batch_size,
         "init": options.init,
         "conditioning": conditioning_record(num_classes, options.label_dropout),
+        "class_lr_scale": options.class_lr_scale if num_classes else None,
         "parameters": n_params,
         "unet": {k: v for k, v in unet.config.items() if k != "_name_or_path"},  # no local paths
         "device": str(device),

@@ -68,6 +68,9 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16"; "no"
+    # learning-rate multipliers by parameter-name prefix, e.g. {"class_embedding.": 50.0} for a new, zero-initialised
+    # embedding in a warm-started network (the rest already trained); {}: one group, every parameter at ``lr``
+    lr_scales: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # the caller's own settings, stored with checkpoints
 
     def to_json(self) -> dict[str, Any]:
@@ -132,6 +135,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- loop
+def param_groups(model: nn.Module, lr_scales: dict[str, float]) -> list[dict[str, Any]] | Any:
+    """The optimizer's parameter groups: every parameter at the base rate, except those whose name starts with a
+    prefix of ``lr_scales`` (``lr_scale`` times it). No scales: ``model.parameters()`` as is."""
+    if not lr_scales:
+        return model.parameters()
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        scale = next((v for k, v in lr_scales.items() if name.startswith(k)), 1.0)
+        groups.setdefault(scale, []).append(p)
+    unused = [k for k in lr_scales if not any(n.startswith(k) for n, _ in model.named_parameters())]
+    if unused:
+        raise ValueError(f"lr_scales: no parameter is named {unused[0]!r}…")
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
+
+
 def _on_device(batch: Tensor | tuple[Tensor, ...], device: torch.device) -> Tensor | tuple[Tensor, ...]:
     """A batch (a tensor, or a tuple such as images and labels) on ``device``."""
     if isinstance(batch, tuple):
@@ -245,7 +263,7 @@ def _train_loop_locked(
     ema = EMA(model, config.ema_decay)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        param_groups(model, config.lr_scales),
         lr=lr_at(0, config),
         betas=tuple(config.adam_betas),
         eps=config.adam_eps,
@@ -301,7 +319,7 @@ def _train_loop_locked(
         while step < config.steps:
             batch = _on_device(batches.next(), device)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, config)
+                g["lr"] = lr_at(step, config) * g.get("lr_scale", 1.0)
             with _autocast(device, config.mixed_precision):
                 loss = loss_fn(model, batch, loss_gen)
             optimizer.zero_grad(set_to_none=True)
