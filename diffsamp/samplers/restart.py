@@ -68,9 +68,11 @@ def restart(
     s_noise: float = 1.0,
     final_denoise: bool = False,
 ) -> Tensor:
-    """Restart sampling (Xu et al. 2023, Alg. 1): Heun ODE steps, and ``restart_times`` returns from the grid σ
-    nearest ``restart_min`` to the one nearest ``restart_max`` (forward noise, then ``restart_steps``−1 Heun steps
-    on a Karras sub-grid, ρ = 7). ``restart_times`` = 0 is ``heun``."""
+    """Restart sampling (Xu et al. 2023, Alg. 1): Heun ODE steps with returns over [restart_min, restart_max].
+
+    ``restart_times`` times, the state goes from the grid σ nearest ``restart_min`` back to the one nearest
+    ``restart_max`` (forward noise), then ``restart_steps``−1 Heun steps on a Karras sub-grid (ρ = 7) bring it
+    down again. ``restart_times`` = 0 is ``heun``."""
     last = None
     for i, (s, s_next) in enumerate(restart_steps_of(grid, restart_min, restart_max, restart_steps, restart_times)):
         if last is not None and s > last:  # the restart's forward process: from σ = last up to s
