@@ -127,7 +127,7 @@ class FeatureExtractor:
         self.name, self.dims = name, dims
 
     def network_input(self, images: Tensor) -> Tensor:
-        """What the network sees: TF1-resized to 299×299, 3 channels, scaled for this file's format."""
+        """What the network sees: TF1-resized to 299×299, 3 channels (channels-last), scaled for this file's format."""
         if images.dtype != torch.uint8:
             raise TypeError(f"features are taken from uint8 images, got {images.dtype} (quantize with to_uint8)")
         if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -135,7 +135,8 @@ class FeatureExtractor:
         x = resize_tf1_bilinear(images.to(self.device, non_blocking=True), INPUT_SIZE)
         if self.kind == "pool3":
             x = (x - 128.0) / 128.0
-        return x.expand(-1, 3, -1, -1).contiguous()
+        # channels-last: oneDNN's convolutions run ≈ 12 % faster on it on the CPU (benchmarks/fid_throughput.py)
+        return x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
 
     def network(self, x: Tensor) -> Tensor:
         """The bare forward pass on ``network_input`` output."""
