@@ -27,6 +27,15 @@ def _umask() -> int:
     return mask
 
 
+def normal_modes(folder: str | os.PathLike) -> None:
+    """Give every file below ``folder`` the mode a plain ``open`` would (0o666 minus the umask): libraries that
+    write through ``mkstemp`` (diffusers' ``save_pretrained``) leave 0o600."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed onto it (normal file mode, fsynced) if the block succeeds."""

@@ -64,3 +64,14 @@ def test_every_file_the_commands_write_gets_the_umask_mode(tiny_model_dir, tmp_p
              tmp_path / "mnist.npz", *sorted((tmp_path / "cache" / "fid-stats").iterdir())]
     assert len(files) == 9 and (tmp_path / "imgs" / "config.json") in files
     assert {p.name: oct(file_mode(p)) for p in files} == {p.name: oct(0o644) for p in files}
+
+
+def test_exported_diffusers_models_get_the_umask_mode(tmp_path, umask022):
+    """diffusers' save_pretrained writes its weights through mkstemp (0o600); an exported model is readable."""
+    from diffsamp.models.diffusers_unet import save_diffusers
+    from diffsamp.models.networks import make_unet
+
+    save_diffusers(make_unet(channels=(8, 16), sample_size=8), tmp_path / "m")
+    files = sorted(p for p in (tmp_path / "m").rglob("*") if p.is_file())
+    assert len(files) >= 4
+    assert {p.name: oct(file_mode(p)) for p in files} == {p.name: oct(0o644) for p in files}

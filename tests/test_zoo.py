@@ -147,3 +147,14 @@ def test_hub_cache_lookup(tmp_path, empty_hub):
     assert not _in_hub_cache("owner/name")
     (snap / "0123abc").mkdir()
     assert _in_hub_cache("owner/name") and not _in_hub_cache("owner/other")
+
+
+def test_the_shipped_class_conditional_model_declares_its_classes_and_samples():
+    from diffsamp.models.conditioning import ClassConditioning
+
+    model = load("mnist-ddpm-cond")
+    assert model.conditioning == ClassConditioning(10, 10)
+    card = model_card("mnist-ddpm-cond")
+    assert card["conditioning"]["null_class"] == 10 and card["training_seconds"] > 0 and "class_adherence" in card
+    res = generate(model, sample_shape(model), sampler="euler", steps=2, seeds=range(2), cond=[3, 7], guidance=2.0)
+    assert res.images.shape == (2, 1, 32, 32) and torch.isfinite(res.images).all() and res.network_passes == 4

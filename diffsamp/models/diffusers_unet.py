@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from diffsamp.io import check_safetensors, read_json, read_state_file
+from diffsamp.io import check_safetensors, normal_modes, read_json, read_state_file
 from diffsamp.models.base import Denoiser, DenoiserBase, Prior, Wrapper, unwrap
 from diffsamp.models.conditioning import ClassConditioning
 from diffsamp.models.parameterization import (
@@ -372,6 +372,7 @@ def save_diffusers(unet: nn.Module, out_dir: str | os.PathLike, prediction_type:
         unet = unet.float()
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_kwargs(prediction_type)))
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    normal_modes(out_dir)
     return out_dir
 
 
