@@ -69,6 +69,16 @@ def final_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
     return int(bool(knobs.get("final_denoise")) and not grid.ends_at_zero)
 
 
+def one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
+    """NFE of a sampler with one evaluation per interval (plus ``final_denoise``)."""
+    return len(grid) + final_nfe(grid, knobs)
+
+
+def two_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
+    """NFE of a two-stage sampler: two evaluations per interval, one on the step to σ = 0 (plus ``final_denoise``)."""
+    return 2 * len(grid) - int(grid.ends_at_zero) + final_nfe(grid, knobs)
+
+
 def final_denoise_step(model: Denoiser, x: Tensor, grid: Grid, enabled: bool) -> Tensor:
     """Tweedie's x̂0 = D(x, σ_K) after a grid that ends above 0 (Song et al. 2021, Score-SDE App. G)."""
     if enabled and not grid.ends_at_zero:

@@ -117,7 +117,7 @@ def dpm2_ancestral(
             s_mid = down**0.5 * s**0.5
             x_mid = x + (s_mid - s) * d
             d_mid = to_d(x_mid, s_mid, model(x_mid, sigma_batch(x, s_mid)))
-            x = x + (down - s) * (d_mid / 1.0 + 0.0 * d)  # dpm2's r = ½ combination, kept for bit-identity
+            x = x + (down - s) * d_mid
             x = _add_noise(x, up, s_noise, generator)
         if callback is not None:
             callback(StepInfo(i, s, s_next, x, denoised))

@@ -12,13 +12,13 @@ generator (diffusers' ``DPMSolverMultistepScheduler``). Every step to σ = 0 is 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser
-from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, final_nfe, sigma_batch
+from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, one_stage_nfe, sigma_batch, two_stage_nfe
 from diffsamp.samplers.ancestral_k import ETA_RANGE, S_NOISE_RANGE, ancestral_step
 from diffsamp.samplers.brownian import NoiseKind, grid_noise
 from diffsamp.samplers.grid import Grid
@@ -41,14 +41,6 @@ class _LazyNoise:
         return self.source(sigma, sigma_next)
 
 
-def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return len(grid) + final_nfe(grid, knobs)
-
-
-def _two_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return 2 * len(grid) - int(grid.ends_at_zero) + final_nfe(grid, knobs)
-
-
 def _to_down(x: Tensor, denoised: Tensor, s: float, down: float) -> Tensor:
     """DPM-Solver++(1) from σ to σ_down: (σ_down/σ)x − expm1(log σ_down − log σ)·D (D itself at σ_down = 0)."""
     if down == 0.0:
@@ -57,7 +49,7 @@ def _to_down(x: Tensor, denoised: Tensor, s: float, down: float) -> Tensor:
 
 
 @register_sampler(
-    "dpmpp_sde", kind="sde", nfe=_two_stage_nfe,
+    "dpmpp_sde", kind="sde", nfe=two_stage_nfe,
     ranges={"eta": ETA_RANGE, "s_noise": S_NOISE_RANGE, "r": KnobRange(0, 1, lo_open=True)},
 )
 def dpmpp_sde(
@@ -110,7 +102,7 @@ def _sde_noise_scale(s_next: float, h: float, eta: float, s_noise: float) -> flo
 
 
 @register_sampler(
-    "dpmpp_2m_sde", kind="sde", nfe=_one_stage_nfe, ranges={"eta": ETA_RANGE, "s_noise": S_NOISE_RANGE},
+    "dpmpp_2m_sde", kind="sde", nfe=one_stage_nfe, ranges={"eta": ETA_RANGE, "s_noise": S_NOISE_RANGE},
 )
 def dpmpp_2m_sde(
     model: Denoiser,
@@ -162,7 +154,7 @@ def dpmpp_2m_sde(
 
 
 @register_sampler(
-    "dpmpp_3m_sde", kind="sde", nfe=_one_stage_nfe, ranges={"eta": ETA_RANGE, "s_noise": S_NOISE_RANGE},
+    "dpmpp_3m_sde", kind="sde", nfe=one_stage_nfe, ranges={"eta": ETA_RANGE, "s_noise": S_NOISE_RANGE},
 )
 def dpmpp_3m_sde(
     model: Denoiser,

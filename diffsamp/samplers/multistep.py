@@ -19,23 +19,19 @@ their interpolant down to σ = 0, which is finite.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser
-from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, final_nfe, sigma_batch, to_d
+from diffsamp.samplers._util import Generator, StepInfo, final_denoise_step, one_stage_nfe, sigma_batch, to_d
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import KnobRange, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
-
-
-def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return len(grid) + final_nfe(grid, knobs)
 
 
 # --- UniPC ------------------------------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ def unipc_update(
     return x_new - b_h * res
 
 
-@register_sampler("unipc", kind="ode", nfe=_one_stage_nfe, ranges={"order": KnobRange(1, 3)})
+@register_sampler("unipc", kind="ode", nfe=one_stage_nfe, ranges={"order": KnobRange(1, 3)})
 def unipc(
     model: Denoiser,
     x: Tensor,
@@ -169,7 +165,7 @@ def deis_coefficients(sigmas: Sequence[float], s_next: float) -> list[float]:
     return [_deis_ind(s_next, logs, j) - _deis_ind(sigmas[0], logs, j) for j in range(len(sigmas))]
 
 
-@register_sampler("deis", kind="ode", nfe=_one_stage_nfe, ranges={"order": KnobRange(1, 3)})
+@register_sampler("deis", kind="ode", nfe=one_stage_nfe, ranges={"order": KnobRange(1, 3)})
 def deis(
     model: Denoiser,
     x: Tensor,
@@ -214,7 +210,7 @@ def lms_coefficients(sigmas: Sequence[float], s_next: float) -> list[float]:
     return [_lagrange_integral(sigmas, j, sigmas[0], s_next) for j in range(len(sigmas))]
 
 
-@register_sampler("lms", kind="ode", nfe=_one_stage_nfe, ranges={"order": KnobRange(1, 4)})
+@register_sampler("lms", kind="ode", nfe=one_stage_nfe, ranges={"order": KnobRange(1, 4)})
 def lms(
     model: Denoiser,
     x: Tensor,
@@ -247,7 +243,7 @@ def lms(
 # --- RES multistep ---------------------------------------------------------------------------------------------------
 
 
-@register_sampler("res_multistep", kind="ode", nfe=_one_stage_nfe)
+@register_sampler("res_multistep", kind="ode", nfe=one_stage_nfe)
 def res_multistep(
     model: Denoiser,
     x: Tensor,

@@ -11,8 +11,8 @@ Knob ``final_denoise``: on grids that end above 0, finish with the Tweedie step 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,23 +24,16 @@ from diffsamp.samplers._util import (
     Generator,
     StepInfo,
     final_denoise_step,
-    final_nfe,
+    one_stage_nfe,
     randn_like,
     sigma_batch,
     to_d,
+    two_stage_nfe,
 )
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import KnobRange, register_alias, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
-
-
-def _two_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return 2 * len(grid) - int(grid.ends_at_zero) + final_nfe(grid, knobs)
-
-
-def _one_stage_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:
-    return len(grid) + final_nfe(grid, knobs)
 
 
 _CHURN_RANGES = {"s_churn": KnobRange(0, why="EDM's S_churn; γ = min(S_churn/N, √2 − 1)"), "s_tmin": KnobRange(0),
@@ -59,7 +52,7 @@ def churn(
     return x + (s_noise * math.sqrt(s_hat**2 - s**2)) * randn_like(x, generator), s_hat
 
 
-@register_sampler("euler", kind="ode", nfe=_one_stage_nfe, ranges=_CHURN_RANGES)
+@register_sampler("euler", kind="ode", nfe=one_stage_nfe, ranges=_CHURN_RANGES)
 def euler(
     model: Denoiser,
     x: Tensor,
@@ -87,7 +80,7 @@ def euler(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("heun", kind="ode", nfe=_two_stage_nfe, ranges=_CHURN_RANGES)
+@register_sampler("heun", kind="ode", nfe=two_stage_nfe, ranges=_CHURN_RANGES)
 def heun(
     model: Denoiser,
     x: Tensor,
@@ -120,7 +113,7 @@ def heun(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("dpm2", kind="ode", nfe=_two_stage_nfe, ranges={"r": KnobRange(0, 1, lo_open=True)})
+@register_sampler("dpm2", kind="ode", nfe=two_stage_nfe, ranges={"r": KnobRange(0, 1, lo_open=True)})
 def dpm2(
     model: Denoiser,
     x: Tensor,
@@ -228,7 +221,7 @@ def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int, phi2_second
     return rule
 
 
-@register_sampler("dpmpp", kind="ode", nfe=_one_stage_nfe, ranges={"order": KnobRange(1, 3)})
+@register_sampler("dpmpp", kind="ode", nfe=one_stage_nfe, ranges={"order": KnobRange(1, 3)})
 def dpmpp(
     model: Denoiser,
     x: Tensor,
@@ -282,7 +275,7 @@ def adams_bashforth(ds: list[Tensor]) -> Tensor:
     return out
 
 
-@register_sampler("ipndm", kind="ode", nfe=_one_stage_nfe, ranges={"max_order": KnobRange(1, 4)})
+@register_sampler("ipndm", kind="ode", nfe=one_stage_nfe, ranges={"max_order": KnobRange(1, 4)})
 def ipndm(
     model: Denoiser,
     x: Tensor,
