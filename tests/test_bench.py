@@ -44,16 +44,46 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 def test_plans_give_the_target_nfe_and_state_their_grid(setup, tiny_model_dir):
     model, _, _, preds = setup
-    heun3 = plan_cell(model, str(tiny_model_dir), "heun", 3)
+    paper = {"final_step": "sigma_min"}  # the AMED paper's Table 2: grids end at σ_min
+    heun3 = plan_cell(model, str(tiny_model_dir), "heun", 3, **paper)
     assert heun3.method == "dpm2+amed" and heun3.knobs["afs"] and len(heun3.grid) == 2 and "AFS on" in heun3.setting
-    heun4 = plan_cell(model, str(tiny_model_dir), "heun", 4)
+    heun4 = plan_cell(model, str(tiny_model_dir), "heun", 4, **paper)
     assert heun4.method == "heun" and len(heun4.grid) == 2 and not heun4.grid.ends_at_zero
+    assert heun4.final_step == "sigma_min" and "to σ_min" in heun4.setting
     assert plan_cell(model, str(tiny_model_dir), "dpmpp3m", 5).schedule == "logsnr"
     assert plan_cell(model, str(tiny_model_dir), "ipndm", 5, schedules={"ipndm": "logsnr"}).schedule == "logsnr"
     with pytest.raises(ValueError, match="no AMED predictor"):
         plan_cell(model, str(tiny_model_dir), "amed", 7)
     with pytest.raises(ValueError, match="trained for model"):
         plan_cell(model, "mnist-ddpm", "amed", 3, predictors=preds)
+
+
+def test_by_default_a_grid_ends_with_a_denoising_step_inside_the_nfe(setup, tiny_model_dir):
+    """final_step="zero": the last interval σ_min → 0 is one evaluation of the NFE, so one-stage rows run NFE
+    intervals on grid(NFE) (the grid `diffsamp sample --steps NFE` runs), two-stage rows (NFE + 1)/2 at odd NFE and
+    AFS at even NFE; a row's knobs choose the grid (restart's returns) and a row may keep the paper's ending."""
+    model, _, _, _ = setup
+    name = str(tiny_model_dir)
+    karras = diffsamp.get_schedule("karras", model=model)
+    ddim5 = plan_cell(model, name, "ddim", 5)
+    assert torch.equal(ddim5.grid.sigmas, karras.grid(5).sigmas) and ddim5.final_step == "zero"
+    assert ddim5.grid.sigmas[-2] == karras.sigma_min and "the last to 0" in ddim5.setting
+    heun5, heun4 = plan_cell(model, name, "heun", 5), plan_cell(model, name, "heun", 4)
+    assert heun5.method == "heun" and torch.equal(heun5.grid.sigmas, karras.grid(3).sigmas)
+    assert heun4.method == "dpm2+amed" and heun4.knobs["afs"] and len(heun4.grid) == 3
+    sde5 = plan_cell(model, name, "dpmpp_sde", 5)  # two evaluations per step, one on the step to 0
+    assert len(sde5.grid) == 3 and sde5.grid.ends_at_zero
+    with pytest.raises(ValueError, match="no grid of NFE 9 ending with a step to 0"):
+        plan_cell(model, name, "restart", 9)
+    restart9 = plan_cell(model, name, "restart", 9, knobs={"restart": {"restart_steps": "2"}})
+    assert len(restart9.grid) == 4 and restart9.knobs["restart_steps"] == 2
+    mixed = plan_cell(model, name, "ddim", 5, row_final_steps={"ddim": "sigma_min"})
+    assert torch.equal(mixed.grid.sigmas, karras.grid(5, final_zero=False).sigmas)
+    with pytest.raises(ValueError, match="final step 'last'"):
+        plan_cell(model, name, "ddim", 5, final_step="last")
+    for plan in (ddim5, heun5, heun4, sde5, restart9):
+        spec = diffsamp.get_sampler(plan.method)
+        assert spec.expected_nfe(plan.grid, **plan.knobs) == plan.nfe
 
 
 def test_bench_writes_tables_measures_nfe_and_resumes(setup, tiny_model_dir, monkeypatch):
@@ -128,7 +158,8 @@ def test_a_row_knob_reaches_the_sampler_is_named_and_keys_its_own_cell(setup, ti
     with pytest.raises(ValueError, match="no knob 'r'.*max_order"):
         plan_cell(model, str(tiny_model_dir), "ipndm", 5, knobs={"ipndm": {"r": 0.3}})
     with pytest.raises(ValueError, match="declares NFE 6, not 5"):  # a step more than the grid has
-        plan_cell(model, str(tiny_model_dir), "ipndm", 5, knobs={"ipndm": {"final_denoise": True}})
+        plan_cell(model, str(tiny_model_dir), "ipndm", 5, knobs={"ipndm": {"final_denoise": True}},
+                  final_step="sigma_min")
     kw = dict(samplers=["ipndm"], nfes=[5], num=6, reference=str(tmp / "ref.npz"), out=tmp / "knobs", extractor=ext,
               batch_size=6, reference_row=False, echo=lambda s: None)
     (first,), _ = bench(model, str(tiny_model_dir), **kw)
@@ -151,6 +182,9 @@ def test_a_row_knob_reaches_the_sampler_is_named_and_keys_its_own_cell(setup, ti
     for bad, says in (("max_order=1", "ROW:NAME=VALUE"), ("nope:max_order=1", "unknown sampler in row 'nope'"),
                       ("ipndm:max_order=x", "max_order"), ("ipndm:max_order=9", "max_order must be 1 to 4")):
         res = CliRunner().invoke(main, base + ["--knob", bad])
+        assert res.exit_code != 0 and says in res.output and "Traceback" not in res.output, (bad, res.output)
+    for bad, says in (("last", "[ROW=]zero|sigma_min"), ("ddim=zero", "row 'ddim' is not in --samplers")):
+        res = CliRunner().invoke(main, base + ["--final-step", bad])
         assert res.exit_code != 0 and says in res.output and "Traceback" not in res.output, (bad, res.output)
 
 
@@ -190,10 +224,10 @@ def test_a_flow_is_benched_on_its_own_grid_unless_told(tiny_model_dir):
 
 @pytest.mark.parametrize("sampler, r", [("heun", 1.0), ("dpm2", 0.5)])
 def test_an_odd_nfe_two_stage_plan_is_its_method_with_afs_at_its_own_r(mixture2d, sampler, r):
-    """At odd NFE a two-stage row runs (NFE + 1)/2 intervals with AFS on the first (AMED §3.4): its first step is
+    """Ending at σ_min (the paper's grids), at odd NFE a two-stage row runs (NFE + 1)/2 intervals with AFS on the first (AMED §3.4): its first step is
     ε̂ = x/√(1 + σ²) at σ, the intermediate s = σ'^r σ^(1−r) with r = 1 for Heun (s = σ') and ½ for DPM-Solver-2,
     and the generalized DPM-Solver-2 update x' = x + (σ' − σ)[ε̂_s/(2r) + (1 − 1/(2r)) ε̂] (AMED Table 1)."""
-    plan = plan_cell(mixture2d, "mix", sampler, 5)
+    plan = plan_cell(mixture2d, "mix", sampler, 5, final_step="sigma_min")
     assert plan.method == "dpm2+amed" and plan.knobs["afs"] is True and len(plan.grid) == 3
     s0, s1 = plan.grid.sigmas[:2].tolist()
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * s0

@@ -31,6 +31,24 @@ def _row_knobs(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _final_steps(values: tuple[str, ...], rows: list[str]) -> tuple[str, dict[str, str]]:
+    """``("sigma_min", "ddim=zero")`` → the default final step and the per-row ones, checked."""
+    from diffsamp.metrics.bench import FINAL_STEPS
+
+    default, per_row = "zero", {}
+    for v in values:
+        row, sep, kind = v.rpartition("=")
+        if kind not in FINAL_STEPS:
+            raise click.BadParameter(f"expected [ROW=]{'|'.join(FINAL_STEPS)}, got {v!r}", param_hint="--final-step")
+        if not sep:
+            default = kind
+        elif row not in rows:
+            raise click.BadParameter(f"row {row!r} is not in --samplers ({', '.join(rows)})", param_hint="--final-step")
+        else:
+            per_row[row] = kind
+    return default, per_row
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -72,11 +90,14 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--predictor", "predictors", multiple=True, help="[ROW:]NFE=PATH for a learned sampler's row (default: the shipped <model>/<row>-nfe<N>).")
 @click.option("--knob", "knobs", multiple=True, metavar="ROW:NAME=VALUE",
               help="A sampler knob for one row (repeatable), e.g. ipndm:max_order=3; named in the row's setting.")
+@click.option("--final-step", "final_steps", multiple=True, metavar="[ROW=]zero|sigma_min",
+              help="How grids end: zero (default: a last denoising step to σ = 0, inside the NFE) or sigma_min (no step "
+                   "to 0, the AMED paper's Table 2); ROW=… for one row. Learned rows end as their predictor was trained.")
 @click.option("--clip/--no-clip", "clip", default=None, help="Clamp x̂0 as the model's scheduler says (default), always or never.")
 @click.option("--batch-size", default=250, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-reference", is_flag=True, help="Skip the heun 35-NFE reference row.")
 @click.option("--cached-only", is_flag=True, help="Only write the tables from the cells already cached (others show —).")
-@click.option("--skip-missing", is_flag=True, help="A learned row without a predictor at some NFE shows — there.")
+@click.option("--skip-missing", is_flag=True, help="A learned row without a predictor, or a row without a grid, at some NFE shows — there.")
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network (else $DIFFSAMP_INCEPTION).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (else $DIFFSAMP_DATA).")
 @click.option("--device", default="auto", show_default=True)
@@ -84,7 +105,7 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--classes", default=None, help="Class-conditional models: classes cycled over the seeds, e.g. 0-9 (class-balanced).")
 @click.option("--cfg", "cfg_scales", default=None, help="Guidance scales, e.g. 1,2,4: one table per scale (DIR/cfg-W/) and DIR/fid_vs_cfg.png.")
 def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
-              predictors: tuple[str, ...], knobs: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
+              predictors: tuple[str, ...], knobs: tuple[str, ...], final_steps: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
               cached_only: bool, skip_missing: bool,
               inception: str | None, data_dir: str | None, device: str, quiet: bool, classes: str | None,
               cfg_scales: str | None) -> None:
@@ -93,6 +114,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     \b
     Examples:
       diffsamp bench --model mnist-ddpm --nfe 3,5,7,9 --num 2000 --ref mnist:test --out bench/mnist-ddpm
+      diffsamp bench --model mnist-ddpm --samplers ddim --final-step sigma_min --out b/   # the AMED paper's grids
       diffsamp bench --model mnist-ddpm --samplers ipndm,ipndm+amed --nfe 5 --predictor 5=runs/ipndm-amed5 --out b/
       diffsamp bench --model mnist-ddpm --samplers ipndm --schedule ipndm=time_uniform --knob ipndm:max_order=3 --out b/
       diffsamp bench --model mnist-ddpm-cond --classes 0-9 --cfg 1,2,4 --samplers ddim,dpmpp3m --nfe 5,9 --out b/
@@ -117,6 +139,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
         raise click.BadParameter(f"unknown sampler in row {stray[0]!r}; available: {', '.join(available_samplers())}",
                                  param_hint="--knob")
     targets = _int_list(nfes, "--nfe")
+    final_step, row_final_steps = _final_steps(final_steps, names)
     class_list, scales = _conditioning(classes, cfg_scales)
     device = resolve_device(device)
     check_writable(out, "--out", folder=True)
@@ -140,7 +163,8 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
                                  schedules=_pairs(schedules, "--schedule"), predictors=_pairs(predictors, "--predictor"),
                                  knobs=row_knobs, clip=clip_text, reference_row=not no_reference, echo=click.echo,
                                  progress=not quiet, skip_missing=skip_missing, cached_only=cached_only,
-                                 classes=class_list, guidance=None if class_list is None else Guidance(w))
+                                 classes=class_list, guidance=None if class_list is None else Guidance(w),
+                                 final_step=final_step, row_final_steps=row_final_steps)
             results[w] = cells
             tables.append(table)
         if len(scales) > 1:

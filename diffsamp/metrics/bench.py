@@ -1,10 +1,12 @@
 """``diffsamp bench``: FID/KID of samplers at given NFEs on one model, as the AMED paper's Table 2 (Zhou et al. 2024).
 
-Each (sampler, NFE) cell gets the grid whose declared NFE is the target: one-stage methods take NFE intervals;
-two-stage methods (heun, dpm2) take (NFE + 1)/2 intervals with AFS on the first step at odd NFE, as the
-paper does (run as ``dpm2+amed`` with the fixed r of the method: r = 1 is Heun, r = ½ DPM-Solver-2 — the
-identities are tested); learned samplers take their predictor's grid. All grids end at σ_min (no step to 0),
-as in the paper; the reference row (heun, 18 karras steps to 0, 35 NFE) and the data floor complete the table.
+Each (sampler, NFE) cell gets the grid whose declared NFE is the target. A grid's last interval is a denoising
+step σ_min → 0 counted in the NFE (``final_step="zero"``, the default: how samplers end in use), or the grid ends at
+σ_min (``"sigma_min"``, the AMED paper's Table 2, whose leftover noise FID punishes); each cell's record states
+which. Ending at σ_min, one-stage methods take NFE intervals and two-stage methods (heun, dpm2) (NFE + 1)/2
+intervals with AFS on the first step at odd NFE, as the paper does (run as ``dpm2+amed`` with the fixed r of the method: r = 1 is Heun, r = ½ DPM-Solver-2 — the
+identities are tested); learned samplers take their predictor's grid. The reference row (heun, 18 karras steps to
+0, 35 NFE) and the data floor complete the table.
 A learned sampler may be named with a variant, ``amed:static``: its row reads the predictor
 ``<model>/amed-static-nfe<N>`` (or ``--predictor amed:static:N=PATH``), so per-sample and sample-independent
 predictors share one table. Cells are cached one JSON file each, so an interrupted bench resumes.
@@ -34,10 +36,17 @@ from diffsamp.samplers.amed import AMED_SAMPLERS, FixedPredictor
 from diffsamp.samplers.registry import describe_knobs
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
 
+# How a cell's grid ends: "zero" (a last denoising step σ_min → 0 inside the NFE, as every sampler ends in use)
+# or "sigma_min" (no step to 0, the AMED paper's Table 2); learned rows end where their predictor was trained to.
+FINAL_STEPS = ("zero", "sigma_min")
 TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
 # AMED §4.1 (Zhou et al. 2024): logSNR for DPM-Solver++; every other sampler the model's own schedule
 # (default_schedule: karras, polynomial ρ = 7, for diffusion models; uniform t for rectified flows)
 DEFAULT_SCHEDULES = {"dpmpp": "logsnr", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr"}
+
+
+class NoGridError(ValueError):
+    """A sampler (with its row's knobs) has no grid of the target NFE (e.g. restart, whose returns cost 2·steps)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class CellPlan:
     predictor: str | None = None
     predictor_digest: str | None = None  # of the predictor's weights: a retrained predictor is a new cell
     row_knobs: str = ""  # knobs set for the row on top of the plan's own, e.g. "max_order=3"
+    final_step: str = "sigma_min"  # "zero": the last interval is a denoising step to σ = 0; "sigma_min": ends there
 
 
 def split_row(row: str) -> tuple[str, str | None]:
@@ -73,11 +83,20 @@ def predictor_name(model_name: str, sampler: str, nfe: int) -> str:
 def plan_cell(
     model: Denoiser, model_name: str, sampler: str, nfe: int, *, schedules: Mapping[str, str] | None = None,
     predictors: Mapping[str, str] | None = None, knobs: Mapping[str, Mapping[str, Any]] | None = None,
+    final_step: str = "zero", row_final_steps: Mapping[str, str] | None = None,
 ) -> CellPlan:
     """The grid and knobs whose declared NFE is ``nfe`` for ``sampler`` (see the module doc); ``knobs`` maps a row
-    to sampler knobs set on top (e.g. ``{"ipndm": {"max_order": 3}}``), named in the cell's setting."""
-    plan = _default_plan(model, model_name, sampler, nfe, dict(schedules or {}), dict(predictors or {}))
+    to sampler knobs set on top (e.g. ``{"ipndm": {"max_order": 3}}``), named in the cell's setting. ``final_step``
+    (``FINAL_STEPS``; ``row_final_steps`` per row) says how a built-in sampler's grid ends; a learned row ends where
+    its predictor was trained to end."""
+    final = (row_final_steps or {}).get(sampler, final_step)
     extra = dict((knobs or {}).get(sampler, {}))
+    typed = {}
+    if extra:  # typed against the row's own sampler first: a knob may change the NFE a grid declares (restart)
+        row_spec = get_sampler(split_row(sampler)[0])
+        typed = {k: row_spec.parse_knob(k, v) if isinstance(v, str) and k in row_spec.knob_specs() else v
+                 for k, v in extra.items()}
+    plan = _default_plan(model, model_name, sampler, nfe, dict(schedules or {}), dict(predictors or {}), final, typed)
     if not extra:
         return plan
     spec = get_sampler(plan.method)
@@ -85,7 +104,6 @@ def plan_cell(
     if unknown:
         raise ValueError(f"row {sampler!r} runs {plan.method}, which has no knob {unknown[0]!r}; "
                          f"its knobs: {describe_knobs(spec.knob_specs()) or 'none'}")
-    typed = {k: spec.parse_knob(k, v) if isinstance(v, str) else v for k, v in extra.items()}
     merged = {**plan.knobs, **typed}
     declared = spec.expected_nfe(plan.grid, **merged)
     if declared != nfe:
@@ -99,7 +117,7 @@ def _knob_text(knobs: Mapping[str, Any]) -> str:
 
 
 def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, schedules: dict[str, str],
-                  predictors: dict[str, str]) -> CellPlan:
+                  predictors: dict[str, str], final: str, knobs: Mapping[str, Any]) -> CellPlan:
     base, variant = split_row(sampler)
     if base in AMED_SAMPLERS:
         key = f"{sampler}:{nfe}"
@@ -117,30 +135,61 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
                              f"not {nfe}: give {sampler}:{nfe}=PATH (or {nfe}=PATH) of a predictor trained for NFE "
                              f"{nfe} (`diffsamp train amed --nfe {nfe}`)")
         kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
-        setting = f"{cfg['schedule']}, {len(grid)} steps to σ_min, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
-        return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest)
+        end = "the last to 0" if grid.ends_at_zero else "to σ_min"
+        setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
+        return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest,
+                        final_step="zero" if grid.ends_at_zero else "sigma_min")
     schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(sampler) or default_schedule(model)
     sched = get_schedule(schedule, model=model)
+    if final not in FINAL_STEPS:
+        raise ValueError(f"final step {final!r}: expected one of {', '.join(FINAL_STEPS)}")
+    if final == "zero":
+        return _plan_to_zero(sampler, nfe, sched, schedule, knobs)
     if sampler in TWO_STAGE:
         afs = nfe % 2 == 1
         grid = sched.grid((nfe + int(afs)) // 2, final_zero=False)
         if afs:
             knobs = {"predictor": FixedPredictor(TWO_STAGE[sampler], 1.0), "afs": True}
             return CellPlan(sampler, nfe, "dpm2+amed", grid, knobs, schedule,
-                            f"{schedule}, {len(grid)} steps to σ_min, AFS on")
-        return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {len(grid)} steps to σ_min")
+                            f"{schedule}, {len(grid)} steps to σ_min, AFS on", final_step="sigma_min")
+        return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {len(grid)} steps to σ_min",
+                        final_step="sigma_min")
     spec = get_sampler(sampler)
     grid = sched.grid(nfe, final_zero=False)
     declared = spec.expected_nfe(grid)
     if declared != nfe:
-        raise ValueError(f"{sampler} has no grid of NFE {nfe} (declared {declared} for {nfe} steps)")
-    return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {nfe} steps to σ_min")
+        raise ValueError(f"{sampler} has no grid of NFE {nfe} ending at σ_min (declared {declared} for {nfe} steps)")
+    return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {nfe} steps to σ_min",
+                    final_step="sigma_min")
+
+
+def _plan_to_zero(sampler: str, nfe: int, sched: Any, schedule: str, knobs: Mapping[str, Any]) -> CellPlan:
+    """The grid of ``nfe`` evaluations whose last interval goes from σ_min to 0 (one denoising evaluation, x̂0 at
+    σ_min, as EDM's and diffusers' samplers end): the most intervals whose declared NFE is ``nfe``. A two-stage row at
+    even NFE saves one evaluation with AFS on its first step (AMED §3.4). ``knobs``: the row's, which may change
+    what a grid declares (restart's restart_steps)."""
+    spec = get_sampler(sampler)
+    own = {k: v for k, v in knobs.items() if k in spec.knob_specs()}
+    for k in range(nfe, 0, -1):
+        grid = sched.grid(k, final_zero=True)
+        if spec.expected_nfe(grid, **own) == nfe:
+            return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {k} steps, the last to 0",
+                            final_step="zero")
+    if sampler in TWO_STAGE:
+        knobs = {"predictor": FixedPredictor(TWO_STAGE[sampler], 1.0), "afs": True}
+        for k in range(nfe, 0, -1):
+            grid = sched.grid(k, final_zero=True)
+            if get_sampler("dpm2+amed").expected_nfe(grid, **knobs) == nfe:
+                return CellPlan(sampler, nfe, "dpm2+amed", grid, knobs, schedule,
+                                f"{schedule}, {k} steps, the last to 0, AFS on", final_step="zero")
+    hint = f" with {_knob_text(knobs)}" if knobs else ""
+    raise NoGridError(f"{sampler}{hint} has no grid of NFE {nfe} ending with a step to 0")
 
 
 def reference_plan(model: Denoiser) -> CellPlan:
     """The table's high-NFE reference row: Heun on 18 karras steps to σ = 0, 35 NFE (EDM, Karras et al. 2022)."""
     grid = get_schedule("karras", model=model).grid(18)
-    return CellPlan("heun", 35, "heun", grid, {}, "karras", "karras, 18 steps to 0 (EDM)")
+    return CellPlan("heun", 35, "heun", grid, {}, "karras", "karras, 18 steps to 0 (EDM)", final_step="zero")
 
 
 @dataclass
@@ -163,6 +212,7 @@ class CellResult:
     predictor: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     predictor_digest: str | None = None
+    final_step: str | None = None  # FINAL_STEPS; None in records written before it was stated (read the grid's end)
 
 
 def cache_parts(model_name: str, reference: str, clip: str, shape: Sequence[int]) -> dict[str, Any]:
@@ -201,7 +251,7 @@ def run_cell(
     res = CellResult(plan.sampler, plan.nfe, q.nfe, q.fid, q.kid, q.kid_std, num, f"0-{num - 1}",
                      round(q.sampling_seconds, 2), round(q.feature_seconds, 2), plan.setting, clip,
                      plan.grid.sigmas.tolist(), plan.predictor, predictor_digest=plan.predictor_digest,
-                     extra={"knobs": plan.row_knobs} if plan.row_knobs else {})
+                     extra={"knobs": plan.row_knobs} if plan.row_knobs else {}, final_step=plan.final_step)
     if q.nfe != plan.nfe:
         raise RuntimeError(f"{plan.sampler} at NFE {plan.nfe}: measured {q.nfe} evaluations")
     write_text(path, json.dumps(asdict(res), indent=2) + "\n")
@@ -314,12 +364,14 @@ def bench(
     schedules: Mapping[str, str] | None = None, predictors: Mapping[str, str] | None = None, clip: str = "model default",
     reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False, skip_missing: bool = False,
     knobs: Mapping[str, Mapping[str, Any]] | None = None, cached_only: bool = False,
-    classes: Sequence[int] | None = None, guidance: Guidance | None = None,
+    classes: Sequence[int] | None = None, guidance: Guidance | None = None, final_step: str = "zero",
+    row_final_steps: Mapping[str, str] | None = None,
 ) -> tuple[list[CellResult], str]:
     """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``.
 
-    ``skip_missing``: a learned row without a predictor at some NFE shows "—" there instead of stopping the bench.
-    ``knobs``: per-row sampler knobs (see ``plan_cell``). ``cached_only``: the tables from the cells already in the
+    ``skip_missing``: a learned row without a predictor at some NFE, or a row with no grid of that NFE, shows "—"
+    there instead of stopping the bench.
+    ``knobs``: per-row sampler knobs, ``final_step``/``row_final_steps``: how grids end (see ``plan_cell``). ``cached_only``: the tables from the cells already in the
     cache (the others show "—"; nothing is sampled), e.g. while another process is filling them. A class-conditional
     model takes ``classes``, cycled over the seeds (seed i gets ``classes[i mod len]``), and ``guidance``."""
     from diffsamp.metrics.scoring import data_floor, resolve_reference
@@ -333,11 +385,15 @@ def bench(
         for n in nfes:
             try:
                 plans.append(plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors,
-                                       knobs=knobs))
+                                       knobs=knobs, final_step=final_step, row_final_steps=row_final_steps))
             except PredictorNotFoundError:
                 if not skip_missing:
                     raise
                 echo(f"{s:>12} NFE {n:>2}: no predictor {predictor_name(model_name, s, n)} — left out")
+            except NoGridError as exc:
+                if not skip_missing:
+                    raise
+                echo(f"{s:>12} NFE {n:>2}: {exc} — left out")
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
     parts = cache_parts(model_name, reference, clip, shape)
@@ -354,6 +410,7 @@ def bench(
     config = {"model": model_name, "samplers": list(samplers), "nfes": list(nfes), "num": num, "reference": reference,
               "clip": clip, "schedules": dict(schedules or {}), "predictors": dict(predictors or {}),
               "knobs": {row: {k: str(v) for k, v in kv.items()} for row, kv in (knobs or {}).items()},
+              "final_step": final_step, "row_final_steps": dict(row_final_steps or {}),
               "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "cached_only": cached_only, "classes": list(classes) if classes is not None else None,
