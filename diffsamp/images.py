@@ -157,12 +157,15 @@ def load_init_image(path: str | os.PathLike, channels: int, size: tuple[int, int
 
 
 def iter_image_folder(
-    folder: str | os.PathLike, batch_size: int = 256, limit: int | None = None
+    folder: str | os.PathLike, batch_size: int = 256, limit: int | None = None, select: slice | None = None
 ) -> Iterator[Tensor]:
-    """Yield the images of ``folder`` as uint8 (B, C, H, W) batches, checking every header first."""
+    """Yield the images of ``folder`` as uint8 (B, C, H, W) batches, checking every header first; ``select``
+    takes a part of the (sorted, limited) file list, e.g. one rank's ``slice(rank, None, world)``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     files, (c, h, w) = scan_image_folder(folder, limit)
+    if select is not None:
+        files = files[select]
     for i in range(0, len(files), batch_size):
         chunk = files[i : i + batch_size]
         out = np.empty((len(chunk), c, h, w), dtype=np.uint8)

@@ -44,6 +44,25 @@ def main(ctx: click.Context) -> None:
     """
     ctx.with_resource(warnings.catch_warnings())  # restored when the command ends
     warnings.showwarning = _one_line_warning  # a warning is one line on stderr, as errors are
+    _join_torchrun(ctx)
+
+
+def _join_torchrun(ctx: click.Context) -> None:
+    """Under torchrun: join the process group for the command; only rank 0 prints, warns and shows progress."""
+    import contextlib
+    import os
+
+    from diffsamp import dist
+
+    if not dist.launched():
+        return
+    dist.init()
+    ctx.call_on_close(dist.shutdown)
+    if not dist.is_main():
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm's default for ``disable`` (tqdm ≥ 4.66)
+        warnings.simplefilter("ignore")
+        devnull = ctx.with_resource(open(os.devnull, "w"))
+        ctx.with_resource(contextlib.redirect_stdout(devnull))
 
 
 def check_device(device: str) -> str:

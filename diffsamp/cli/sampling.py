@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import click
 
+from diffsamp import dist
 from diffsamp.cli._conditioning import condition_options, parse_conditions, parse_init
 from diffsamp.cli._seeds import SeedList, format_seeds, parse_seeds  # noqa: F401 - parse_seeds is public here
 from diffsamp.cli._common import SamplerName, check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
@@ -249,7 +251,8 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         if folder is not None:
             _check_previous_run(folder, settings, skip_existing)
             written = ctx.meta["diffsamp.written"] = [len(all_seeds) - len(seeds), len(all_seeds)]
-            _write_config(folder, settings, all_seeds, None)
+            if dist.is_main():
+                _write_config(folder, settings, all_seeds, None)
 
             def on_batch(chunk: list[int], images) -> None:  # noqa: ANN001
                 from diffsamp.images import save_png
@@ -258,9 +261,27 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
                     save_png(img, folder / name_of(s))
                     written[0] += 1
 
+        mine = dist.shard(range(len(seeds)))  # under torchrun: this rank's seeds; PNGs are per seed, so the same
+        run["seeds"] = [seeds[i] for i in mine]
+        if "cond" in run:
+            run["cond"] = [run["cond"][i] for i in mine]
         result = generate(model, shape, device=device, on_batch=on_batch, **run)
         bar.close()
         images = result.images.clamp(-1, 1)
+        if dist.world_size() > 1:
+            result = dataclasses.replace(result, nfe=max(dist.gather_objects(result.nfe)),
+                                         seconds=max(dist.gather_objects(result.seconds)))
+            if out is not None or scoring is not None:
+                images = dist.gather_shards(images, len(seeds))
+            if folder is not None:
+                written[0] = sum(dist.gather_objects(len(mine))) + len(all_seeds) - len(seeds)
+        if not dist.is_main():
+            if scoring is not None:
+                from diffsamp.metrics.scoring import score_images
+
+                score_images(images[dist.rank() :: dist.world_size()], scoring[1], extractor=scoring[0],
+                             progress=False, sharded=True)
+            return
         if out is not None:
             from diffsamp.images import save_images
 
@@ -277,7 +298,8 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         if scoring is not None:
             from diffsamp.metrics.scoring import score_images
 
-            fid, kid, kid_std = score_images(images, scoring[1], extractor=scoring[0], progress=not quiet)
+            fid, kid, kid_std = score_images(images[:: dist.world_size()], scoring[1], extractor=scoring[0],
+                                             progress=not quiet, sharded=True)
             click.echo(_quality_line(fid, kid, kid_std, len(seeds), str(scoring[1].meta.get("source") or fid_ref)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffsamp import dist
 from diffsamp.data import load_dataset_uint8, pad_images, to_uint8
 from diffsamp.images import iter_image_folder, scan_image_folder
 from diffsamp.metrics.distances import frechet_distance, kernel_inception_distance
@@ -101,6 +102,7 @@ def compute_stats(
     source: str = "in-memory",
     total: int | None = None,
     progress: bool = True,
+    sharded: bool = False,
 ) -> FIDStats:
     """Feature statistics (μ, Σ; Heusel et al. 2017) of images given as one tensor or an iterable of batches.
 
@@ -108,7 +110,9 @@ def compute_stats(
     Features are taken ``batch_size`` at a time and streamed into float64 moments, so an iterable of
     batches (e.g. straight from a sampler) is never held in memory; ``keep_features`` also returns
     them (float32, needed for KID). ``padding`` (background pixels added on each side) is recorded
-    for the compatibility check; None means unknown.
+    for the compatibility check; None means unknown. ``sharded``: under torchrun the images are this rank's
+    ``diffsamp.dist.shard`` of the set, and the statistics (and features, in the set's order) are those of the
+    whole set on every rank; ``total`` then counts the whole set.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -117,7 +121,10 @@ def compute_stats(
         total = images.shape[0]
     moments, kept = StreamingMoments(), []
     shape: tuple[int, int, int] | None = None
-    with tqdm(total=total, unit="img", desc="FID features", disable=not progress, leave=False) as bar:
+    if sharded and dist.world_size() > 1 and total is not None:
+        total = len(range(dist.rank(), total, dist.world_size()))  # this rank's bar counts its own share
+    with tqdm(total=total, unit="img", desc="FID features", disable=not (progress and dist.is_main()),
+              leave=False) as bar:
         for batch in _batches(images, batch_size):
             if shape is None:
                 shape = tuple(batch.shape[1:])
@@ -128,8 +135,17 @@ def compute_stats(
             if keep_features:
                 kept.append(feats.cpu().numpy())
             bar.update(batch.shape[0])
+    if sharded and dist.world_size() > 1:
+        moments = moments.merged_over_ranks()
+        shapes = {s for s in dist.gather_objects(shape) if s is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"the ranks' images differ in shape: {sorted(shapes)}")
+        shape = next(iter(shapes), None)
     if moments.n < 2:
         raise ValueError(f"FID needs at least 2 images, got {moments.n}")
+    if sharded and dist.world_size() > 1 and keep_features:
+        rows = torch.from_numpy(np.concatenate(kept)) if kept else torch.zeros(0, len(moments.mean))
+        kept = [dist.gather_shards(rows.float(), moments.n).numpy()]
     assert shape is not None
     meta = make_meta(
         extractor=extractor.name, resize=extractor.resize, num_images=moments.n, size=shape[1:],
@@ -202,11 +218,13 @@ def folder_stats(
     keep_features: bool = False,
     **kwargs,
 ) -> FIDStats:
-    """Statistics of the images in ``folder`` (the first ``limit`` by name); every header is checked first."""
+    """Statistics of the images in ``folder`` (the first ``limit`` by name); every header is checked first.
+    Under torchrun each rank reads every W-th file and the statistics are merged (``compute_stats(sharded=True)``)."""
     files, _ = scan_image_folder(folder, limit)  # fails fast on a bad folder, before the slow network
+    mine = slice(dist.rank(), None, dist.world_size())
     return compute_stats(
-        iter_image_folder(folder, batch_size=kwargs.get("batch_size", DEFAULT_BATCH_SIZE), limit=limit),
-        total=len(files), padding=padding, keep_features=keep_features, source=str(folder), **kwargs,
+        iter_image_folder(folder, batch_size=kwargs.get("batch_size", DEFAULT_BATCH_SIZE), limit=limit, select=mine),
+        total=len(files), padding=padding, keep_features=keep_features, source=str(folder), sharded=True, **kwargs,
     )
 
 
@@ -300,10 +318,10 @@ def reference_stats(
             found = _from_cached_superset(folder, stem, tag, n)
         if found is not None and (found.features is not None or not keep):
             return found
-    stats = compute_stats(
-        x, extractor=extractor, batch_size=batch_size, keep_features=keep, padding=padding,
-        source=source, progress=progress,
+    stats = compute_stats(  # under torchrun each rank takes every W-th image, the statistics are merged
+        x[dist.rank() :: dist.world_size()], extractor=extractor, batch_size=batch_size, keep_features=keep,
+        padding=padding, source=source, progress=progress, total=n, sharded=True,
     )
-    if cache:
+    if cache and dist.is_main():
         save_stats(stats, path)
     return stats

@@ -59,6 +59,32 @@ class StreamingMoments:
         self._outer.addmm_(xc.T, xc)
         self.n += x.shape[0]
 
+    def merged_over_ranks(self) -> "StreamingMoments":
+        """The moments of every rank's rows together (``diffsamp.dist``; itself in a single process).
+
+        Each rank re-centres its float64 sums on one common shift (the first non-empty rank's), then n, Σ(x − c)
+        and Σ(x − c)(x − c)ᵀ are summed over ranks: equal to one process over all rows up to float64 rounding."""
+        from diffsamp import dist
+
+        if dist.world_size() == 1:
+            return self
+        shifts = dist.gather_objects(None if self._shift is None else self._shift.cpu())
+        common = next((c for c in shifts if c is not None), None)
+        if common is None:
+            return self
+        d = common.shape[0]
+        n, s, outer = self.n, torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        if self._shift is not None:  # Σ(x−c) = Σ(x−a) + n δ; Σ(x−c)(x−c)ᵀ = Σ(x−a)(x−a)ᵀ + δ Σ(x−a)ᵀ + Σ(x−a) δᵀ + n δδᵀ
+            delta = self._shift.cpu() - common
+            s0, o0 = self._sum.cpu(), self._outer.cpu()
+            s = s0 + n * delta
+            outer = o0 + torch.outer(delta, s0) + torch.outer(s0, delta) + n * torch.outer(delta, delta)
+        total = dist.all_reduce_sum(torch.cat([torch.tensor([float(n)], dtype=torch.float64), s, outer.flatten()]))
+        merged = StreamingMoments()
+        merged.n = int(round(float(total[0])))
+        merged._shift, merged._sum, merged._outer = common, total[1 : d + 1], total[d + 1 :].view(d, d)
+        return merged
+
     @property
     def mean(self) -> np.ndarray:
         """Sample mean (d,), float64."""
