@@ -88,11 +88,16 @@ def check_device(device: str) -> str:
 
 
 def resolve_device(device: str | None, hint: str = "--device") -> str:
-    """``auto`` (or None) → cuda when available, else cpu; a device this machine lacks is a usage error."""
+    """``auto`` (or None) → cuda when available, else cpu (under torchrun ``cuda`` is the local rank's GPU); a device
+    this machine lacks is a usage error."""
     import torch
 
+    from diffsamp import dist
+
     if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and dist.world_size() > 1:  # under torchrun: the local rank's GPU
+        device = f"cuda:{dist.local_rank()}"
     try:
         return check_device(device)
     except ValueError as exc:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from diffsamp import dist
 from diffsamp.cli._common import check_writable, load_or_fail, main, resolve_device
 
 
@@ -83,7 +84,7 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--samplers", default="ddim,heun,dpm2,dpmpp3m,ipndm,amed,ipndm+amed", show_default=True,
               help="Rows; a learned sampler may carry a variant, amed:static → predictor <model>/amed-static-nfe<N>.")
 @click.option("--nfe", "nfes", default="3,5,7,9", show_default=True, help="Target NFEs.")
-@click.option("--num", default=2000, show_default=True, type=click.IntRange(min=2), help="Samples per cell (seeds 0…N−1).")
+@click.option("--num", "-n", "num", default=2000, show_default=True, type=click.IntRange(min=2), help="Samples per cell (seeds 0…N−1).")
 @click.option("--ref", "reference", default="mnist:test", show_default=True, help="DATASET:SPLIT (its first N images) or a stats .npz.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bench directory (created): table.md, table.csv, fid_vs_nfe.png, cells/.")
 @click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: the model's own, karras or rf; logsnr for dpmpp*).")
@@ -167,7 +168,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
                                  final_step=final_step, row_final_steps=row_final_steps)
             results[w] = cells
             tables.append(table)
-        if len(scales) > 1:
+        if len(scales) > 1 and dist.is_main():
             from diffsamp.metrics.bench import plot_fid_vs_cfg
 
             plot_fid_vs_cfg(results, max(targets), None, Path(out) / "fid_vs_cfg.png", f"{model_name}, N = {num}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from diffsamp import dist
 from diffsamp.cli._common import check_writable, main, nonnegative, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
@@ -77,7 +78,7 @@ def fid_group() -> None:
 @click.option("--split", type=click.Choice(("train", "test")), default="train", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Where the data set files are (default $DIFFSAMP_DATA).")
-@click.option("--num", type=click.IntRange(min=2), default=None, help="Use the first NUM images (default: all).")
+@click.option("--num", "-n", "num", type=click.IntRange(min=2), default=None, help="Use the first NUM images (default: all).")
 @click.option("--pad-to", type=click.IntRange(min=0), default=32, show_default=True,
               help="Data sets: pad smaller images (28×28 digits) with background to this size; 0 keeps them as stored.")
 @click.option("--padding", type=click.IntRange(min=0), default=None,
@@ -119,8 +120,9 @@ def ref_cmd(folder, dataset, split, data_dir, num, pad_to, padding, features, no
         ext = _extractor(inception, download_weights, device)
         stats = folder_stats(folder, limit=num, padding=padding, keep_features=keep, extractor=ext,
                              batch_size=batch_size, progress=progress)
-    path = save_stats(stats, out, include_features=features is not False)
-    click.echo(f"wrote {path}: {stats.describe()}")
+    if dist.is_main():  # under torchrun every rank holds the merged statistics; one writes them
+        path = save_stats(stats, out, include_features=features is not False)
+        click.echo(f"wrote {path}: {stats.describe()}")
 
 
 def _side_kind(value: str, hint: str) -> str:
@@ -146,7 +148,7 @@ def _refuse_mismatch(diffs: list[str], allow: bool) -> None:
 @fid_group.command("calc")
 @click.argument("a")
 @click.argument("b")
-@click.option("--num", type=click.IntRange(min=2), default=None, help="Folders: use the first NUM images.")
+@click.option("--num", "-n", "num", type=click.IntRange(min=2), default=None, help="Folders: use the first NUM images.")
 @click.option("--padding-a", type=click.IntRange(min=0), default=None,
               help="Folder A: background pixels its images carry on each side (checked against B).")
 @click.option("--padding-b", type=click.IntRange(min=0), default=None, help="The same for folder B.")

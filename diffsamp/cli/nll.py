@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from diffsamp import dist
 from diffsamp.cli._common import check_writable, main
 
 
@@ -70,7 +71,7 @@ def _plot(path: Path, x: list[float], y: list[float], *, xlabel: str, ylabel: st
 @click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10, or a folder of images.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the data set files are (default $DIFFSAMP_DATA).")
-@click.option("--num", default=100, show_default=True, type=click.IntRange(min=1), help="Use the first NUM images.")
+@click.option("--num", "-n", "num", default=100, show_default=True, type=click.IntRange(min=1), help="Use the first NUM images.")
 @click.option("--pad-to", default=None, type=click.IntRange(min=0), help="Pad smaller images (28×28 digits) with background to this size (default: the model's image size, 32 for the zoo); 0 keeps them.")
 @click.option("--method", default="elbo", show_default=True, type=click.Choice(["elbo", "ode"]), help="elbo: DDPM variational bound; ode: probability-flow ODE likelihood.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="elbo: length K of the strided chain (default: the model's T).")
@@ -108,7 +109,7 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
 
     from diffsamp.io import write_text as atomic_write_text
     from diffsamp.data import DataNotFoundError, load_dataset_uint8, pad_images
-    from diffsamp.metrics.likelihood import LN2, elbo, ode_nll, per_step_rows
+    from diffsamp.metrics.likelihood import LN2, elbo, merge_over_ranks, ode_nll, per_step_rows
     from diffsamp.models.zoo import load, sample_shape
 
     if method == "ode" and (steps is not None or t_samples is not None):
@@ -141,19 +142,22 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(images), unit="img", desc=f"nll {method}", dynamic_ncols=True)
+        bar = tqdm(total=len(dist.shard(range(len(images)))), unit="img", desc=f"nll {method}", dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
         if bar is not None:
             bar.update(done - bar.n)
 
+    mine = dist.shard(range(len(images)))  # under torchrun: this rank's images, each with its own seed + index
+    part, seeds = images[mine], [seed + i for i in mine]
     try:
         if method == "elbo":
-            res: Any = elbo(model, images, steps=steps, variance=variance, t_samples=t_samples, mask=mask, seed=seed,
-                            batch_size=batch_size, progress=progress)
+            res: Any = elbo(model, part, steps=steps, variance=variance, t_samples=t_samples, mask=mask, seed=seed,
+                            batch_size=batch_size, progress=progress, image_seeds=seeds)
         else:
-            res = ode_nll(model, images, probes=probes, rtol=rtol, atol=atol, sigma_min=sigma_min, seed=seed,
-                          batch_size=batch_size, progress=progress)
+            res = ode_nll(model, part, probes=probes, rtol=rtol, atol=atol, sigma_min=sigma_min, seed=seed,
+                          batch_size=batch_size, progress=progress, image_seeds=seeds)
+        res = merge_over_ranks(res, len(images))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -189,7 +193,7 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
         line += f" ({bpd_raw:.4f} ± {se_raw:.4f} per unpadded pixel, {raw_dims} dims)"
     click.echo(f"{line}; {tail}  [N = {len(images)}, {seconds:.0f} s]")
 
-    if out is not None:
+    if out is not None and dist.is_main():
         outdir = Path(out)
         outdir.mkdir(parents=True, exist_ok=True)
         per_image = [{"index": i, "nats": float(n), "bits_per_dim": float(n) / (res.dims * LN2)}

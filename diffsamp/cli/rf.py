@@ -174,7 +174,7 @@ def reflow_group() -> None:
 @click.option("--sampler", default="euler", show_default=True, type=click.Choice(ODE_SAMPLERS), help="A deterministic ODE sampler.")
 @click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="Default: rf for rectified flows, karras otherwise.")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Sampler steps (rk45: ignored, adaptive: it integrates the schedule's σ_max → σ_min).")
-@click.option("--num", required=True, type=click.IntRange(min=1), help="Number of pairs.")
+@click.option("--num", "-n", "num", required=True, type=click.IntRange(min=1), help="Number of pairs.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), callback=writable_folder, help="Pairs directory (resumes if it exists).")
 @click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
@@ -240,7 +240,7 @@ def rf_group() -> None:
 
 @rf_group.command("straightness")
 @click.option("--model", "model_name", required=True, help="Zoo name, saved model or run dir (any model: its ODE in RF time).")
-@click.option("--num", default=1000, show_default=True, type=click.IntRange(min=2), help="Paths (Monte-Carlo samples).")
+@click.option("--num", "-n", "num", default=1000, show_default=True, type=click.IntRange(min=2), help="Paths (Monte-Carlo samples).")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(min=1), help="Euler steps along each path.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from diffsamp import dist
 from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, default_schedule
 from diffsamp.models.conditioning import Guidance
@@ -254,7 +255,8 @@ def run_cell(
                      extra={"knobs": plan.row_knobs} if plan.row_knobs else {}, final_step=plan.final_step)
     if q.nfe != plan.nfe:
         raise RuntimeError(f"{plan.sampler} at NFE {plan.nfe}: measured {q.nfe} evaluations")
-    write_text(path, json.dumps(asdict(res), indent=2) + "\n")
+    if dist.is_main():  # under torchrun every rank holds the merged result; one writes it
+        write_text(path, json.dumps(asdict(res), indent=2) + "\n")
     return res
 
 
@@ -415,7 +417,9 @@ def bench(
               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "cached_only": cached_only, "classes": list(classes) if classes is not None else None,
               "guidance": guidance.record() if guidance is not None else None}
-    write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    config["processes"] = dist.world_size()
+    if dist.is_main():
+        write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     cells = []
     for plan in plans:
         c = run_cell(model, plan, reference=ref, extractor=extractor, num=num, batch_size=batch_size, clip=clip,
@@ -440,8 +444,9 @@ def bench(
         conditioning = f"; classes {classes} cycled over the seeds, guidance w = {w:g}"
     head = (f"{model_name}: FID (KID×10³) of N = {num} samples (seeds 0–{num - 1}) vs {reference}; "
             f"x̂0 clipping: {clip}{conditioning}\n\n")
-    write_text(out / "table.md", head + table)
-    write_csv(cells + ([ref_cell] if ref_cell else []), out / "table.csv")
-    plot_fid_vs_nfe(cells, floor[0] if floor else None, ref_cell, out / "fid_vs_nfe.png", f"{model_name}, N = {num}")
+    if dist.is_main():
+        write_text(out / "table.md", head + table)
+        write_csv(cells + ([ref_cell] if ref_cell else []), out / "table.csv")
+        plot_fid_vs_nfe(cells, floor[0] if floor else None, ref_cell, out / "fid_vs_nfe.png", f"{model_name}, N = {num}")
     return cells, head + table
 

@@ -45,7 +45,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -269,6 +269,7 @@ def elbo(
     seed: int = 0,
     batch_size: int = 64,
     progress: Progress = None,
+    image_seeds: Sequence[int] | None = None,
 ) -> ELBOResult:
     """The DDPM variational bound (Ho et al. 2020, Eq. 5) of each image, for the model's T-step chain
     (``steps`` None) or a strided K-step chain (``steps`` = K; see ``chain_timesteps``).
@@ -279,8 +280,9 @@ def elbo(
     drawn from ``proposal`` (default ``importance_proposal``) and weighted by 1/(M·p), unbiased, with the
     prior and decoder terms exact (M + 1 calls per image). ``alphas_cumprod`` overrides the model's table.
     ``mask`` (a sample-shaped bool tensor) also sums every term over the masked values only
-    (``nats_in_mask``, e.g. the 28×28 interior of padded MNIST). Image i's noise comes from seed + i,
-    so its terms do not depend on the batch size. Runs without gradients.
+    (``nats_in_mask``, e.g. the 28×28 interior of padded MNIST). Image i's noise comes from seed + i
+    (``image_seeds[i]`` when given: a shard of a larger set), so its terms do not depend on the batch size.
+    Runs without gradients.
     """
     start = time.perf_counter()
     ac = model_alphas_cumprod(model) if alphas_cumprod is None else torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -336,7 +338,7 @@ def elbo(
         is_dec = (ks == 0).to(device).reshape(shape)
         return torch.where(is_dec, dec, kl), is_dec
 
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(N)]
+    gens = [torch.Generator().manual_seed(s) for s in _image_seeds(seed, N, image_seeds)]
     sample_shape = tuple(x_all.shape[1:])
     nfe = 0
     with torch.inference_mode():
@@ -454,6 +456,7 @@ def ode_nll(
     batch_size: int = 64,
     curve_points: int = 33,
     progress: Progress = None,
+    image_seeds: Sequence[int] | None = None,
 ) -> ODEResult:
     """−log p(x) of each image under the model's probability-flow ODE (Score-SDE §4.3, App. D).
 
@@ -462,7 +465,7 @@ def ode_nll(
     density of x itself in the model's space. ``probes``: Rademacher vectors per image for Hutchinson's trace,
     fixed along the path (None: the exact trace, d backward passes, for toys). σ range: the model's own
     (the density is that of the ODE's pushforward of the prior at σ_min). Image i draws its dequantisation
-    and probes from seed + i. Adaptive RK45 (scipy) with ``rtol``/``atol`` on the O(1) state, batched: the
+    and probes from seed + i (``image_seeds[i]`` when given). Adaptive RK45 (scipy) with ``rtol``/``atol`` on the O(1) state, batched: the
     step size is shared by the batch. Works on any denoiser; the prior is ``prior_scale(model.prior, σ_max)``.
     The figure depends on where the ODE is truncated (Kim et al. 2022, "Soft Truncation"): p_{σmin} is the data
     blurred at σ_min, which costs bits when σ_min is wide compared with a bin, while far below the σ's a model
@@ -490,11 +493,12 @@ def ode_nll(
     out_div = torch.zeros(N, dtype=torch.float64)
     curve = np.zeros(curve_points)
     nfes: list[int] = []
+    seeds = _image_seeds(seed, N, image_seeds)
 
     for b in range(0, N, batch_size):
         idx = list(range(b, min(b + batch_size, N)))
         B = len(idx)
-        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+        gens = [torch.Generator().manual_seed(seeds[i]) for i in idx]
         x0 = x_all[idx]
         if discrete:
             u = torch.stack([torch.rand(shape, generator=g, dtype=torch.float64) for g in gens])
@@ -560,7 +564,40 @@ def ode_nll(
         nfe=float(np.mean(nfes)), seconds=time.perf_counter() - start, discrete=discrete,
         sigma_min=s_min, sigma_max=s_max, rtol=rtol, atol=atol,
         curve_sigmas=torch.from_numpy(np.exp(l_eval)), curve_bpd=torch.from_numpy(curve / N),
+        info={"batches": len(nfes)},
     )
+
+
+def _image_seeds(seed: int, n: int, image_seeds: Sequence[int] | None) -> list[int]:
+    if image_seeds is None:
+        return [seed + i for i in range(n)]
+    if len(image_seeds) != n:
+        raise ValueError(f"{len(image_seeds)} image seeds for {n} images")
+    return [int(s) for s in image_seeds]
+
+
+def merge_over_ranks(result: ELBOResult | ODEResult, total: int) -> ELBOResult | ODEResult:
+    """Under torchrun: the result over every rank's ``diffsamp.dist.shard`` of the images (each computed with
+    ``image_seeds`` = seed + its indices), per-image values back in image order; itself in a single process."""
+    from diffsamp import dist
+
+    if dist.world_size() == 1:
+        return result
+    per_image = {f: dist.gather_shards(getattr(result, f), total) for f in
+                 ("nats", "prior_nats", "decoder_nats", "kl_nats", "nats_in_mask", "divergence_nats")
+                 if getattr(result, f, None) is not None}
+    seconds = max(dist.gather_objects(result.seconds))
+    if isinstance(result, ELBOResult):
+        count = dist.all_reduce_sum(result.per_step_count)
+        weighted = dist.all_reduce_sum(torch.nan_to_num(result.per_step_bpd) * result.per_step_count)
+        per_step = torch.where(count > 0, weighted / count.clamp_min(1), torch.full_like(weighted, math.nan))
+        return replace(result, **per_image, per_step_bpd=per_step, per_step_count=count, seconds=seconds)
+    n = len(result.nats)
+    curve = dist.all_reduce_sum(result.curve_bpd * n) / total
+    batches = result.info.get("batches", 1)
+    nfe_sum, batch_sum = dist.all_reduce_sum(torch.tensor([result.nfe * batches, float(batches)], dtype=torch.float64))
+    return replace(result, **per_image, curve_bpd=curve, nfe=float(nfe_sum / batch_sum), seconds=seconds,
+                   info={**result.info, "batches": int(batch_sum)})
 
 
 def per_step_rows(result: ELBOResult) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffsamp import dist
 from diffsamp.io import write_json
 from diffsamp.models.diffusers_unet import (
     DiffusersUNetDenoiser,
@@ -212,7 +213,7 @@ def train_ddpm(
         progress=progress,
         stop_after=stop_after,
     )
-    if result.finished or (result.step > 0 and not result.interrupted and stop_after is None):
+    if dist.is_main() and (result.finished or (result.step > 0 and not result.interrupted and stop_after is None)):
         # finished, or stopped by the time budget: export what we have (the checkpoint still resumes)
         save_diffusers(ema.shadow, out, options.prediction_type)
         write_card(out, options, config, result, device, n_params)

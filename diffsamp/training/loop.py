@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffsamp import dist
 from diffsamp.io import write_text
 from diffsamp.training.checkpoint import (
     CHECKPOINT,
@@ -212,14 +213,15 @@ def train_loop(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
-    lock = _lock_run_dir(run_dir)
+    lock = _lock_run_dir(run_dir) if dist.is_main() else None  # one process owns the run directory
     try:
         return _train_loop_locked(
             model, loss_fn, batches, config, run_dir, ckpt_path, torch.device(device),
             resume=resume, sample_fn=sample_fn, progress=progress, stop_after=stop_after,
         )
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def _lock_run_dir(run_dir: Path):
@@ -280,15 +282,19 @@ def _train_loop_locked(
         )
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_seconds", 0.0))
-        _log_line(run_dir, {"event": "resume", "step": step})
+        _log_line(run_dir, {"event": "resume", "step": step, "processes": dist.world_size()})
     elif resume:
-        print(f"no checkpoint in {run_dir}: starting from scratch", file=sys.stderr)
+        if dist.is_main():
+            print(f"no checkpoint in {run_dir}: starting from scratch", file=sys.stderr)
     elif ckpt_path.is_file():
         raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) to continue it, or use a new run dir")
-    if step == 0:
+    if step == 0 and dist.is_main():
         write_text(run_dir / "train_config.json", json.dumps(config.to_json(), indent=2))
+    forward = _sharded_forward(model, device)  # the model itself in one process; under torchrun DDP on a share
 
     def checkpoint() -> None:
+        if not dist.is_main():  # every rank holds the same state; rank 0 writes it (atomically)
+            return
         save_checkpoint(
             ckpt_path,
             step=step,
@@ -302,7 +308,7 @@ def _train_loop_locked(
         )
 
     bar = None
-    if progress:
+    if progress and dist.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, dynamic_ncols=True, desc="train", smoothing=0.05)
@@ -321,7 +327,7 @@ def _train_loop_locked(
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, config) * g.get("lr_scale", 1.0)
             with _autocast(device, config.mixed_precision):
-                loss = loss_fn(model, batch, loss_gen)
+                loss = loss_fn(forward, batch, loss_gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip and config.grad_clip > 0:
@@ -344,14 +350,15 @@ def _train_loop_locked(
                 })
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
-                else:
+                elif dist.is_main():
                     print(f"step {step}: loss {last_loss:.4f}, {ips:.0f} img/s, "
                           f"{elapsed_before + now - t_start:.0f} s", flush=True)
                 window_loss.zero_()
                 window_n, window_imgs, window_t = 0, 0, now
             if bar is not None:
                 bar.update(1)
-            if config.sample_every and step % config.sample_every == 0 and sample_fn is not None and step < config.steps:
+            if (config.sample_every and step % config.sample_every == 0 and sample_fn is not None
+                    and step < config.steps and dist.is_main()):
                 _safe_sample(sample_fn, ema.shadow, step, run_dir)
             if stop.requested:
                 stop_reason = stop.requested
@@ -359,6 +366,7 @@ def _train_loop_locked(
                 stop_reason = "stop_after"
             elif time.perf_counter() >= deadline:
                 stop_reason = "time budget"
+            stop_reason = _agreed_stop(stop_reason)
             if stop_reason or (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
                 checkpoint()
             if stop_reason:
@@ -369,10 +377,10 @@ def _train_loop_locked(
         last_loss = float(window_loss) / window_n
     seconds = time.perf_counter() - t_start
     finished = step >= config.steps
-    if stop_reason:
+    if stop_reason and dist.is_main():
         print(f"stopped at step {step} ({stop_reason}); checkpoint written to {ckpt_path}", file=sys.stderr)
         _log_line(run_dir, {"event": "stop", "step": step, "reason": stop_reason})
-    if (finished or stop_reason == "time budget") and sample_fn is not None:
+    if (finished or stop_reason == "time budget") and sample_fn is not None and dist.is_main():
         _safe_sample(sample_fn, ema.shadow, step, run_dir)
     result = TrainResult(
         step=step,
@@ -382,6 +390,77 @@ def _train_loop_locked(
         interrupted=stop_reason in ("SIGINT", "SIGTERM"),
     )
     return result, ema
+
+
+_STOP_REASONS = ("SIGINT", "SIGTERM", "stop_after", "time budget")
+
+
+def _agreed_stop(reason: str | None) -> str | None:
+    """Under torchrun every rank stops at the same step: the first reason (in ``_STOP_REASONS`` order) any rank
+    has, so a signal or a time budget seen by one rank is honoured by all. ``reason`` itself in one process."""
+    if dist.world_size() == 1:
+        return reason
+    flags = torch.zeros(len(_STOP_REASONS), dtype=torch.float64)
+    if reason is not None:
+        flags[_STOP_REASONS.index(reason)] = 1
+    seen = dist.all_reduce_sum(flags)
+    return next((r for r, f in zip(_STOP_REASONS, seen.tolist()) if f > 0), None)
+
+
+class _ShardedForward(nn.Module):
+    """The network under DistributedDataParallel, each rank evaluating its contiguous share of the global batch.
+
+    ``forward`` takes the whole global batch (every rank draws the same batch, times and noise from the same
+    generators, so the loss is the one-process loss), runs the DDP network on this rank's rows and all-gathers
+    the outputs. Every rank then computes the same loss; the backward keeps this rank's rows of its gradient,
+    scaled by the world size, and DDP's mean over ranks makes the one-process gradient of the global batch.
+    """
+
+    def __init__(self, ddp: nn.Module, world: int, rank: int) -> None:
+        super().__init__()
+        self.ddp, self.world, self.rank = ddp, world, rank
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0]
+        b = x.shape[0]
+        if b % self.world:
+            raise ValueError(f"the global batch of {b} does not split over {self.world} processes; "
+                             f"use a --batch-size divisible by {self.world}")
+        lo, hi = self.rank * b // self.world, (self.rank + 1) * b // self.world
+
+        def part(v: Any) -> Any:
+            return v[lo:hi] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b else v
+
+        out = self.ddp(*[part(a) for a in args], **{k: part(v) for k, v in kwargs.items()})
+        if isinstance(out, Tensor):
+            return _GatherRows.apply(out, self.world)
+        return type(out)(sample=_GatherRows.apply(out.sample, self.world))  # diffusers' UNet2DOutput and kin
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal row blocks; backward: this rank's block of the (rank-identical) gradient × world."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, world: int) -> Tensor:  # type: ignore[override]
+        ctx.world, ctx.rows = world, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        r = dist.rank()
+        return grad[r * ctx.rows : (r + 1) * ctx.rows] * ctx.world, None
+
+
+def _sharded_forward(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in one process; under torchrun a ``_ShardedForward`` around ``DistributedDataParallel(model)``."""
+    if dist.world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else dist.local_rank()] if device.type == "cuda" else None
+    return _ShardedForward(DistributedDataParallel(model, device_ids=ids), dist.world_size(), dist.rank())
 
 
 def _safe_sample(sample_fn: Callable[[nn.Module, int, Path], None], model: nn.Module, step: int, run_dir: Path) -> None:
@@ -398,6 +477,8 @@ def _safe_sample(sample_fn: Callable[[nn.Module, int, Path], None], model: nn.Mo
 
 
 def _log_line(run_dir: Path, record: dict) -> None:
+    if not dist.is_main():
+        return
     with open(run_dir / LOG, "a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffsamp import dist
 from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
 from diffsamp.models.networks import MLPVelocity, call_velocity, make_unet
 from diffsamp.models.parameterization import T_MAX
@@ -240,7 +241,7 @@ def _run(
     sample_fn = _grid_sampler(time_scale, shape, options.num_grid, source) if options.num_grid else None
     result, ema = train_loop(net, loss_fn, batches, config, out, device=device, resume=resume, sample_fn=sample_fn,
                              progress=progress, stop_after=stop_after)
-    if result.finished or (result.step > 0 and not result.interrupted and stop_after is None):
+    if dist.is_main() and (result.finished or (result.step > 0 and not result.interrupted and stop_after is None)):
         _finish(out, ema.shadow, time_scale=time_scale, source=source,
                 info={**info, "shape": list(shape), "batch_size": options.batch_size,
                       "t_sampling": options.t_sampling, "init": options.init, **options.extra_info},
