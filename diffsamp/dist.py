@@ -96,8 +96,9 @@ def _guard(what: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except (RuntimeError, OSError) as exc:  # gloo/NCCL report a dead peer as a RuntimeError (DistBackendError)
-        raise RankFailedError(f"rank {rank()}: another process of this job stopped during {what} "
-                              f"({str(exc).splitlines()[0][:120]})") from exc
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise RankFailedError(f"rank {rank()}: another process of this job stopped during {what} ({first}); "
+                              "rerun with --resume / --skip-existing to finish the work") from exc
 
 
 def barrier() -> None:

@@ -28,7 +28,25 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     tqdm.write(f"warning: {message}", file=sys.stderr)  # above a live progress bar, not into its line
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The command group; under torchrun a peer that failed is this process's one-line error, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import torch.distributed
+
+        from diffsamp import dist
+
+        try:
+            return super().invoke(ctx)
+        except dist.RankFailedError as exc:
+            raise click.ClickException(str(exc)) from None
+        except torch.distributed.DistError as exc:  # a collective inside torch (DDP's all-reduce) lost its peer
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise click.ClickException(f"rank {dist.rank()}: another process of this job stopped ({first}); "
+                                       "rerun with --resume / --skip-existing to finish the work") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="diffsamp")
 @click.pass_context
 def main(ctx: click.Context) -> None:

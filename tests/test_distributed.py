@@ -1,0 +1,188 @@
+"""torchrun (gloo, 2 CPU processes): sharded sampling writes what one process writes, FID statistics merge to the
+one-process figures, DDP training follows the one-process run, and a killed rank stops the job and resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from diffsamp import dist
+from tests.conftest import subprocess_env, tiny_extractor, write_idx
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffsamp",
+           *args]
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffsamp", *args], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=240)
+
+
+# ------------------------------------------------------------------------------ in-process gloo workers
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        from diffsamp.metrics.fid import compute_stats
+
+        images = torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+        stats = compute_stats(images[dist.rank() :: dist.world_size()], extractor=tiny_extractor(), keep_features=True,
+                              total=23, sharded=True, progress=False, batch_size=4)
+        results["mu"], results["sigma"], results["features"] = stats.mu, stats.sigma, stats.features
+        results["n"] = stats.num_images
+
+        from diffsamp.training.loop import _sharded_forward
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6))
+        seen = []
+        net.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+        target = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+        forward = _sharded_forward(net, torch.device("cpu"))
+        loss = torch.nn.functional.mse_loss(forward(x), target)
+        loss.backward()
+        results["loss"] = float(loss)
+        results["grads"] = [p.grad.clone() for p in net.parameters()]
+        results["rows_seen"] = seen
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_fid_statistics_merged_over_ranks_equal_one_process(gloo_results):
+    """Float64 moments summed over ranks (re-centred on a common shift) and features gathered in image order."""
+    from diffsamp.metrics.fid import compute_stats
+
+    images = torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    one = compute_stats(images, extractor=tiny_extractor(), keep_features=True, progress=False, batch_size=4)
+    for r in gloo_results:
+        assert r["n"] == 23
+        np.testing.assert_allclose(r["mu"], one.mu, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(r["sigma"], one.sigma, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(r["features"], one.features)  # same rows, same order (KID subsets agree)
+
+
+def test_a_sharded_forward_gives_the_one_process_gradient(gloo_results):
+    """Each rank's network sees its half of the batch; after DDP the gradient is the full batch's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    loss = torch.nn.functional.mse_loss(net(x), target)
+    loss.backward()
+    for r in gloo_results:
+        assert r["rows_seen"] == [4]
+        assert r["loss"] == pytest.approx(float(loss), rel=1e-6)
+        for g, p in zip(r["grads"], net.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_shards_partition_and_gather_restores_order():
+    assert dist.shard(list(range(5))) == [0, 1, 2, 3, 4]  # one process: everything
+    parts = [list(range(7))[r::3] for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(7)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# ------------------------------------------------------------------------------ the command line under torchrun
+def test_torchrun_sample_writes_the_bytes_one_process_writes(tiny_model_dir, tmp_path):
+    args = ["sample", "--model", str(tiny_model_dir), "--sampler", "dpmpp_2m_sde", "--steps", "3", "--seeds", "0-6",
+            "--quiet"]
+    one = one_process(*args, "--outdir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--outdir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    pngs = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert len(pngs) == 7 and pngs == sorted(p.name for p in (tmp_path / "two").glob("*.png"))
+    for name in pngs:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert two.stdout.count("7 images") == 1  # rank 0 alone reports
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    imgs = torch.randint(0, 256, (32, 28, 28), generator=torch.Generator().manual_seed(0)).numpy()
+    write_idx(tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz", imgs)
+    return tmp_path / "data"
+
+
+def train_args(data: Path, out: Path, steps: int) -> list[str]:
+    return ["train", "ddpm", "--dataset", "mnist", "--data-dir", str(data), "--out", str(out), "--steps", str(steps),
+            "--channels", "8,16", "--attention-levels", "none", "--batch-size", "8", "--num-grid", "0",
+            "--warmup-steps", "0", "--no-progress"]
+
+
+def test_torchrun_training_follows_the_one_process_run(tiny_mnist, tmp_path):
+    from safetensors.torch import load_file
+
+    one = one_process(*train_args(tiny_mnist, tmp_path / "one", 3))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*train_args(tiny_mnist, tmp_path / "two", 3))
+    assert two.returncode == 0, two.stderr
+    a, b = load_file(tmp_path / "one" / "checkpoint.safetensors"), load_file(tmp_path / "two" / "checkpoint.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k  # data order and random states: the same global stream
+    assert (tmp_path / "two" / "card.json").is_file() and two.stdout.count("finished at step 3") == 1
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
+def test_a_killed_rank_stops_every_rank_and_the_run_resumes(tiny_mnist, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffsamp",
+           *train_args(tiny_mnist, run, 100000), "--ckpt-every", "5"]
+    agent = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoint.safetensors").is_file() and time.time() < deadline and agent.poll() is None:
+            time.sleep(0.2)
+        assert (run / "checkpoint.safetensors").is_file(), agent.communicate()[1]
+        workers = _children(agent.pid)
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)
+        _, err = agent.communicate(timeout=90)  # no hang: the other rank is stopped with it
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0
+    from diffsamp.training.checkpoint import read_checkpoint
+
+    reached = read_checkpoint(run / "checkpoint.safetensors")[1]["step"]  # whole: written atomically by rank 0
+    assert reached % 5 == 0 and reached > 0
+    resumed = one_process(*train_args(tiny_mnist, run, reached + 3), "--resume")  # with fewer ranks
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"finished at step {reached + 3}" in resumed.stdout
