@@ -2,13 +2,14 @@
 
 Launched as ``torchrun --nproc_per_node N -m diffsamp …`` (gloo on CPU, NCCL on GPUs; multi-node through torchrun's
 rendezvous), the command line calls ``init()`` once; without torchrun the world has one rank and every function
-here is the identity, so the same code runs unchanged. Work is split by *seed*: rank r takes ``items[r::W]``
-(``shard``), and because image i depends only on seed i (CONTRIBUTING.md) the union of the shards is what one
-process computes. ``gather_shards`` puts per-item results back in the original order.
+here is the identity, so the same code runs unchanged. Work is split by *seed*, in whole batches: rank r takes
+batches r, r + W, … (``shard``), and because image i depends only on seed i (CONTRIBUTING.md) and each batch is
+the one a single process would run, the union of the shards is bit for bit what one process computes.
+``gather_shards`` puts per-item results back in the original order.
 
     >>> from diffsamp import dist
-    >>> mine = dist.shard(seeds)            # this rank's seeds
-    >>> everything = dist.gather_shards(my_results, len(seeds))
+    >>> mine = dist.shard(seeds, block=batch_size)            # this rank's seeds
+    >>> everything = dist.gather_shards(my_results, len(seeds), block=batch_size)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "local_rank",
     "rank",
     "shard",
+    "shard_indices",
     "shutdown",
     "world_size",
 ]
@@ -87,9 +89,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def shard(items: Sequence[T]) -> list[T]:
-    """This rank's share of ``items``: every W-th one from position ``rank`` (balanced to within one item)."""
-    return list(items[rank() :: world_size()])
+def shard_indices(total: int, block: int = 1, of_rank: int | None = None, world: int | None = None) -> list[int]:
+    """The positions 0…total−1 a rank takes: blocks of ``block`` consecutive positions dealt round-robin, block k
+    to rank k mod W. With ``block`` = the batch size every batch holds the items it holds in one process, so
+    batch-size-dependent float32 kernels give bit-identical results."""
+    if block < 1:
+        raise ValueError(f"block must be positive, got {block}")
+    r = rank() if of_rank is None else of_rank
+    step = (world_size() if world is None else world) * block
+    return [i for k in range(r * block, total, step) for i in range(k, min(k + block, total))]
+
+
+def shard(items: Sequence[T], block: int = 1) -> list[T]:
+    """This rank's share of ``items`` (``shard_indices``); all of them in a single process."""
+    return [items[i] for i in shard_indices(len(items), block)]
 
 
 def _guard(what: str, fn: Any, *args: Any) -> Any:
@@ -125,19 +138,22 @@ def gather_objects(obj: T) -> list[T]:
     return out
 
 
-def gather_shards(mine: Sequence[T] | Tensor, total: int) -> list[T] | Tensor:
-    """Undo ``shard``: each rank's per-item results (a list, or a tensor whose rows are the items) → all ``total``
-    items in their original order, on every rank."""
+def gather_shards(mine: Sequence[T] | Tensor, total: int, block: int = 1) -> list[T] | Tensor:
+    """Undo ``shard(…, block)``: each rank's per-item results (a list, or a tensor whose rows are the items) → all
+    ``total`` items in their original order, on every rank."""
     parts = gather_objects(mine.cpu() if isinstance(mine, Tensor) else list(mine))
     if len(parts) == 1:
         return parts[0]
-    w = len(parts)
-    if isinstance(mine, Tensor):
-        out = mine.new_empty((total, *mine.shape[1:]), device="cpu")
-        for r, p in enumerate(parts):
-            out[r::w] = p
+    where = [shard_indices(total, block, r) for r in range(len(parts))]
+    if isinstance(mine, Tensor):  # a rank without items may hold an empty tensor of any shape
+        full = next((p for p, idx in zip(parts, where) if idx), parts[0])
+        out = full.new_empty((total, *full.shape[1:]))
+        for idx, p in zip(where, parts):
+            if idx:
+                out[idx] = p
         return out
     merged: list[Any] = [None] * total
-    for r, p in enumerate(parts):
-        merged[r::w] = p
+    for idx, p in zip(where, parts):
+        for i, v in zip(idx, p):
+            merged[i] = v
     return merged

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,15 +157,15 @@ def load_init_image(path: str | os.PathLike, channels: int, size: tuple[int, int
 
 
 def iter_image_folder(
-    folder: str | os.PathLike, batch_size: int = 256, limit: int | None = None, select: slice | None = None
+    folder: str | os.PathLike, batch_size: int = 256, limit: int | None = None, select: Sequence[int] | None = None
 ) -> Iterator[Tensor]:
     """Yield the images of ``folder`` as uint8 (B, C, H, W) batches, checking every header first; ``select``
-    takes a part of the (sorted, limited) file list, e.g. one rank's ``slice(rank, None, world)``."""
+    takes those positions of the (sorted, limited) file list, e.g. one rank's ``diffsamp.dist.shard_indices``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     files, (c, h, w) = scan_image_folder(folder, limit)
     if select is not None:
-        files = files[select]
+        files = [files[i] for i in select]
     for i in range(0, len(files), batch_size):
         chunk = files[i : i + batch_size]
         out = np.empty((len(chunk), c, h, w), dtype=np.uint8)

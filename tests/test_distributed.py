@@ -33,7 +33,7 @@ def one_process(*args: str) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------ in-process gloo workers
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, model_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)})
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -42,8 +42,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         from diffsamp.metrics.fid import compute_stats
 
         images = torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-        stats = compute_stats(images[dist.rank() :: dist.world_size()], extractor=tiny_extractor(), keep_features=True,
-                              total=23, sharded=True, progress=False, batch_size=4)
+        stats = compute_stats(images[dist.shard_indices(23, 4)], extractor=tiny_extractor(), keep_features=True,
+                              total=23, shard_block=4, progress=False, batch_size=4)
         results["mu"], results["sigma"], results["features"] = stats.mu, stats.sigma, stats.features
         results["n"] = stats.num_images
 
@@ -61,15 +61,28 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         results["loss"] = float(loss)
         results["grads"] = [p.grad.clone() for p in net.parameters()]
         results["rows_seen"] = seen
+        from diffsamp.metrics.likelihood import elbo, merge_over_ranks
+        from diffsamp.metrics.scoring import score_model
+        from diffsamp.models import load
+
+        model = load(model_dir)
+        q = score_model(model, stats, num=7, batch_size=2, sampler="euler", steps=3, extractor=tiny_extractor(),
+                        progress=False)
+        results["fid"], results["kid"], results["nfe"] = q.fid, q.kid, q.nfe
+        pixels = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+        mine = dist.shard_indices(5, 2)
+        res = merge_over_ranks(elbo(model, pixels[mine], steps=4, batch_size=2, seed=9,
+                                    image_seeds=[9 + i for i in mine]), 5, 2)
+        results["nats"], results["per_step"] = res.nats, res.per_step_bpd
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def gloo_results(tmp_path_factory):
+def gloo_results(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp), str(tiny_model_dir)), nprocs=2, join=True)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -101,15 +114,39 @@ def test_a_sharded_forward_gives_the_one_process_gradient(gloo_results):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_shards_partition_and_gather_restores_order():
-    assert dist.shard(list(range(5))) == [0, 1, 2, 3, 4]  # one process: everything
-    parts = [list(range(7))[r::3] for r in range(3)]
-    assert sorted(sum(parts, [])) == list(range(7)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+def test_scores_and_bounds_computed_on_shards_equal_one_process(gloo_results, tiny_model_dir):
+    """score_model (what bench and sample --fid-ref run) and the DDPM bound (nll) on two ranks."""
+    from diffsamp.metrics.fid import compute_stats
+    from diffsamp.metrics.likelihood import elbo
+    from diffsamp.metrics.scoring import score_model
+    from diffsamp.models import load
+
+    images = torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    ref = compute_stats(images, extractor=tiny_extractor(), keep_features=True, progress=False, batch_size=4)
+    model = load(tiny_model_dir)
+    q = score_model(model, ref, num=7, batch_size=2, sampler="euler", steps=3, extractor=tiny_extractor(),
+                    progress=False)
+    pixels = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    res = elbo(model, pixels, steps=4, batch_size=2, seed=9)
+    for r in gloo_results:
+        # the moments agree to 1e-9 (above); the matrix square root of 7-sample statistics amplifies their rounding
+        assert r["fid"] == pytest.approx(q.fid, rel=1e-6) and r["kid"] == pytest.approx(q.kid, rel=1e-9, abs=1e-12)
+        assert r["nfe"] == q.nfe
+        torch.testing.assert_close(r["nats"], res.nats, rtol=1e-12, atol=0)
+        torch.testing.assert_close(r["per_step"], res.per_step_bpd, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_shards_deal_whole_batches_round_robin():
+    """Rank r takes batches r, r + W, …: every batch is the one a single process runs (bit-identical kernels)."""
+    assert dist.shard(list(range(5)), block=2) == [0, 1, 2, 3, 4]  # one process: everything
+    parts = [dist.shard_indices(11, 3, of_rank=r, world=2) for r in range(2)]
+    assert parts == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10]]
 
 
 # ------------------------------------------------------------------------------ the command line under torchrun
 def test_torchrun_sample_writes_the_bytes_one_process_writes(tiny_model_dir, tmp_path):
     args = ["sample", "--model", str(tiny_model_dir), "--sampler", "dpmpp_2m_sde", "--steps", "3", "--seeds", "0-6",
+            "--batch-size", "2",
             "--quiet"]
     one = one_process(*args, "--outdir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr

@@ -142,13 +142,14 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(dist.shard(range(len(images)))), unit="img", desc=f"nll {method}", dynamic_ncols=True)
+        bar = tqdm(total=len(dist.shard_indices(len(images), batch_size)), unit="img", desc=f"nll {method}",
+                   dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
         if bar is not None:
             bar.update(done - bar.n)
 
-    mine = dist.shard(range(len(images)))  # under torchrun: this rank's images, each with its own seed + index
+    mine = dist.shard_indices(len(images), batch_size)  # under torchrun: this rank's batches, seed + index each
     part, seeds = images[mine], [seed + i for i in mine]
     try:
         if method == "elbo":
@@ -157,7 +158,7 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
         else:
             res = ode_nll(model, part, probes=probes, rtol=rtol, atol=atol, sigma_min=sigma_min, seed=seed,
                           batch_size=batch_size, progress=progress, image_seeds=seeds)
-        res = merge_over_ranks(res, len(images))
+        res = merge_over_ranks(res, len(images), batch_size)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

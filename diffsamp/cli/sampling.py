@@ -203,7 +203,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     expected = spec.expected_nfe(grid, **plain_knobs)
-    batch = batch_size or min(len(seeds), 256)
+    batch = batch_size or min(-(-len(seeds) // dist.world_size()), 256)  # under torchrun: every rank gets work
     run = dict(sampler=sampler, schedule=schedule, steps=steps, seeds=seeds, batch_size=batch, **knob_values)
     if class_of is not None:
         run.update(cond=[class_of[s] for s in seeds], guidance=guidance)
@@ -261,26 +261,29 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
                     save_png(img, folder / name_of(s))
                     written[0] += 1
 
-        mine = dist.shard(range(len(seeds)))  # under torchrun: this rank's seeds; PNGs are per seed, so the same
+        mine = dist.shard_indices(len(seeds), batch)  # under torchrun: this rank's batches, as one process runs them
         run["seeds"] = [seeds[i] for i in mine]
         if "cond" in run:
             run["cond"] = [run["cond"][i] for i in mine]
-        result = generate(model, shape, device=device, on_batch=on_batch, **run)
+        result = generate(model, shape, device=device, on_batch=on_batch, **run) if mine else None
         bar.close()
-        images = result.images.clamp(-1, 1)
+        images = result.images.clamp(-1, 1) if result is not None else torch.zeros(0)
         if dist.world_size() > 1:
-            result = dataclasses.replace(result, nfe=max(dist.gather_objects(result.nfe)),
-                                         seconds=max(dist.gather_objects(result.seconds)))
+            done = [r for r in dist.gather_objects(result and (result.nfe, result.seconds)) if r]
+            result = dataclasses.replace(result, nfe=max(n for n, _ in done), seconds=max(t for _, t in done)) \
+                if result is not None else None
             if out is not None or scoring is not None:
-                images = dist.gather_shards(images, len(seeds))
+                images = dist.gather_shards(images, len(seeds), batch)
             if folder is not None:
                 written[0] = sum(dist.gather_objects(len(mine))) + len(all_seeds) - len(seeds)
+        from diffsamp.metrics.fid import DEFAULT_BATCH_SIZE as FEATURE_BATCH
+
         if not dist.is_main():
             if scoring is not None:
                 from diffsamp.metrics.scoring import score_images
 
-                score_images(images[dist.rank() :: dist.world_size()], scoring[1], extractor=scoring[0],
-                             progress=False, sharded=True)
+                score_images(images[dist.shard_indices(len(images), FEATURE_BATCH)], scoring[1],
+                             extractor=scoring[0], progress=False, shard_block=FEATURE_BATCH)
             return
         if out is not None:
             from diffsamp.images import save_images
@@ -298,8 +301,8 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         if scoring is not None:
             from diffsamp.metrics.scoring import score_images
 
-            fid, kid, kid_std = score_images(images[:: dist.world_size()], scoring[1], extractor=scoring[0],
-                                             progress=not quiet, sharded=True)
+            fid, kid, kid_std = score_images(images[dist.shard_indices(len(images), FEATURE_BATCH)], scoring[1],
+                                             extractor=scoring[0], progress=not quiet, shard_block=FEATURE_BATCH)
             click.echo(_quality_line(fid, kid, kid_std, len(seeds), str(scoring[1].meta.get("source") or fid_ref)))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None

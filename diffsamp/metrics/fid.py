@@ -102,7 +102,7 @@ def compute_stats(
     source: str = "in-memory",
     total: int | None = None,
     progress: bool = True,
-    sharded: bool = False,
+    shard_block: int = 0,
 ) -> FIDStats:
     """Feature statistics (μ, Σ; Heusel et al. 2017) of images given as one tensor or an iterable of batches.
 
@@ -110,9 +110,9 @@ def compute_stats(
     Features are taken ``batch_size`` at a time and streamed into float64 moments, so an iterable of
     batches (e.g. straight from a sampler) is never held in memory; ``keep_features`` also returns
     them (float32, needed for KID). ``padding`` (background pixels added on each side) is recorded
-    for the compatibility check; None means unknown. ``sharded``: under torchrun the images are this rank's
-    ``diffsamp.dist.shard`` of the set, and the statistics (and features, in the set's order) are those of the
-    whole set on every rank; ``total`` then counts the whole set.
+    for the compatibility check; None means unknown. ``shard_block`` k > 0: under torchrun the images are this
+    rank's ``diffsamp.dist.shard(…, block=k)`` of the set, and the statistics (and features, in the set's order)
+    are those of the whole set on every rank; ``total`` then counts the whole set.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -121,8 +121,9 @@ def compute_stats(
         total = images.shape[0]
     moments, kept = StreamingMoments(), []
     shape: tuple[int, int, int] | None = None
-    if sharded and dist.world_size() > 1 and total is not None:
-        total = len(range(dist.rank(), total, dist.world_size()))  # this rank's bar counts its own share
+    sharded = shard_block > 0 and dist.world_size() > 1
+    if sharded and total is not None:
+        total = len(dist.shard_indices(total, shard_block))  # this rank's bar counts its own share
     with tqdm(total=total, unit="img", desc="FID features", disable=not (progress and dist.is_main()),
               leave=False) as bar:
         for batch in _batches(images, batch_size):
@@ -135,7 +136,7 @@ def compute_stats(
             if keep_features:
                 kept.append(feats.cpu().numpy())
             bar.update(batch.shape[0])
-    if sharded and dist.world_size() > 1:
+    if sharded:
         moments = moments.merged_over_ranks()
         shapes = {s for s in dist.gather_objects(shape) if s is not None}
         if len(shapes) > 1:
@@ -143,9 +144,9 @@ def compute_stats(
         shape = next(iter(shapes), None)
     if moments.n < 2:
         raise ValueError(f"FID needs at least 2 images, got {moments.n}")
-    if sharded and dist.world_size() > 1 and keep_features:
+    if sharded and keep_features:
         rows = torch.from_numpy(np.concatenate(kept)) if kept else torch.zeros(0, len(moments.mean))
-        kept = [dist.gather_shards(rows.float(), moments.n).numpy()]
+        kept = [dist.gather_shards(rows.float(), moments.n, shard_block).numpy()]
     assert shape is not None
     meta = make_meta(
         extractor=extractor.name, resize=extractor.resize, num_images=moments.n, size=shape[1:],
@@ -219,12 +220,13 @@ def folder_stats(
     **kwargs,
 ) -> FIDStats:
     """Statistics of the images in ``folder`` (the first ``limit`` by name); every header is checked first.
-    Under torchrun each rank reads every W-th file and the statistics are merged (``compute_stats(sharded=True)``)."""
+    Under torchrun each rank reads its batches of files and the statistics are merged (``compute_stats``)."""
     files, _ = scan_image_folder(folder, limit)  # fails fast on a bad folder, before the slow network
-    mine = slice(dist.rank(), None, dist.world_size())
+    batch = kwargs.get("batch_size", DEFAULT_BATCH_SIZE)
     return compute_stats(
-        iter_image_folder(folder, batch_size=kwargs.get("batch_size", DEFAULT_BATCH_SIZE), limit=limit, select=mine),
-        total=len(files), padding=padding, keep_features=keep_features, source=str(folder), sharded=True, **kwargs,
+        iter_image_folder(folder, batch_size=batch, limit=limit, select=dist.shard_indices(len(files), batch)),
+        total=len(files), padding=padding, keep_features=keep_features, source=str(folder), shard_block=batch,
+        **kwargs,
     )
 
 
@@ -318,9 +320,9 @@ def reference_stats(
             found = _from_cached_superset(folder, stem, tag, n)
         if found is not None and (found.features is not None or not keep):
             return found
-    stats = compute_stats(  # under torchrun each rank takes every W-th image, the statistics are merged
-        x[dist.rank() :: dist.world_size()], extractor=extractor, batch_size=batch_size, keep_features=keep,
-        padding=padding, source=source, progress=progress, total=n, sharded=True,
+    stats = compute_stats(  # under torchrun each rank takes its batches of images, the statistics are merged
+        x[dist.shard_indices(n, batch_size)], extractor=extractor, batch_size=batch_size, keep_features=keep,
+        padding=padding, source=source, progress=progress, total=n, shard_block=batch_size,
     )
     if cache and dist.is_main():
         save_stats(stats, path)

@@ -576,14 +576,14 @@ def _image_seeds(seed: int, n: int, image_seeds: Sequence[int] | None) -> list[i
     return [int(s) for s in image_seeds]
 
 
-def merge_over_ranks(result: ELBOResult | ODEResult, total: int) -> ELBOResult | ODEResult:
-    """Under torchrun: the result over every rank's ``diffsamp.dist.shard`` of the images (each computed with
-    ``image_seeds`` = seed + its indices), per-image values back in image order; itself in a single process."""
+def merge_over_ranks(result: ELBOResult | ODEResult, total: int, block: int) -> ELBOResult | ODEResult:
+    """Under torchrun: the result over every rank's ``diffsamp.dist.shard(…, block)`` of the images (each computed
+    with ``image_seeds`` = seed + its indices), per-image values back in image order; itself in a single process."""
     from diffsamp import dist
 
     if dist.world_size() == 1:
         return result
-    per_image = {f: dist.gather_shards(getattr(result, f), total) for f in
+    per_image = {f: dist.gather_shards(getattr(result, f), total, block) for f in
                  ("nats", "prior_nats", "decoder_nats", "kl_nats", "nats_in_mask", "divergence_nats")
                  if getattr(result, f, None) is not None}
     seconds = max(dist.gather_objects(result.seconds))

@@ -109,16 +109,16 @@ def score_images(
     total: int | None = None,
     source: str = "in-memory",
     progress: bool = True,
-    sharded: bool = False,
+    shard_block: int = 0,
 ) -> tuple[float, float | None, float | None]:
     """(FID, KID, KID std) of images in [-1, 1] (one tensor or an iterable of batches) against ``ref``.
 
     The images are recorded with the reference's padding; KID is None when ``ref`` has no features.
-    ``sharded``: the images are this rank's share under torchrun (``compute_stats``).
+    ``shard_block``: the images are this rank's share under torchrun (``compute_stats``).
     """
     keep = kid and ref.features is not None
     stats = compute_stats(images, extractor=extractor, keep_features=keep, padding=ref.meta.get("padding"),
-                          source=source, total=total, progress=progress, sharded=sharded)
+                          source=source, total=total, progress=progress, shard_block=shard_block)
     fid = fid_from_stats(stats, ref)
     if not keep:
         return fid, None, None
@@ -178,14 +178,15 @@ def score_model(
     timer, nfe = {"sampling": 0.0}, []
     if cond is not None and len(cond) != num:
         raise ValueError(f"{len(cond)} conditions for {num} seeds: give one condition per seed")
-    mine = dist.shard(range(num))  # under torchrun: this rank's seeds (image i depends on seed i alone)
-    batches = _sample_batches(model, shape, [seeds[i] for i in mine], min(batch_size, num), timer, nfe,
+    batch_size = min(batch_size, num)
+    mine = dist.shard_indices(num, batch_size)  # under torchrun: this rank's batches of seeds, as one process runs them
+    batches = _sample_batches(model, shape, [seeds[i] for i in mine], batch_size, timer, nfe,
                               None if cond is None else [cond[i] for i in mine], sampler=sampler,
                               schedule=schedule, steps=steps, device=device, **knobs)
     t = time.perf_counter()
     fid, kid_mean, kid_std = score_images(batches, ref, extractor=extractor, kid=kid, total=num,
                                           source=f"samples:{sampler}/{schedule}/{steps}", progress=progress,
-                                          sharded=True)
+                                          shard_block=batch_size)
     feature_seconds = time.perf_counter() - t - timer["sampling"]
     return SampleQuality(fid, kid_mean, kid_std, num, max(dist.gather_objects(max(nfe, default=0))),
                          timer["sampling"], feature_seconds, str(ref.meta.get("source", reference)))
