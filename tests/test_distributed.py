@@ -223,3 +223,20 @@ def test_a_killed_rank_stops_every_rank_and_the_run_resumes(tiny_mnist, tmp_path
     resumed = one_process(*train_args(tiny_mnist, run, reached + 3), "--resume")  # with fewer ranks
     assert resumed.returncode == 0, resumed.stderr
     assert f"finished at step {reached + 3}" in resumed.stdout
+
+
+def test_torchrun_reflow_pairs_writes_the_shards_one_process_writes(tiny_model_dir, tmp_path):
+    args = ["reflow", "pairs", "--model", str(tiny_model_dir), "--sampler", "euler", "--steps", "2", "-n", "9",
+            "--shard-size", "3", "--batch-size", "3", "--no-progress"]
+    one = one_process(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr
+    assert "9/9 pairs" in two.stdout and two.stdout.count("pairs in") == 1
+    from safetensors import safe_open
+
+    for i in range(3):  # the same tensors and metadata (safetensors orders its metadata map anew in each process)
+        files = [safe_open(str(tmp_path / w / f"shard-{i:05d}.safetensors"), "pt") for w in ("one", "two")]
+        assert files[0].metadata() == files[1].metadata() and files[0].keys() == files[1].keys()
+        for k in files[0].keys():
+            assert torch.equal(files[0].get_tensor(k), files[1].get_tensor(k)), (i, k)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffsamp import dist
 from diffsamp.io import read_json, save_safetensors, write_json
 from diffsamp.api import integrate, make_grid
 from diffsamp.data import BatchSampler
@@ -164,7 +165,8 @@ def generate_pairs(
     ``rectification``: k of the model when it is a k-rectified flow (0 for a diffusion model's ODE); a flow
     trained on the pairs is then the (k+1)-rectified flow. Resumes: shards already complete in ``out`` are kept (a damaged one is regenerated, with a warning).
     Returns the meta dict, with ``complete`` and ``done`` (pairs on disk). ``max_minutes`` stops after the
-    shard in flight once the time is up (the directory then resumes later).
+    shard in flight once the time is up (the directory then resumes later). Under torchrun the missing shards are
+    dealt round-robin over the ranks (pair i depends only on seed + i, so the files are those one process writes).
     """
     spec = get_sampler(sampler)
     if spec.kind != "ode":
@@ -192,8 +194,9 @@ def generate_pairs(
             raise PairsError(f"{out} already holds pairs made with other settings ({'; '.join(diff)}); "
                              "use a new --out or the same options to resume")
         meta = {**old, **{k: meta[k] for k in _MATCH_KEYS}, "dataset": old.get("dataset") or dataset}
-    else:
+    elif dist.is_main():
         write_json(meta_path, meta)
+    dist.barrier()
 
     todo: list[int] = []
     done = 0
@@ -208,9 +211,11 @@ def generate_pairs(
             except PairsError as exc:
                 print(f"warning: {exc}; regenerating it", file=sys.stderr)
         todo.append(i)
+    todo = dist.shard(todo)  # under torchrun: the missing shards dealt round-robin, each written by its rank
 
+    already = done
     bar = None
-    if progress:
+    if progress and dist.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=plan.num, initial=done, unit="pair", desc="reflow pairs", dynamic_ncols=True)
@@ -235,7 +240,11 @@ def generate_pairs(
         done += hi - lo
     if bar is not None:
         bar.close()
-    if nfe is not None and meta.get("nfe") != nfe:
+    if dist.world_size() > 1:  # every shard is on disk once all ranks are here
+        ranks = dist.gather_objects((done, nfe))
+        done = sum(d for d, _ in ranks) - (dist.world_size() - 1) * already
+        nfe = max((n for _, n in ranks if n is not None), default=None)
+    if nfe is not None and meta.get("nfe") != nfe and dist.is_main():
         meta["nfe"] = nfe
         write_json(meta_path, {k: v for k, v in meta.items() if k not in ("complete", "done")})
     return {**meta, "done": done, "complete": done == plan.num, "seconds": time.perf_counter() - start}
