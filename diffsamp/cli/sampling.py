@@ -11,6 +11,7 @@ import click
 
 from diffsamp import dist
 from diffsamp.cli._conditioning import condition_options, parse_conditions, parse_init
+from diffsamp.cli._fast import apply_fast, fast_options
 from diffsamp.cli._seeds import SeedList, format_seeds, parse_seeds  # noqa: F401 - parse_seeds is public here
 from diffsamp.cli._common import SamplerName, check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
 from diffsamp.models.base import Wrapper
@@ -69,6 +70,7 @@ def _json_value(value):  # noqa: ANN001, ANN202 - any knob value
 @click.option("--predictor", default=None, help="AMED predictor: a trained run directory/.json or a shipped name (see `diffsamp models`); sets the sampler, grid and NFE it was trained for.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it goes to stderr).")
 @condition_options
+@fast_options
 @click.pass_context
 def sample_cmd(
     ctx: click.Context,
@@ -94,6 +96,8 @@ def sample_cmd(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     rho: float | None = None,
+    compile: bool = False,  # noqa: A002 - the --compile flag
+    cuda_graphs: bool = False,
     **conditioning: object,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
@@ -132,7 +136,7 @@ def sample_cmd(
     try:
         _sample(ctx, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,
                 skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet,
-                classes, guidance, init_image, strength)
+                classes, guidance, init_image, strength, compile, cuda_graphs)
     except KeyboardInterrupt:
         written = ctx.meta.get("diffsamp.written")
         if outdir is not None and written is not None:
@@ -145,7 +149,7 @@ def sample_cmd(
 
 def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, batch_size, device, dtype, out, outdir,  # noqa: ANN001
             skip_existing, nrow, clip_denoised, fid_ref, inception, data_dir, knobs, predictor, quiet,
-            classes, guidance, init_image=None, strength=0.6) -> None:
+            classes, guidance, init_image=None, strength=0.6, compile=False, cuda_graphs=False) -> None:  # noqa: A002
     import torch
 
     from diffsamp.models.conditioning import encode_conditions
@@ -179,6 +183,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         seeds = [s for s in seeds if not (folder / name_of(s)).is_file()]
     t0 = time.perf_counter()
     model = load_or_fail(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
+    model = apply_fast(model, compile, cuda_graphs, device)
     try:
         shape = model.sample_shape
     except ValueError as exc:
@@ -226,6 +231,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         **({"schedule_params": schedule_params} if schedule_params else {}),
         "sigma_grid": [float(v) for v in grid.sigmas], "clip_denoised": clip_denoised,
         "clip_sample": model.clip_sample, "dtype": dtype, "device": device, "batch_size": batch,
+        "compile": compile, "cuda_graphs": cuda_graphs,
         **_condition_record(classes, guidance),
         **({"init_image": str(init_image), "strength": strength} if init_image is not None else {}),
     }
