@@ -28,6 +28,7 @@ T = TypeVar("T")
 __all__ = [
     "RankFailedError",
     "all_reduce_sum",
+    "average_gradients",
     "barrier",
     "gather_objects",
     "gather_shards",
@@ -127,6 +128,21 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     out = t.detach().clone()
     _guard("a sum over ranks", tdist.all_reduce, out)  # gloo for CPU tensors, NCCL for CUDA ones
     return out
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over ranks (a missing gradient counts as zero), as
+    DistributedDataParallel does, for small models trained outside it."""
+    if world_size() == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    mean = all_reduce_sum(flat) / world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = mean[offset : offset + n].view_as(p).clone()
+        offset += n
 
 
 def gather_objects(obj: T) -> list[T]:

@@ -60,7 +60,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, model_dir: str) -> 
         loss.backward()
         results["loss"] = float(loss)
         results["grads"] = [p.grad.clone() for p in net.parameters()]
-        results["rows_seen"] = seen
+        results["rows_seen"] = list(seen)
         from diffsamp.metrics.likelihood import elbo, merge_over_ranks
         from diffsamp.metrics.scoring import score_model
         from diffsamp.models import load
@@ -74,6 +74,22 @@ def _worker(rank: int, world: int, init_file: str, out: str, model_dir: str) -> 
         res = merge_over_ranks(elbo(model, pixels[mine], steps=4, batch_size=2, seed=9,
                                     image_seeds=[9 + i for i in mine]), 5, 2)
         results["nats"], results["per_step"] = res.nats, res.per_step_bpd
+
+        from diffsamp.samplers.amed_files import load_predictor
+        from diffsamp.training.amed import AmedTrainOptions, train_amed
+
+        rows = []
+        path = train_amed(model, model.sample_shape, AmedTrainOptions(nfe=3, trajectories=8, batch=4),
+                          Path(out) / "amed", model_name=model_dir, observe=lambda it, i, r, loss: rows.append(len(r)))
+        dist.barrier()
+        results["amed_rows"] = rows
+        results["amed_losses"] = load_predictor(path).config["training"]["loss_per_iteration"]
+
+        net.zero_grad()  # gradients of half batches averaged over ranks: the full batch's
+        half = slice(4 * rank, 4 * rank + 4)
+        torch.nn.functional.mse_loss(net(x[half]), target[half]).backward()
+        dist.average_gradients(list(net.parameters()))
+        results["averaged"] = [p.grad.clone() for p in net.parameters()]
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -134,6 +150,33 @@ def test_scores_and_bounds_computed_on_shards_equal_one_process(gloo_results, ti
         assert r["nfe"] == q.nfe
         torch.testing.assert_close(r["nats"], res.nats, rtol=1e-12, atol=0)
         torch.testing.assert_close(r["per_step"], res.per_step_bpd, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_an_amed_predictor_trains_on_two_ranks_as_in_one_process(gloo_results, tiny_model_dir, tmp_path):
+    """Each rank runs the teacher and the student on its half of every batch and gradients are averaged over ranks:
+    the first iteration's loss (the whole batch's, before any update) is the one-process loss. (Later iterations
+    drift apart by float rounding amplified by Adam with β1 = 0, whose first update of a parameter is ±lr.)"""
+    from diffsamp.samplers.amed_files import load_predictor
+    from diffsamp.training.amed import AmedTrainOptions, train_amed
+    from diffsamp.models import load
+
+    model = load(tiny_model_dir)
+    one = load_predictor(train_amed(model, model.sample_shape, AmedTrainOptions(nfe=3, trajectories=8, batch=4),
+                                    tmp_path / "amed", model_name=str(tiny_model_dir))).config["training"]
+    for r in gloo_results:
+        assert set(r["amed_rows"]) == {2}  # half of each batch of 4
+        assert r["amed_losses"][0] == pytest.approx(one["loss_per_iteration"][0], rel=1e-4)
+
+
+def test_gradients_averaged_over_ranks_are_the_full_batch_gradient(gloo_results):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    torch.nn.functional.mse_loss(net(x), target).backward()
+    for r in gloo_results:
+        for g, p in zip(r["averaged"], net.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_shards_deal_whole_batches_round_robin():

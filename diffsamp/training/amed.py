@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffsamp import dist
 from diffsamp.models.base import Denoiser, prior_scale
 from diffsamp.models.conditioning import Guidance, condition_model, encode_conditions
 from diffsamp.samplers import get_sampler, get_schedule
@@ -42,7 +43,7 @@ from diffsamp.samplers.grid import Grid
 from diffsamp.io import read_state_file, save_state_file
 from diffsamp.training.cards import hardware
 from diffsamp.training.checkpoint import _optimizer_join, _optimizer_split
-from diffsamp.training.loop import _StopFlag
+from diffsamp.training.loop import _StopFlag, agreed_stop
 
 CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "predictor"
@@ -311,13 +312,18 @@ def train_amed(
             "loss_per_iteration": [round(sum(v), 6) for v in losses],
         }
 
+    world = dist.world_size()
+    if opts.batch % world:
+        raise ValueError(f"a batch of {opts.batch} trajectories does not split over {world} processes; "
+                         f"use a --batch divisible by {world}")
+    lo, hi = dist.rank() * opts.batch // world, (dist.rank() + 1) * opts.batch // world  # this rank's trajectories
     t0 = time.perf_counter()
-    ran = 0
+    ran, stopping = 0, None
     with _StopFlag() as stop:
-        while it < iterations and stop.requested is None and (stop_after is None or ran < stop_after):
+        while it < iterations and stopping is None:
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + it)
-            z = torch.randn((opts.batch, *sample_shape), generator=gen).to(device, dtype)
-            bound = conditioned(it * opts.batch, opts.batch)
+            z = torch.randn((opts.batch, *sample_shape), generator=gen)[lo:hi].to(device, dtype)
+            bound = conditioned(it * opts.batch + lo, hi - lo)
             targets = teacher_targets(bound, z * scale, fine, opts)
             x, state, it_loss = targets[0], StepState(), []
             for i, (s, s_next) in enumerate(coarse.intervals()):
@@ -332,17 +338,22 @@ def train_amed(
                         observe(it, i, predictor(start.h, i, s, s_next)[0].reshape(-1), float(loss.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 surrogate.backward()
+                dist.average_gradients(list(predictor.parameters()))  # under torchrun: the whole batch's mean
                 for p in predictor.parameters():
                     if p.grad is not None:
                         torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
                 optimizer.step()
-                it_loss.append(float(loss.detach()))
+                it_loss.append(float(dist.all_reduce_sum(loss.detach().double())) / world)
                 state.history = [_detach(h) for h in state.history]
                 x = targets[i + 1] if opts.sampler in SINGLE_STEP else x_next.detach()
             it += 1
             ran += 1
             losses.append(it_loss)
             elapsed = elapsed_before + time.perf_counter() - t0
+            stopping = agreed_stop(stop.requested or ("stop_after" if stop_after is not None and ran >= stop_after
+                                                      else None))
+            if not dist.is_main():  # every rank holds the same predictor; rank 0 writes
+                continue
             _save_checkpoint(ckpt, predictor, optimizer, opts, it, elapsed, losses)
             if it * opts.batch in snapshots:
                 save_predictor(predictor, out / "snapshots" / f"trajectories-{it * opts.batch}",
@@ -350,8 +361,12 @@ def train_amed(
             if progress is not None:
                 progress(it, iterations, sum(it_loss))
     elapsed = elapsed_before + time.perf_counter() - t0
-    card = {**_card(), "training": _training(elapsed)}
-    return save_predictor(predictor, out / PREDICTOR, card)
+    card = {**_card(), "training": {**_training(elapsed), "processes": world}}
+    path = (out / PREDICTOR).with_suffix(".json")  # what save_predictor returns
+    if dist.is_main():
+        path = save_predictor(predictor, out / PREDICTOR, card)
+    dist.barrier()
+    return path
 
 
 def _save_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.optim.Optimizer,

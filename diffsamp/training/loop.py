@@ -366,7 +366,7 @@ def _train_loop_locked(
                 stop_reason = "stop_after"
             elif time.perf_counter() >= deadline:
                 stop_reason = "time budget"
-            stop_reason = _agreed_stop(stop_reason)
+            stop_reason = agreed_stop(stop_reason)
             if stop_reason or (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
                 checkpoint()
             if stop_reason:
@@ -395,7 +395,7 @@ def _train_loop_locked(
 _STOP_REASONS = ("SIGINT", "SIGTERM", "stop_after", "time budget")
 
 
-def _agreed_stop(reason: str | None) -> str | None:
+def agreed_stop(reason: str | None) -> str | None:
     """Under torchrun every rank stops at the same step: the first reason (in ``_STOP_REASONS`` order) any rank
     has, so a signal or a time budget seen by one rank is honoured by all. ``reason`` itself in one process."""
     if dist.world_size() == 1:
