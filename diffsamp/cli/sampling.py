@@ -181,6 +181,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         early.update(_condition_record(classes, guidance))
         _check_previous_run(folder, early, skip_existing)
         seeds = [s for s in seeds if not (folder / name_of(s)).is_file()]
+        dist.barrier()  # under torchrun: every rank has read the folder before any rank writes to it
     t0 = time.perf_counter()
     model = load_or_fail(model_name, device=device, dtype=torch_dtype, clip=clip_denoised)
     model = apply_fast(model, compile, cuda_graphs, device)
