@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("api",),
     ("samplers",),
     ("models", "data"),
-    ("io", "images", "weights", "_version"),
+    ("io", "images", "weights", "dist", "_version"),
 ]
 RANK = {name: len(LAYERS) - i for i, names in enumerate(LAYERS) for name in names}
 
