@@ -51,8 +51,19 @@ def _progress(model):
 
 
 # every class of the package that wraps a denoiser (``Wrapper`` subclasses), as a callable model -> wrapped model
+def _cuda_graphs(m):  # noqa: ANN001, ANN202 - off CUDA it warns once and calls the network plainly
+    import warnings
+
+    from diffsamp.models.fast import cuda_graph_denoiser
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cuda_graph_denoiser(m)
+
+
 WRAPPERS = {"counting": CountingDenoiser, "counting-checked": lambda m: CountingDenoiser(m, check=True),
-            "clamp": lambda m: ClampDenoiser(m, -5.0, 5.0), "autocast": AutocastDenoiser, "progress": _progress}
+            "clamp": lambda m: ClampDenoiser(m, -5.0, 5.0), "autocast": AutocastDenoiser, "progress": _progress,
+            "cuda-graphs": _cuda_graphs}
 
 
 def test_the_wrapper_list_is_complete():
@@ -73,7 +84,7 @@ def test_the_wrapper_list_is_complete():
 
     found = {c.__name__ for c in subclasses(Wrapper) if c.__module__.startswith("diffsamp.")}
     found -= {"Guided", "_LabelsBound", "_PromptBound"}  # bound conditional models: test_conditioning, test_sd_pipeline
-    assert found == {"CountingDenoiser", "ClampDenoiser", "AutocastDenoiser", "_Progress"}, found
+    assert found == {"CountingDenoiser", "ClampDenoiser", "AutocastDenoiser", "_Progress", "CUDAGraphDenoiser"}, found
 
 
 @pytest.mark.parametrize("name", sorted(WRAPPERS))

@@ -83,6 +83,16 @@ def _join_torchrun(ctx: click.Context) -> None:
         ctx.with_resource(contextlib.redirect_stdout(devnull))
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def network_dtype(name: str) -> Any:
+    """``--dtype`` → the torch dtype to load the network in (None for float32: as stored)."""
+    import torch
+
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def check_device(device: str) -> str:
     """``device`` if this machine has it: cpu, cuda, cuda:N or mps; a ValueError naming the problem otherwise."""
     import torch

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from diffsamp import dist
-from diffsamp.cli._common import check_writable, load_or_fail, main, resolve_device
+from diffsamp.cli._fast import apply_fast, fast_options
+from diffsamp.cli._common import DTYPES, check_writable, load_or_fail, main, network_dtype, resolve_device
 
 
 def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -102,14 +103,17 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network (else $DIFFSAMP_INCEPTION).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (else $DIFFSAMP_DATA).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPES),
+              help="Network weights' precision (bfloat16/float16 are for GPUs); sampler arithmetic stays float32.")
+@fast_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--classes", default=None, help="Class-conditional models: classes cycled over the seeds, e.g. 0-9 (class-balanced).")
 @click.option("--cfg", "cfg_scales", default=None, help="Guidance scales, e.g. 1,2,4: one table per scale (DIR/cfg-W/) and DIR/fid_vs_cfg.png.")
 def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
               predictors: tuple[str, ...], knobs: tuple[str, ...], final_steps: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
               cached_only: bool, skip_missing: bool,
-              inception: str | None, data_dir: str | None, device: str, quiet: bool, classes: str | None,
-              cfg_scales: str | None) -> None:
+              inception: str | None, data_dir: str | None, device: str, dtype: str, compile: bool,  # noqa: A002
+              cuda_graphs: bool, quiet: bool, classes: str | None, cfg_scales: str | None) -> None:
     """Score each sampler at each NFE; cached cells make an interrupted bench resume.
 
     \b
@@ -145,8 +149,11 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     device = resolve_device(device)
     check_writable(out, "--out", folder=True)
     clip_text = {None: "as the model's scheduler config", True: "on", False: "off"}[clip]
+    if dtype != "float32":  # the network's precision changes every cell, so it keys the cells
+        clip_text += f"; network {dtype}"
     try:
-        model = load_or_fail(model_name, device=device, clip=clip)
+        model = apply_fast(load_or_fail(model_name, device=device, clip=clip, dtype=network_dtype(dtype)), compile,
+                           cuda_graphs, device)
         extractor = load_extractor(inception, device)
         if class_list is not None:
             from diffsamp.models.conditioning import encode_conditions

@@ -13,11 +13,11 @@ from diffsamp import dist
 from diffsamp.cli._conditioning import condition_options, parse_conditions, parse_init
 from diffsamp.cli._fast import apply_fast, fast_options
 from diffsamp.cli._seeds import SeedList, format_seeds, parse_seeds  # noqa: F401 - parse_seeds is public here
-from diffsamp.cli._common import SamplerName, check_writable, knob_option, load_or_fail, main, nonnegative, parse_knobs, resolve_device
+from diffsamp.cli._common import (DTYPES, SamplerName, check_writable, knob_option, load_or_fail, main, network_dtype,
+                                  nonnegative, parse_knobs, resolve_device)
 from diffsamp.models.base import Wrapper
 from diffsamp.samplers import available_schedules
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_destination(path: str, hint: str, *, folder: bool) -> None:
@@ -167,7 +167,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
                           parse_knobs(sampler, knobs))
     knob_values = {**parse_knobs(sampler, knobs), **amed_knobs}
     device = resolve_device(device)
-    torch_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]  # None: as stored
+    torch_dtype = network_dtype(dtype)
     all_seeds, folder = seeds, Path(outdir).expanduser() if outdir is not None else None
     class_of = dict(zip(seeds, classes)) if classes is not None else None
     width = max(6, len(str(max(seeds))))

@@ -255,12 +255,15 @@ def cuda_graph_denoiser(model: Denoiser, *, warmup: int = 3) -> CUDAGraphDenoise
     """``model`` with its network call replayed from CUDA graphs (``torch.cuda.CUDAGraph``), one per static input
     shape and dtype, captured at the first call of each after ``warmup`` calls on a side stream.
 
-    On a model that is not on a CUDA device (or once a capture fails) the plain call runs, with one
-    ``warnings.warn`` line saying so. The replay removes the per-kernel launch cost of the network (most of the
+    On a model that is not on a CUDA device or has no network (a closed-form model), or once a capture fails, the
+    plain call runs, with one ``warnings.warn`` line saying so. The replay removes the per-kernel launch cost of the network (most of the
     time of a small UNet at small batches), not the samplers' own work around it."""
-    net = _network_of(model, "capture")
-    if model.device.type != "cuda":
-        reason = f"the model is on {model.device}, not a CUDA device"
+    try:
+        net = _network_of(model, "capture")
+        reason = None if model.device.type == "cuda" else f"the model is on {model.device}, not a CUDA device"
+    except ValueError as exc:  # a closed-form model: nothing to capture
+        net, reason = None, str(exc)
+    if reason is not None:
         warnings.warn(f"CUDA graphs skipped: {reason}; running the plain network call", RuntimeWarning, stacklevel=2)
         return CUDAGraphDenoiser(model, None, reason)
     if not hasattr(net, "_compiled_call_impl"):
