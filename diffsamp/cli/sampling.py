@@ -68,6 +68,9 @@ def _json_value(value):  # noqa: ANN001, ANN202 - any knob value
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data set folder for a DATASET:SPLIT --fid-ref (else $DIFFSAMP_DATA).")
 @knob_option
 @click.option("--predictor", default=None, help="AMED predictor: a trained run directory/.json or a shipped name (see `diffsamp models`); sets the sampler, grid and NFE it was trained for.")
+@click.option("--sigmas", "sigmas_file", default=None, type=click.Path(),
+              help="Sample on the σ's of a schedule file (`diffsamp train solver` writes OUT/schedule.json); sets the "
+                   "grid and so the steps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar (it goes to stderr).")
 @condition_options
 @fast_options
@@ -98,6 +101,7 @@ def sample_cmd(
     rho: float | None = None,
     compile: bool = False,  # noqa: A002 - the --compile flag
     cuda_graphs: bool = False,
+    sigmas_file: str | None = None,
     **conditioning: object,
 ) -> None:
     """Generate images, one per seed, and write a grid (--out) or one PNG per seed (--outdir).
@@ -110,6 +114,7 @@ def sample_cmd(
       diffsamp sample --model mnist-ddpm --steps 18 --seeds 0-1999 --fid-ref mnist:test --data-dir ~/data
       diffsamp sample --model mnist-ddpm --sampler dpm2 --knob r=0.3 --steps 10 --out grid.png
       diffsamp sample --model mnist-ddpm --sampler amed --predictor mnist-ddpm/amed-nfe5 --seeds 0-63 --out g.png
+      diffsamp sample --model mnist-ddpm --sampler ipndm --sigmas runs/gits5 --seeds 0-63 --out g.png
       diffsamp sample --model mnist-ddpm-cond --classes 0-9 --cfg 2 --seeds 0-99 --nrow 10 --out g.png
       diffsamp sample --model SD-FOLDER --prompt "a cat" --cfg 7.5 --sampler ddim --steps 20 --seeds 0-3 --out g.png
     Image i depends only on its seed (and its class or prompt), whatever --batch-size and --device.
@@ -166,6 +171,9 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         _refuse_overrides(predictor, amed_knobs, given, {"--steps": steps, "--schedule": schedule},
                           parse_knobs(sampler, knobs))
     knob_values = {**parse_knobs(sampler, knobs), **amed_knobs}
+    sigmas_file = ctx.params.get("sigmas_file")
+    if sigmas_file is not None:
+        knob_values["grid"] = _schedule_file(ctx, sigmas_file, predictor, model_name)
     device = resolve_device(device)
     torch_dtype = network_dtype(dtype)
     all_seeds, folder = seeds, Path(outdir).expanduser() if outdir is not None else None
@@ -235,6 +243,7 @@ def _sample(ctx: click.Context, model_name, sampler, schedule, steps, seeds, bat
         "compile": compile, "cuda_graphs": cuda_graphs,
         **_condition_record(classes, guidance),
         **({"init_image": str(init_image), "strength": strength} if init_image is not None else {}),
+        **({"sigmas_file": str(sigmas_file)} if sigmas_file is not None else {}),
     }
     if skip_existing:
         _check_previous_run(folder, settings, skip_existing)  # always, even when every PNG is there
@@ -460,6 +469,24 @@ def _needs_predictor(sampler: str, model_name: str) -> None:
     shipped = f"shipped for {model_name}: {', '.join(fits)}" if fits else "`diffsamp models` lists the shipped ones"
     raise click.UsageError(f"--sampler {sampler} is a learned solver and needs --predictor NAME_OR_PATH "
                            f"({shipped}; `diffsamp train amed` trains one)")
+
+
+def _schedule_file(ctx: click.Context, path: str, predictor: str | None, model_name: str):  # noqa: ANN202 - a Grid
+    """The grid of a ``--sigmas`` schedule file; --steps/--schedule/--predictor that would set it too are refused."""
+    import warnings
+
+    from diffsamp.training.gits import read_schedule
+
+    clash = [f"--{n}" for n in ("steps", "schedule") if _given(ctx, n)] + (["--predictor"] if predictor else [])
+    if clash:
+        raise click.UsageError(f"--sigmas sets the grid; drop {' and '.join(clash)}")
+    try:
+        grid, doc = read_schedule(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--sigmas") from None
+    if doc.get("model") and doc["model"] != model_name:
+        warnings.warn(f"the schedule {path} was found for {doc['model']}, not {model_name}", UserWarning, stacklevel=2)
+    return grid
 
 
 def _given(ctx: click.Context, name: str) -> bool:
