@@ -4,6 +4,7 @@ schedule file and sampling on it."""
 from __future__ import annotations
 
 import itertools
+import math
 import json
 
 import numpy as np
@@ -96,3 +97,59 @@ def test_train_solver_writes_a_schedule_that_sample_runs_on(tiny_model_dir, tmp_
     (tmp_path / "bad.json").write_text("{}")
     base[4] = str(tmp_path / "bad.json")
     assert_one_line_error(CliRunner().invoke(main, base), 2, "not a diffsamp schedule file")
+
+
+def _exported(model, sigmas) -> dict:
+    from diffsamp.training.gits import export_schedule, timesteps_of
+
+    grid = Grid(torch.tensor(sigmas, dtype=torch.float64))
+    return json.loads(export_schedule({"sigmas": grid.sigmas.tolist(), "timesteps": timesteps_of(model, grid)},
+                                      "diffusers"))
+
+
+def test_an_exported_schedule_runs_in_diffusers_as_in_diffsamp():
+    """diffusers' EulerDiscreteScheduler on the exported sigmas, and DPMSolverMultistepScheduler on the exported
+    integer timesteps, reproduce diffsamp's euler / dpmpp2m on the same σ's (a tiny random UNet, float64)."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+    from tests.conftest import tiny_unet
+
+    unet = tiny_unet().double()
+    euler = EulerDiscreteScheduler()
+    model = DiffusersUNetDenoiser(unet, euler.alphas_cumprod)
+    table = model.timestep_sigmas
+    # a GITS-like schedule: fine-grid σ's between training timesteps, ending at 0
+    doc = _exported(model, [float(table[-1]), 40.0, 6.5, 1.3, 0.21, 0.0])
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    euler.set_timesteps(sigmas=doc["sigmas"])
+    x = z * doc["sigmas"][0]
+    with torch.no_grad():
+        for t in euler.timesteps:
+            x = euler.step(unet(euler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        ours = diffsamp.get_sampler("euler")(model, z * doc["sigmas"][0], Grid(torch.tensor(doc["sigmas"])))
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+    dpm = DPMSolverMultistepScheduler()
+    dpm.set_timesteps(timesteps=doc["timesteps"])
+    x = z.clone()
+    with torch.no_grad():
+        for t in dpm.timesteps:
+            x = dpm.step(unet(x, t).sample, t, x).prev_sample
+        grid = Grid(torch.cat([table[torch.tensor(doc["timesteps"])].double(), torch.zeros(1, dtype=torch.float64)]))
+        start = z * math.sqrt(1 + float(grid.sigmas[0]) ** 2)  # σ-space: x̄ = x / √ᾱ
+        ours = diffsamp.get_sampler("dpmpp2m")(model, start, grid)
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+
+def test_solver_export_formats(tmp_path):
+    from diffsamp.training.gits import SCHEDULE_FORMAT
+
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"format": SCHEDULE_FORMAT, "sigmas": [80.0, 2.5, 0.0], "timesteps": None}))
+    res = CliRunner().invoke(main, ["solver", "export", str(tmp_path), "--format", "comfyui"])
+    assert res.exit_code == 0 and res.output == "80.0, 2.5, 0.0\n", res.output
+    res = CliRunner().invoke(main, ["solver", "export", str(path), "--format", "diffusers", "--out", str(tmp_path / "d.json")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "d.json").read_text()) == {"sigmas": [80.0, 2.5, 0.0]}
+    assert_one_line_error(CliRunner().invoke(main, ["solver", "export", str(tmp_path / "none")]), 1, "no schedule file")

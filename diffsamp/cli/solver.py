@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diffsamp.cli._common import load_or_fail, resolve_device, writable_folder
+from diffsamp.cli._common import load_or_fail, main, resolve_device, writable_folder
 from diffsamp.cli.train import train
 
 METHODS = ("gits",)
@@ -55,3 +55,37 @@ def solver_cmd(method: str, model_name: str, nfe: int, out: str, fine_steps: int
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     click.echo(f"{method} schedule of {nfe} steps for {model_name} ({trajectories} teacher trajectories on "
                f"{fine_steps} {schedule} steps, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
+
+
+@main.group("solver")
+def solver_group() -> None:
+    """Learned schedules: export them for other tools."""
+
+
+@solver_group.command("export")
+@click.argument("schedule", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "comfyui", "json"]), default="diffusers",
+              show_default=True, help="diffusers: JSON with sigmas (and integer timesteps of a discrete-time model); "
+                                      "comfyui: comma-separated σ's; json: {\"sigmas\": [...]}.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write here instead of printing.")
+def export_cmd(schedule: str, fmt: str, out: str | None) -> None:
+    """Print (or write) a schedule file's σ's in the form diffusers or ComfyUI take.
+
+    \b
+    Examples:
+      diffsamp solver export runs/gits5 --format diffusers --out gits5-diffusers.json
+      diffsamp solver export runs/gits5/schedule.json --format comfyui
+    """
+    from diffsamp.io import write_text
+    from diffsamp.training.gits import export_schedule, read_schedule
+
+    try:
+        _, doc = read_schedule(schedule)
+        text = export_schedule(doc, fmt)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        write_text(out, text)
+        click.echo(f"{fmt} schedule -> {out}")
