@@ -61,6 +61,8 @@ def init() -> None:
     if not launched() or tdist.is_initialized():
         return
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():  # each rank's current CUDA device is its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     tdist.init_process_group(backend=backend, timeout=TIMEOUT)
 
 
@@ -109,7 +111,7 @@ def shard(items: Sequence[T], block: int = 1) -> list[T]:
 def _guard(what: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
-    except (RuntimeError, OSError) as exc:  # gloo/NCCL report a dead peer as a RuntimeError (DistBackendError)
+    except (tdist.DistError, OSError) as exc:  # gloo/NCCL report a dead peer as a DistBackendError
         first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise RankFailedError(f"rank {rank()}: another process of this job stopped during {what} ({first}); "
                               "rerun with --resume / --skip-existing to finish the work") from exc

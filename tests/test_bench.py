@@ -75,6 +75,8 @@ def test_by_default_a_grid_ends_with_a_denoising_step_inside_the_nfe(setup, tiny
     assert len(sde5.grid) == 3 and sde5.grid.ends_at_zero
     with pytest.raises(ValueError, match="no grid of NFE 9 ending with a step to 0"):
         plan_cell(model, name, "restart", 9)
+    with pytest.raises(ValueError, match="declares NFE"):  # a knob of the method run (dpm2+amed), typed as such
+        plan_cell(model, name, "heun", 4, knobs={"heun": {"afs": "false"}})
     restart9 = plan_cell(model, name, "restart", 9, knobs={"restart": {"restart_steps": "2"}})
     assert len(restart9.grid) == 4 and restart9.knobs["restart_steps"] == 2
     mixed = plan_cell(model, name, "ddim", 5, row_final_steps={"ddim": "sigma_min"})

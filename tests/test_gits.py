@@ -94,6 +94,7 @@ def test_train_solver_writes_a_schedule_that_sample_runs_on(tiny_model_dir, tmp_
     assert not torch.equal(same.images, ours.images)  # the file's grid, not the default one
     base = ["sample", "--model", str(tiny_model_dir), "--sigmas", str(out), "--seeds", "0", "--out", str(png)]
     assert_one_line_error(CliRunner().invoke(main, base + ["--steps", "4"]), 2, "--sigmas sets the grid", "--steps")
+    assert_one_line_error(CliRunner().invoke(main, base + ["--rho", "5"]), 2, "--sigmas sets the grid", "--rho")
     (tmp_path / "bad.json").write_text("{}")
     base[4] = str(tmp_path / "bad.json")
     assert_one_line_error(CliRunner().invoke(main, base), 2, "not a diffsamp schedule file")

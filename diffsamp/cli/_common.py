@@ -65,6 +65,19 @@ def main(ctx: click.Context) -> None:
     _join_torchrun(ctx)
 
 
+def _silence_progress_bars() -> None:
+    """Every tqdm bar of this process is disabled, whatever its caller passes (ranks other than 0)."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+
+    def disabled(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN001
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = disabled
+
+
 def _join_torchrun(ctx: click.Context) -> None:
     """Under torchrun: join the process group for the command; only rank 0 prints, warns and shows progress."""
     import contextlib
@@ -77,7 +90,7 @@ def _join_torchrun(ctx: click.Context) -> None:
     dist.init()
     ctx.call_on_close(dist.shutdown)
     if not dist.is_main():
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm's default for ``disable`` (tqdm ≥ 4.66)
+        _silence_progress_bars()
         warnings.simplefilter("ignore")
         devnull = ctx.with_resource(open(os.devnull, "w"))
         ctx.with_resource(contextlib.redirect_stdout(devnull))

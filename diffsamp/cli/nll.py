@@ -138,19 +138,20 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
     if images.shape[-2:] != raw.shape[-2:]:
         mask = pad_images(torch.ones((1,) + tuple(raw.shape[1:]), dtype=torch.uint8), images.shape[-1])[0].bool()
 
+    if len(images) < dist.world_size():
+        raise click.ClickException(f"{len(images)} images for {dist.world_size()} processes: give -n ≥ the processes")
+    block = min(batch_size, -(-len(images) // dist.world_size()))  # under torchrun every rank gets images
+    mine = dist.shard_indices(len(images), block)  # this rank's batches, image i still drawing from seed + i
+    part, seeds = images[mine], [seed + i for i in mine]
     bar = None
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(dist.shard_indices(len(images), batch_size)), unit="img", desc=f"nll {method}",
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(part), unit="img", desc=f"nll {method}", dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
         if bar is not None:
             bar.update(done - bar.n)
-
-    mine = dist.shard_indices(len(images), batch_size)  # under torchrun: this rank's batches, seed + index each
-    part, seeds = images[mine], [seed + i for i in mine]
     try:
         if method == "elbo":
             res: Any = elbo(model, part, steps=steps, variance=variance, t_samples=t_samples, mask=mask, seed=seed,
@@ -158,7 +159,7 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
         else:
             res = ode_nll(model, part, probes=probes, rtol=rtol, atol=atol, sigma_min=sigma_min, seed=seed,
                           batch_size=batch_size, progress=progress, image_seeds=seeds)
-        res = merge_over_ranks(res, len(images), batch_size)
+        res = merge_over_ranks(res, len(images), block)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -477,7 +477,8 @@ def _schedule_file(ctx: click.Context, path: str, predictor: str | None, model_n
 
     from diffsamp.training.gits import read_schedule
 
-    clash = [f"--{n}" for n in ("steps", "schedule") if _given(ctx, n)] + (["--predictor"] if predictor else [])
+    clash = [f"--{n.replace('_', '-')}" for n in ("steps", "schedule", "sigma_min", "sigma_max", "rho")
+             if _given(ctx, n)] + (["--predictor"] if predictor else [])
     if clash:
         raise click.UsageError(f"--sigmas sets the grid; drop {' and '.join(clash)}")
     try:

@@ -105,6 +105,7 @@ def plan_cell(
     if unknown:
         raise ValueError(f"row {sampler!r} runs {plan.method}, which has no knob {unknown[0]!r}; "
                          f"its knobs: {describe_knobs(spec.knob_specs()) or 'none'}")
+    typed = {k: spec.parse_knob(k, v) if isinstance(v, str) else v for k, v in typed.items()}  # the method's own
     merged = {**plan.knobs, **typed}
     declared = spec.expected_nfe(plan.grid, **merged)
     if declared != nfe:
@@ -240,7 +241,7 @@ def run_cell(
     if plan.predictor_digest is not None:
         parts["predictor_digest"] = plan.predictor_digest
     path = cache_dir / f"{plan.sampler.replace('+', '-').replace(':', '-')}-nfe{plan.nfe}-{_cell_key(parts)}.json"
-    if path.is_file():
+    if all(dist.gather_objects(path.is_file())):  # under torchrun every rank takes the same branch
         return CellResult(**json.loads(path.read_text()))
     if cached_only:
         return None

@@ -318,7 +318,8 @@ def reference_stats(
         found = _load_cached(path) if path.is_file() else None
         if found is None:
             found = _from_cached_superset(folder, stem, tag, n)
-        if found is not None and (found.features is not None or not keep):
+        usable = found is not None and (found.features is not None or not keep)
+        if all(dist.gather_objects(usable)):  # under torchrun the ranks take the same branch (or all recompute)
             return found
     stats = compute_stats(  # under torchrun each rank takes its batches of images, the statistics are merged
         x[dist.shard_indices(n, batch_size)], extractor=extractor, batch_size=batch_size, keep_features=keep,
@@ -326,4 +327,5 @@ def reference_stats(
     )
     if cache and dist.is_main():
         save_stats(stats, path)
+    dist.barrier()  # the file is complete before any rank looks for it again
     return stats

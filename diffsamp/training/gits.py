@@ -56,8 +56,9 @@ class GitsOptions:
                              "to choose")
         if self.trajectories < 1 or self.batch < 1:
             raise ValueError("trajectories and batch must be positive")
-        if get_sampler(self.teacher).kind != "ode":
-            raise ValueError(f"the teacher must be a deterministic ODE solver, not {self.teacher!r}")
+        spec = get_sampler(self.teacher)
+        if spec.kind != "ode" or spec.expected_nfe(Grid(torch.tensor([2.0, 1.0, 0.0]))) is None:
+            raise ValueError(f"the teacher must be a deterministic ODE solver with fixed steps, not {self.teacher!r}")
 
 
 def teacher_trajectory(model: Denoiser, x: Tensor, fine: Grid, teacher: str) -> tuple[list[Tensor], list[Tensor]]:
@@ -89,7 +90,7 @@ def cost_matrix(model: Denoiser, sample_shape: tuple[int, ...], fine: Grid, opts
         xs = torch.stack([p.double().flatten(1) for p in points])  # (M + 1, B, D)
         for i in range(m):
             d = slopes[i].double().flatten(1)
-            steps = torch.tensor(sig[i + 1 :], dtype=torch.float64) - sig[i]  # σ_j − σ_i for j > i
+            steps = torch.tensor(sig[i + 1 :], dtype=torch.float64, device=xs.device) - sig[i]  # σ_j − σ_i, j > i
             pred = xs[i][None] + steps[:, None, None] * d[None]  # (M − i, B, D)
             total[i, i + 1 :] += (pred - xs[i + 1 :]).norm(dim=2).sum(dim=1).cpu()
     total = dist.all_reduce_sum(total) / opts.trajectories

@@ -196,7 +196,6 @@ def generate_pairs(
         meta = {**old, **{k: meta[k] for k in _MATCH_KEYS}, "dataset": old.get("dataset") or dataset}
     elif dist.is_main():
         write_json(meta_path, meta)
-    dist.barrier()
 
     todo: list[int] = []
     done = 0
@@ -209,8 +208,10 @@ def generate_pairs(
                 done += hi - lo
                 continue
             except PairsError as exc:
-                print(f"warning: {exc}; regenerating it", file=sys.stderr)
+                if dist.is_main():
+                    print(f"warning: {exc}; regenerating it", file=sys.stderr)
         todo.append(i)
+    dist.barrier()  # every rank has scanned the folder (and sees meta.json) before any rank writes a shard
     todo = dist.shard(todo)  # under torchrun: the missing shards dealt round-robin, each written by its rank
 
     already = done
@@ -224,7 +225,8 @@ def generate_pairs(
     nfe = meta.get("nfe")
     for i in todo:
         if time.perf_counter() >= deadline:
-            print(f"time budget reached: {done}/{plan.num} pairs on disk; run again to resume", file=sys.stderr)
+            if dist.is_main():
+                print("time budget reached: the shards in flight are on disk; run again to resume", file=sys.stderr)
             break
         lo, hi = plan.bounds(i)
         z = draw_noise(source, shape, lo, hi, plan.seed)
