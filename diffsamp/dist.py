@@ -108,13 +108,22 @@ def shard(items: Sequence[T], block: int = 1) -> list[T]:
     return [items[i] for i in shard_indices(len(items), block)]
 
 
+def _lost_peer(what: str, exc: BaseException) -> RankFailedError:
+    first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return RankFailedError(f"rank {rank()}: another process of this job stopped during {what} ({first}); "
+                           "rerun with --resume / --skip-existing to finish the work")
+
+
 def _guard(what: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, a collective; a peer lost meanwhile becomes a one-line ``RankFailedError``."""
     try:
         return fn(*args)
-    except (tdist.DistError, OSError) as exc:  # gloo/NCCL report a dead peer as a DistBackendError
-        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise RankFailedError(f"rank {rank()}: another process of this job stopped during {what} ({first}); "
-                              "rerun with --resume / --skip-existing to finish the work") from exc
+    except RuntimeError as exc:  # gloo/NCCL report a dead peer as a DistBackendError (a RuntimeError)
+        if isinstance(exc, tdist.DistError) or any(w in str(exc) for w in ("Connection", "closed", "timed out")):
+            raise _lost_peer(what, exc) from exc
+        raise  # a programming error inside the collective keeps its own message
+    except OSError as exc:
+        raise _lost_peer(what, exc) from exc
 
 
 def barrier() -> None:
