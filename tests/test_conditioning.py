@@ -272,6 +272,8 @@ def test_bench_scores_each_guidance_scale_with_class_balanced_seeds(cond_dir, tm
     assert cell["fid"] == pytest.approx(max(frechet_distance(mine.mu, mine.sigma, ref.mu, ref.sigma), 0), rel=1e-4)
     other = json.loads(next((out / "cfg-1" / "cells").glob("euler-*.json")).read_text())
     assert other["fid"] != cell["fid"]
+    assert cell["nfe"] == 3 and cell["network_passes"] == 6 and other["network_passes"] == 3  # w = 1: one half
+    assert "2 network passes per NFE" in (out / "cfg-3" / "table.md").read_text()
     res = CliRunner().invoke(main, args[:-4] + ["--cfg", "2"])
     assert res.exit_code == 2 and "give --classes too" in res.output
 

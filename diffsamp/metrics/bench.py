@@ -215,6 +215,7 @@ class CellResult:
     extra: dict[str, Any] = field(default_factory=dict)
     predictor_digest: str | None = None
     final_step: str | None = None  # FINAL_STEPS; None in records written before it was stated (read the grid's end)
+    network_passes: int | None = None  # per image (NFE, ×2 under guidance); None in records written before
 
 
 def cache_parts(model_name: str, reference: str, clip: str, shape: Sequence[int]) -> dict[str, Any]:
@@ -253,7 +254,8 @@ def run_cell(
     res = CellResult(plan.sampler, plan.nfe, q.nfe, q.fid, q.kid, q.kid_std, num, f"0-{num - 1}",
                      round(q.sampling_seconds, 2), round(q.feature_seconds, 2), plan.setting, clip,
                      plan.grid.sigmas.tolist(), plan.predictor, predictor_digest=plan.predictor_digest,
-                     extra={"knobs": plan.row_knobs} if plan.row_knobs else {}, final_step=plan.final_step)
+                     extra={"knobs": plan.row_knobs} if plan.row_knobs else {}, final_step=plan.final_step,
+                     network_passes=q.network_passes)
     if q.nfe != plan.nfe:
         raise RuntimeError(f"{plan.sampler} at NFE {plan.nfe}: measured {q.nfe} evaluations")
     if dist.is_main():  # under torchrun every rank holds the merged result; one writes it
@@ -274,7 +276,9 @@ def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[
             c = by.get((s, n))
             row.append("—" if c is None else f"{c.fid:.2f}" + (f" ({1e3 * c.kid:.1f})" if c.kid is not None else ""))
         first = next(c for c in cells if c.sampler == s)
-        setting = ", ".join(filter(None, [first.setting.split(", ", 1)[0], first.extra.get("knobs")]))
+        passes = ("" if not first.network_passes or first.network_passes == first.nfe
+                  else f"{first.network_passes / first.nfe:g} network passes per NFE")
+        setting = ", ".join(filter(None, [first.setting.split(", ", 1)[0], first.extra.get("knobs"), passes]))
         lines.append(f"| {s} | " + " | ".join(row) + f" | {setting} |")
     if reference is not None:
         lines.append(f"| reference: {reference.sampler} ({reference.nfe} NFE) | "

@@ -42,6 +42,7 @@ class SampleQuality:
     sampling_seconds: float
     feature_seconds: float
     reference: str
+    network_passes: int | None = None  # per image: NFE, or twice it under classifier-free guidance
 
 
 def resolve_reference(
@@ -129,14 +130,16 @@ def score_images(
 
 def _sample_batches(
     model: Denoiser, shape: Sequence[int], seeds: Sequence[int], batch_size: int, timer: dict[str, float],
-    nfe: list[int], cond: Sequence[Any] | None = None, **generate_kw: Any,
+    nfe: list[int], cond: Sequence[Any] | None = None, passes: list[int] | None = None, **generate_kw: Any,
 ) -> Iterator[Tensor]:
+    passes = [] if passes is None else passes
     for b in range(0, len(seeds), batch_size):
         t = time.perf_counter()
         part = None if cond is None else cond[b : b + batch_size]
         res = generate(model, shape, seeds=seeds[b : b + batch_size], batch_size=batch_size, cond=part, **generate_kw)
         timer["sampling"] += time.perf_counter() - t
         nfe.append(res.nfe)
+        passes.append(res.network_passes if res.network_passes is not None else res.nfe)
         yield res.images.clamp(-1, 1)
 
 
@@ -175,13 +178,13 @@ def score_model(
     extractor = extractor or load_extractor(inception, device)
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
-    timer, nfe = {"sampling": 0.0}, []
+    timer, nfe, passes = {"sampling": 0.0}, [], []
     if cond is not None and len(cond) != num:
         raise ValueError(f"{len(cond)} conditions for {num} seeds: give one condition per seed")
     batch_size = min(batch_size, num)
     mine = dist.shard_indices(num, batch_size)  # under torchrun: this rank's batches of seeds, as one process runs them
     batches = _sample_batches(model, shape, [seeds[i] for i in mine], batch_size, timer, nfe,
-                              None if cond is None else [cond[i] for i in mine], sampler=sampler,
+                              None if cond is None else [cond[i] for i in mine], passes, sampler=sampler,
                               schedule=schedule, steps=steps, device=device, **knobs)
     t = time.perf_counter()
     fid, kid_mean, kid_std = score_images(batches, ref, extractor=extractor, kid=kid, total=num,
@@ -189,4 +192,5 @@ def score_model(
                                           shard_block=batch_size)
     feature_seconds = time.perf_counter() - t - timer["sampling"]
     return SampleQuality(fid, kid_mean, kid_std, num, max(dist.gather_objects(max(nfe, default=0))),
-                         timer["sampling"], feature_seconds, str(ref.meta.get("source", reference)))
+                         timer["sampling"], feature_seconds, str(ref.meta.get("source", reference)),
+                         max(dist.gather_objects(max(passes, default=0))))
