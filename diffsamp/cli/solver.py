@@ -59,7 +59,12 @@ def solver_cmd(method: str, model_name: str, nfe: int, out: str, fine_steps: int
 
 @main.group("solver")
 def solver_group() -> None:
-    """Learned schedules: export them for other tools."""
+    """Learned schedules (found by `diffsamp train solver`): export them for other tools.
+
+    \b
+    Example:
+      diffsamp solver export runs/gits5 --format diffusers
+    """
 
 
 @solver_group.command("export")
