@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -150,6 +151,10 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     assert "| euler |" in res.output
     res = CliRunner().invoke(main, base + ["--samplers", "dpmpp_2m", "--nfe", "2"])  # an alias names a row too
     assert res.exit_code == 0 and "| dpmpp_2m |" in res.output, res.output
+    res = CliRunner().invoke(main, base + ["--samplers", "euler", "--nfe", "2", "--dtype", "bfloat16"])
+    assert res.exit_code == 0 and "network bfloat16" in res.output, res.output  # its own cells, named
+    cells = [json.loads(c.read_text()) for c in (tmp / "cli" / "cells").glob("euler-nfe2-*.json")]
+    assert len(cells) == 2 and cells[0]["fid"] != cells[1]["fid"]  # the network really ran in bfloat16
 
 
 def test_a_row_knob_reaches_the_sampler_is_named_and_keys_its_own_cell(setup, tiny_model_dir, monkeypatch):
