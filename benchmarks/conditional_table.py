@@ -49,16 +49,21 @@ DEFAULT_CFG = "0,1,1.5,2,3,4"
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """The first 16 hex digits of the SHA-256 of a file, or of a folder's weight files (sorted by path)."""
+    """The first 16 hex digits of the SHA-256 of a file, or of what ``load`` reads from a model folder: its
+    weight and config files (sorted by path) and the ``conditioning`` entry of its card. The rest of the card is
+    documentation, so adding results to it keeps the cells valid."""
     path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
         files = [path]
-    else:  # an exported model: what ``load`` reads (a run folder's training checkpoint is not part of the model)
+    else:  # an exported model (a run folder's training checkpoint is not part of the model)
         roots = [path / d for d in ("unet", "scheduler", "transformer", "vae") if (path / d).is_dir()] or [path]
-        files = sorted(p for r in roots for p in r.rglob("*") if p.is_file() and p.suffix in
-                       (".safetensors", ".bin", ".pt", ".json"))
-        files += [p for p in (path / "card.json", path / "model_index.json") if p.is_file() and path not in roots]
+        files = sorted(p for r in roots for p in r.rglob("*") if p.is_file() and p.name != "card.json"
+                       and p.suffix in (".safetensors", ".bin", ".pt", ".json"))
+        files += [p for p in (path / "model_index.json",) if p.is_file() and path not in roots]
+        card = path / "card.json"
+        if card.is_file():
+            h.update(json.dumps(json.loads(card.read_text()).get("conditioning"), sort_keys=True).encode())
     for p in files:
         h.update(str(p.relative_to(path) if p != path else p.name).encode())
         h.update(p.read_bytes())

@@ -213,5 +213,12 @@ def test_table_script_end_to_end_and_resumes(table_setup, monkeypatch):
 
     monkeypatch.setattr(script, "score_model", boom)
     script.main(args)  # every cell read back
+    card = json.loads((model_dir / "card.json").read_text())
+    (model_dir / "card.json").write_text(json.dumps({**card, "class_adherence": {"2.5": 0.5}}))
+    script.main(args)  # results added to the card: still the same model
     with pytest.raises(AssertionError, match="computed again"):
         script.main([*args, "--steps", "3"])  # other settings: a new cell
+    (model_dir / "card.json").write_text(json.dumps({**card, "conditioning": {**card["conditioning"],
+                                                                              "null_class": 0}}))
+    with pytest.raises(AssertionError, match="computed again"):
+        script.main(args)  # another null class samples other images: a new cell
