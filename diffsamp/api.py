@@ -286,10 +286,12 @@ def generate(
         if run_grid is None:  # strength 0: the image itself
             x, nfe = x_start.float().cpu(), 0
         else:
-            x, nfe = integrate(bound, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
+            rows = CountingDenoiser(bound)  # network passes per image: stacked points (EPD) count each
+            x, nfe = integrate(rows, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
                                knobs=knobs, start=x_start)
         nfe_per_batch.append(nfe)
-        passes_per_batch.append(bound.passes if isinstance(bound, Guided) else nfe)
+        passes_per_batch.append(bound.passes if isinstance(bound, Guided) else
+                                (rows.rows // len(chunk) if run_grid is not None else 0))
         if codec is not None:
             if return_latents:
                 latents.append(x)

@@ -197,14 +197,14 @@ def test_predictor_refuses_another_grid_or_model(trained):
         check_predictor_model(pred, "mnist-ddpm")
     with pytest.raises(ValueError, match="needs a predictor"):
         diffsamp.get_sampler("amed")(model, torch.zeros(2, 2), other)
-    with pytest.raises(ValueError, match="no AMED predictor 'nope'"):
+    with pytest.raises(ValueError, match="no learned-solver predictor 'nope'"):
         load_predictor("nope")
 
 
 def test_train_options_reject_an_impossible_nfe():
     with pytest.raises(ValueError, match="NFE 4 with afs=True"):
         AmedTrainOptions(nfe=4, afs=True).resolved()
-    with pytest.raises(ValueError, match="needs an AMED sampler"):
+    with pytest.raises(ValueError, match="needs a learned sampler"):
         AmedTrainOptions(sampler="heun").resolved()
     assert AmedTrainOptions(nfe=9).resolved().steps == 5
 

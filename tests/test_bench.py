@@ -53,7 +53,7 @@ def test_plans_give_the_target_nfe_and_state_their_grid(setup, tiny_model_dir):
     assert heun4.final_step == "sigma_min" and "to σ_min" in heun4.setting
     assert plan_cell(model, str(tiny_model_dir), "dpmpp3m", 5).schedule == "logsnr"
     assert plan_cell(model, str(tiny_model_dir), "ipndm", 5, schedules={"ipndm": "logsnr"}).schedule == "logsnr"
-    with pytest.raises(ValueError, match="no AMED predictor"):
+    with pytest.raises(ValueError, match="no learned-solver predictor"):
         plan_cell(model, str(tiny_model_dir), "amed", 7)
     with pytest.raises(ValueError, match="trained for model"):
         plan_cell(model, "mnist-ddpm", "amed", 3, predictors=preds)
@@ -145,7 +145,7 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     res = CliRunner().invoke(main, base + ["--nfe", "3,x"])
     assert res.exit_code != 0 and "comma-separated integers" in res.output
     res = CliRunner().invoke(main, base + ["--samplers", "amed", "--nfe", "3"])
-    assert res.exit_code != 0 and "no AMED predictor" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "no learned-solver predictor" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, base + ["--samplers", "euler", "--nfe", "2"])
     assert res.exit_code == 0, res.output
     assert "| euler |" in res.output
@@ -204,7 +204,7 @@ def test_a_variant_row_reads_its_own_predictor_beside_the_plain_one(setup, tiny_
         plan_cell(model, str(tiny_model_dir), "amed:static", 3, predictors=both)
     assert plain.predictor == preds["amed:3"] and var.predictor == static
     assert "per-sample predictor" in plain.setting and "static predictor" in var.setting and var.method == "amed"
-    with pytest.raises(ValueError, match="no AMED predictor"):  # a variant never falls back to the plain NFE=PATH
+    with pytest.raises(ValueError, match="no learned-solver predictor"):  # a variant never falls back to the plain NFE=PATH
         plan_cell(model, str(tiny_model_dir), "amed:static", 3, predictors={"3": preds["amed:3"]})
     with pytest.raises(ValueError, match="only the learned samplers"):
         plan_cell(model, str(tiny_model_dir), "ipndm:fast", 3)
@@ -214,7 +214,7 @@ def test_a_variant_row_reads_its_own_predictor_beside_the_plain_one(setup, tiny_
     assert "| amed |" in table and "| amed:static |" in table and cells[0].fid != cells[1].fid
     kw = dict(samplers=["amed:static"], nfes=[3, 4], num=6, reference=str(tmp / "ref.npz"), out=tmp / "variants",
               extractor=ext, batch_size=6, predictors=both, reference_row=False, echo=lambda s: None)
-    with pytest.raises(ValueError, match="no AMED predictor"):
+    with pytest.raises(ValueError, match="no learned-solver predictor"):
         bench(model, str(tiny_model_dir), **kw)
     cells, table = bench(model, str(tiny_model_dir), skip_missing=True, **kw)
     assert [(c.sampler, c.nfe) for c in cells] == [("amed:static", 3)] and "| amed:static | " in table and "| — |" in table

@@ -451,9 +451,9 @@ def _default_sampler_for(model_name: str) -> str:
 def _needs_predictor(sampler: str, model_name: str) -> None:
     """A learned sampler without --predictor is a usage error before anything loads, naming the shipped
     predictors that fit (same model, same sampler)."""
-    from diffsamp.samplers.amed import AMED_SAMPLERS
+    from diffsamp.samplers.amed import LEARNED_SAMPLERS
 
-    if sampler not in AMED_SAMPLERS:
+    if sampler not in LEARNED_SAMPLERS:
         return
     from diffsamp.io import read_json
     from diffsamp.samplers.amed_files import PREDICTORS_DIR, shipped_predictors
@@ -590,17 +590,18 @@ def models_cmd(verbose: bool) -> None:
 
 
 def _list_predictors() -> None:
-    """The shipped AMED predictors, with what they were trained for (use with --predictor NAME)."""
+    """The shipped learned-solver predictors, with what they were trained for (use with --predictor NAME)."""
     from diffsamp.samplers.amed_files import load_predictor, shipped_predictors
 
     names = shipped_predictors()
     if not names:
         return
-    click.echo("\nAMED predictors (diffsamp sample --model MODEL --predictor NAME):")
+    click.echo("\nLearned-solver predictors (diffsamp sample --model MODEL --sampler S --predictor NAME):")
     width = max(len(n) for n in names)
     for name in names:
         cfg = load_predictor(name).config
-        kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
+        arch = cfg["predictor"]
+        kind = {"static": "static", "epd": f"{arch.get('num_points')} points"}.get(arch["kind"], "per-sample")
         fid = cfg.get("fid")
         fid_txt = f"; FID {fid['fid']:.2f} (N = {fid['num']})" if isinstance(fid, dict) else ""
         click.echo(f"{name:<{width}}  {cfg['sampler']}, NFE {cfg['nfe']}, {cfg['schedule']}, {kind}, "

@@ -33,7 +33,7 @@ from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, default_schedule
 from diffsamp.models.conditioning import Guidance
 from diffsamp.samplers import Grid, get_sampler, get_schedule
-from diffsamp.samplers.amed import AMED_SAMPLERS, FixedPredictor
+from diffsamp.samplers.amed import LEARNED_SAMPLERS, FixedPredictor
 from diffsamp.samplers.registry import describe_knobs
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
 
@@ -70,8 +70,8 @@ class CellPlan:
 def split_row(row: str) -> tuple[str, str | None]:
     """A bench row ``SAMPLER`` or ``SAMPLER:VARIANT`` → (registered sampler, variant or None)."""
     sampler, _, variant = row.partition(":")
-    if variant and sampler not in AMED_SAMPLERS:
-        raise ValueError(f"row {row!r}: only the learned samplers ({', '.join(AMED_SAMPLERS)}) take a :VARIANT")
+    if variant and sampler not in LEARNED_SAMPLERS:
+        raise ValueError(f"row {row!r}: only the learned samplers ({', '.join(LEARNED_SAMPLERS)}) take a :VARIANT")
     return sampler, variant or None
 
 
@@ -121,7 +121,7 @@ def _knob_text(knobs: Mapping[str, Any]) -> str:
 def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, schedules: dict[str, str],
                   predictors: dict[str, str], final: str, knobs: Mapping[str, Any]) -> CellPlan:
     base, variant = split_row(sampler)
-    if base in AMED_SAMPLERS:
+    if base in LEARNED_SAMPLERS:
         key = f"{sampler}:{nfe}"
         plain = None if variant else predictors.get(str(nfe))  # a bare NFE=PATH names the plain row's predictor
         path = predictors.get(key) or plain or predictor_name(model_name, sampler, nfe)
@@ -136,9 +136,11 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
             raise ValueError(f"predictor {path} samples at NFE {declared} ({cfg['schedule']}, {len(grid)} steps), "
                              f"not {nfe}: give {sampler}:{nfe}=PATH (or {nfe}=PATH) of a predictor trained for NFE "
                              f"{nfe} (`diffsamp train amed --nfe {nfe}`)")
-        kind = "static" if cfg["predictor"]["kind"] == "static" else "per-sample"
+        arch = cfg["predictor"]
+        kind = {"static": "static predictor", "epd": f"EPD table of {arch.get('num_points')} points"}.get(
+            arch["kind"], "per-sample predictor")
         end = "the last to 0" if grid.ends_at_zero else "to σ_min"
-        setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind} predictor"
+        setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind}"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest,
                         final_step="zero" if grid.ends_at_zero else "sigma_min")
     schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(sampler) or default_schedule(model)

@@ -213,6 +213,7 @@ class CountingDenoiser(Wrapper):
     def __init__(self, inner: Denoiser, *, check: bool = False) -> None:
         super().__init__(inner)
         self.calls = 0
+        self.rows = 0  # batch rows evaluated: calls × B, more where a call stacks several points (EPD)
         self.check = check
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
@@ -223,6 +224,7 @@ class CountingDenoiser(Wrapper):
             )
         out = self.inner(x, sigma)
         self.calls += 1
+        self.rows += x.shape[0]
         if self.check:
             if out.shape != x.shape:
                 raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")

@@ -101,6 +101,23 @@ def rows(cond: Encoded) -> int:
     return next(iter(cond.values())).shape[0] if isinstance(cond, dict) else cond.shape[0]
 
 
+def tile(cond: Encoded, times: int) -> Encoded:
+    """``cond`` repeated ``times`` times, block after block: the conditions of ``times`` stacked copies of a batch
+    (a sampler that evaluates several points of one step in one network call, e.g. EPD)."""
+    if times == 1:
+        return cond
+    return {k: v.repeat(times, *([1] * (v.ndim - 1))) for k, v in cond.items()} if isinstance(cond, dict) \
+        else cond.repeat(times, *([1] * (cond.ndim - 1)))
+
+
+def stacked_copies(x: Tensor, cond: Encoded) -> int:
+    """How many stacked copies of the bound batch ``x`` holds (1 for the batch itself); a ValueError otherwise."""
+    n = rows(cond)
+    if x.shape[0] % n:
+        raise ValueError(f"a batch of {x.shape[0]} rows for {n} bound conditions: expected a multiple of {n}")
+    return x.shape[0] // n
+
+
 def conditioning_of(model: Denoiser) -> Conditioning | None:
     """What ``model`` takes as a condition (through any wrappers), None if it is unconditional."""
     return getattr(model, "conditioning", None)
@@ -176,15 +193,18 @@ class Guided(Wrapper):
     D = D_u + w·(D_c − D_u); with rescale φ, ε̂ = (x − D)/σ is rescaled to the spread of the conditional ε̂_c
     per sample and mixed, ε̂' = φ·ε̂·std(ε̂_c)/std(ε̂) + (1 − φ)·ε̂ (Lin et al. 2024, Alg. 2). Elsewhere (σ
     outside the interval, or w = 1) the conditional model alone, in one pass of the plain batch.
-    ``passes`` counts network passes per image (2 for a guided call, 1 otherwise).
+    ``passes`` counts network passes per image (2 for a guided call, 1 otherwise; a call on k stacked copies of
+    the batch counts k times as many).
     """
 
     def __init__(self, inner: Denoiser, cond: Encoded, uncond: Encoded, guidance: Guidance) -> None:
         super().__init__(inner)
         self.guidance = guidance
+        self.cond, self.uncond = cond, uncond
         self.conditional = bind(inner, cond)
         self.both = bind(inner, concat(cond, uncond)) if guidance.active else None
-        self.passes = 0
+        self._stacked: dict[int, Denoiser] = {}
+        self.passes = 0  # network rows evaluated, per row of the bound batch
 
     conditioning = property(lambda self: None)  # bound: a plain D(x, σ)
 
@@ -193,11 +213,17 @@ class Guided(Wrapper):
         inside = torch.ones_like(sigma, dtype=torch.bool)
         if g.interval is not None:
             inside = (sigma >= g.interval[0]) & (sigma <= g.interval[1])
+        copies = stacked_copies(x, self.cond)
         if self.both is None or not bool(inside.any()):
-            self.passes += 1
+            self.passes += copies
             return self.conditional(x, sigma)
-        self.passes += 2
-        d_c, d_u = self.both(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
+        self.passes += 2 * copies
+        both = self.both
+        if copies > 1:  # [x; x] of stacked copies: conditions [c; …; c; u; …; u]
+            if copies not in self._stacked:
+                self._stacked[copies] = bind(self.inner, concat(tile(self.cond, copies), tile(self.uncond, copies)))
+            both = self._stacked[copies]
+        d_c, d_u = both(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
         d = d_u + g.scale * (d_c - d_u)
         if g.rescale > 0:
             d = _rescaled(x, d, d_c, sigma, g.rescale)

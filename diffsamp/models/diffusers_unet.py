@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from diffsamp.io import check_safetensors, normal_modes, read_json, read_state_file
 from diffsamp.models.base import Denoiser, DenoiserBase, Prior, Wrapper, unwrap
-from diffsamp.models.conditioning import ClassConditioning
+from diffsamp.models.conditioning import ClassConditioning, stacked_copies, tile
 from diffsamp.models.parameterization import (
     BETA_END,
     BETA_START,
@@ -189,7 +189,8 @@ class _LabelsBound(Wrapper):
     conditioning = property(lambda self: None)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return self.inner.evaluate(x, sigma, self.labels)  # type: ignore[attr-defined]
+        labels = tile(self.labels, stacked_copies(x, self.labels))  # k stacked copies of the batch: labels k times
+        return self.inner.evaluate(x, sigma, labels)  # type: ignore[attr-defined]
 
 
 def _card_conditioning(path: Path) -> ClassConditioning | None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from diffsamp.io import read_json
 from diffsamp.models.base import DenoiserBase, Prior, Wrapper
-from diffsamp.models.conditioning import Encoded, TextConditioning
+from diffsamp.models.conditioning import Encoded, TextConditioning, stacked_copies, tile
 from diffsamp.models.diffusers_unet import (
     check_model_files,
     hub_offline_check,
@@ -320,7 +320,7 @@ class _PromptBound(Wrapper):
     conditioning = property(lambda self: None)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        return self.inner.evaluate(x, sigma, self.cond)
+        return self.inner.evaluate(x, sigma, tile(self.cond, stacked_copies(x, self.cond)))
 
 
 def sdxl_time_ids(unet: nn.Module, vae: nn.Module, text_encoder_2: nn.Module) -> Tensor:

@@ -18,7 +18,7 @@ from diffsamp.samplers.registry import (
 )
 from diffsamp.samplers._util import StepInfo
 from diffsamp.samplers import amed, ancestral, multistep, ode, sde  # noqa: F401  (registration side effects)
-from diffsamp.samplers import ancestral_k, dpmpp_sde, restart  # noqa: F401  (registration side effects)
+from diffsamp.samplers import ancestral_k, dpmpp_sde, epd, restart  # noqa: F401  (registration side effects)
 from diffsamp.samplers.amed import StepState, amed_step, step_start
 from diffsamp.samplers import names  # noqa: F401,E402  (aliases; last: they name samplers registered above)
 from diffsamp.samplers.names import diffusers_equivalent

@@ -35,7 +35,8 @@ from diffsamp.samplers.ode import adams_bashforth, dpmpp_update
 from diffsamp.samplers.registry import KnobRange, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
-AMED_SAMPLERS = ("amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed")  # the learned samplers
+AMED_METHODS = ("amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed")
+LEARNED_SAMPLERS = (*AMED_METHODS, "epd")  # the samplers that sample with a trained --predictor
 RCA = tuple[Tensor, Tensor, Tensor]
 
 
@@ -319,7 +320,7 @@ def check_grid(predictor: Predictor, grid: Grid) -> None:
                 "sample with the predictor's own --schedule and --nfe"
             )
     n = getattr(predictor, "num_steps", None)  # 0: a per-sample predictor without step offsets, any length
-    if n and n != len(grid):
+    if n and n not in (len(grid), len(grid) - int(grid.ends_at_zero)):  # a last step to 0 has no parameters
         raise ValueError(f"this predictor has {n} steps, the grid has {len(grid)}")
 
 

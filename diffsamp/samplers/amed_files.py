@@ -1,4 +1,5 @@
-"""AMED predictors on disk: ``NAME.safetensors`` (the ≈9k weights) + ``NAME.json`` (everything needed to sample).
+"""Learned-solver predictors on disk (AMED's ≈9k-weight network or static table, EPD's table):
+``NAME.safetensors`` (the weights) + ``NAME.json`` (everything needed to sample).
 
 The JSON records the base sampler, schedule and its parameters, the grid's σ's, NFE, AFS, the scales, the
 model's identity and feature size, and the training card. Shipped predictors live in
@@ -17,6 +18,7 @@ import torch
 from diffsamp.io import load_safetensors, read_json, save_safetensors, write_text
 from diffsamp.models.zoo import WEIGHTS_DIR
 from diffsamp.samplers.amed import AmedPredictor, StaticPredictor
+from diffsamp.samplers.epd import EpdTable
 from diffsamp.samplers.grid import Grid
 
 PREDICTORS_DIR = WEIGHTS_DIR / "predictors"
@@ -34,7 +36,10 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_suffix(".safetensors"), p.with_suffix(".json")
 
 
-def save_predictor(predictor: AmedPredictor | StaticPredictor, path: str | os.PathLike, config: dict[str, Any]) -> Path:
+Predictor = AmedPredictor | StaticPredictor | EpdTable
+
+
+def save_predictor(predictor: Predictor, path: str | os.PathLike, config: dict[str, Any]) -> Path:
     """Write the predictor's weights and ``config`` (written last, atomically: its presence marks a complete file)."""
     weights, cfg_path = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +47,8 @@ def save_predictor(predictor: AmedPredictor | StaticPredictor, path: str | os.Pa
     arch: dict[str, Any] = {"scale_dir": predictor.scale_dir, "scale_time": predictor.scale_time}
     if isinstance(predictor, StaticPredictor):
         arch.update(kind="static", num_steps=predictor.num_steps)
+    elif isinstance(predictor, EpdTable):
+        arch.update(kind="epd", num_steps=predictor.num_steps, num_points=predictor.num_points)
     else:
         arch.update(kind="features", feature_dim=predictor.feature_dim)
         if predictor.num_steps:
@@ -64,7 +71,7 @@ def resolve_predictor(name_or_path: str | os.PathLike) -> Path:
     if shipped.is_file():
         return shipped
     raise PredictorNotFoundError(
-        f"no AMED predictor {str(name_or_path)!r}: give a trained predictor's directory or .json, "
+        f"no learned-solver predictor {str(name_or_path)!r}: give a trained predictor's directory or .json, "
         f"or a shipped name ({', '.join(shipped_predictors()) or 'none shipped'})"
     )
 
@@ -75,17 +82,20 @@ def predictor_digest(name_or_path: str | os.PathLike) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
-def load_predictor(name_or_path: str | os.PathLike) -> AmedPredictor | StaticPredictor:
+def load_predictor(name_or_path: str | os.PathLike) -> Predictor:
     """Rebuild a saved predictor; ``.config`` holds its JSON, ``.grid_sigmas`` the σ's it was trained on and
     ``.digest`` its ``predictor_digest``."""
     cfg_path = resolve_predictor(name_or_path)
     cfg = read_json(cfg_path, fmt=FORMAT, what=f"an AMED predictor ({FORMAT})")
     weights = _paths(cfg_path)[0]
-    pred: AmedPredictor | StaticPredictor
+    pred: Predictor
     try:
         arch = cfg["predictor"]
         if arch["kind"] == "static":
             pred = StaticPredictor(arch["num_steps"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
+        elif arch["kind"] == "epd":
+            pred = EpdTable(arch["num_steps"], arch["num_points"], scale_dir=arch["scale_dir"],
+                            scale_time=arch["scale_time"])
         else:
             pred = AmedPredictor(arch["feature_dim"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"],
                                  num_steps=arch.get("num_steps", 0),

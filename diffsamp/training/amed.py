@@ -39,20 +39,23 @@ from diffsamp.samplers.amed import (
     step_start,
 )
 from diffsamp.samplers.amed_files import save_predictor
+from diffsamp.samplers.epd import EpdTable
 from diffsamp.samplers.grid import Grid
 from diffsamp.io import read_state_file, save_state_file
 from diffsamp.training.cards import hardware
 from diffsamp.training.checkpoint import _optimizer_join, _optimizer_split
+from diffsamp.training.epd import epd_student_step, timestep_half_width
 from diffsamp.training.loop import _StopFlag, agreed_stop
 
 CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "predictor"
-SINGLE_STEP = {"amed": "amed", "euler+amed": "euler", "dpm2+amed": "dpm2"}
+SINGLE_STEP = {"amed": "amed", "euler+amed": "euler", "dpm2+amed": "dpm2", "epd": "epd"}
 MULTISTEP = {"ipndm+amed": "ipndm", "dpmpp+amed": "dpmpp"}
 # teacher solver, inserted points M and schedule the paper uses for each student (Zhou et al. 2024, AMED §4.1)
 TEACHERS = {"amed": ("heun", 1), "dpm2+amed": ("dpm2", 1), "euler+amed": ("euler", 2),
-            "ipndm+amed": ("ipndm", 2), "dpmpp+amed": ("dpmpp", 2)}
-SCHEDULES = {"amed": "time_uniform", "dpmpp+amed": "logsnr"}
+            "ipndm+amed": ("ipndm", 2), "dpmpp+amed": ("dpmpp", 2), "epd": ("heun", 3)}
+SCHEDULES = {"amed": "time_uniform", "dpmpp+amed": "logsnr", "epd": "time_uniform"}
+FINAL_STEPS = ("zero", "sigma_min")
 # the static predictor's parameters are the per-step logits themselves: Adam moves each by ≈ lr per step, so at
 # the network's 5e-3 they stay near r = ½ for the whole run (measured, mnist-ddpm, 3 072 trajectories: r 0.45–0.49)
 NETWORK_LR, STATIC_LR = 5e-3, 0.1
@@ -96,29 +99,47 @@ class AmedTrainOptions:
     # classifier-free guidance at this scale (the predictor reads the conditional half's features)
     classes: list[int] | None = None
     guidance: float = 1.0
+    points: int = 2  # epd: K intermediate points per interval
+    # how the student's grid ends: "sigma_min" (the AMED paper's grids) or "zero" (a last, parameter-free denoising
+    # step from σ_min to 0, counted in the NFE); None: zero for epd, sigma_min for the AMED samplers
+    final_step: str | None = None
+
+    @property
+    def learned_nfe(self) -> int:
+        """The NFE of the learned intervals: the whole NFE, less the final step to σ = 0 where there is one."""
+        return self.nfe - int(self.final_step == "zero")
 
     def resolved(self) -> "AmedTrainOptions":
         if self.sampler not in SINGLE_STEP and self.sampler not in MULTISTEP:
-            raise ValueError(f"train amed needs an AMED sampler ({', '.join(sorted(TEACHERS))}), got {self.sampler!r}")
-        afs = (self.nfe % 2 == 1) if self.afs is None else self.afs
-        steps2 = self.nfe + int(afs)
+            raise ValueError(f"train amed needs a learned sampler ({', '.join(sorted(TEACHERS))}), got {self.sampler!r}")
+        final = self.final_step or ("zero" if self.sampler == "epd" else "sigma_min")
+        if final not in FINAL_STEPS:
+            raise ValueError(f"final step {final!r}: expected one of {', '.join(FINAL_STEPS)}")
+        if self.points < 1:
+            raise ValueError(f"an EPD table needs at least 1 point per interval, got {self.points}")
+        learned = self.nfe - int(final == "zero")
+        afs = (learned % 2 == 1) if self.afs is None else self.afs
+        steps2 = learned + int(afs)
         if steps2 % 2 or steps2 < 2:
-            raise ValueError(f"NFE {self.nfe} with afs={afs} is not 2·steps − afs for any number of steps ≥ 1")
+            end = " and a last step to σ = 0" if final == "zero" else ""
+            raise ValueError(f"NFE {self.nfe} with afs={afs} is not 2·steps − afs{end} for any number of steps ≥ 1")
         teacher, m = TEACHERS[self.sampler]
+        static = self.static or self.sampler == "epd"  # EPD's table is sample-independent
         return AmedTrainOptions(**{
-            **asdict(self), "afs": afs, "teacher": self.teacher or teacher,
+            **asdict(self), "afs": afs, "teacher": self.teacher or teacher, "final_step": final, "static": static,
             "teacher_m": m if self.teacher_m is None else self.teacher_m,
             "schedule": self.schedule or SCHEDULES.get(self.sampler, "karras"),
             "scale_time": (0.2 if self.sampler == "ipndm+amed" else 0.0) if self.scale_time is None else self.scale_time,
-            "lr": (STATIC_LR if self.static else NETWORK_LR) if self.lr is None else self.lr,
-            "beta1": (STATIC_BETA1 if self.static else NETWORK_BETA1) if self.beta1 is None else self.beta1,
-            "first_step_static": self.first_step_static and afs and not self.static,
+            "lr": (STATIC_LR if static else NETWORK_LR) if self.lr is None else self.lr,
+            "beta1": (STATIC_BETA1 if static else NETWORK_BETA1) if self.beta1 is None else self.beta1,
+            "first_step_static": self.first_step_static and afs and not static,
         })
 
     @property
     def steps(self) -> int:
-        """Grid intervals of the student: NFE = 2·steps − AFS (AMED §4.2; docs/amed.md)."""
-        return (self.nfe + int(bool(self.afs))) // 2
+        """Learned intervals of the student: NFE = 2·steps − AFS (AMED §4.2; docs/amed.md), + 1 for a last step
+        to σ = 0."""
+        return (self.learned_nfe + int(bool(self.afs))) // 2
 
 
 def student_grids(model: Denoiser, opts: AmedTrainOptions) -> tuple[Grid, Grid]:
@@ -163,18 +184,6 @@ class _Given(torch.nn.Module):
 
     def forward(self, h: Tensor | None, step: int, sigma: float, sigma_next: float) -> tuple[Tensor, Tensor, Tensor]:
         return self.rca
-
-
-def timestep_half_width(timestep_sigmas: Tensor, s_mid: Tensor, s: float, s_next: float) -> Tensor:
-    """Per sample, the change of r that moves s = σ'^r σ^(1−r) by π timesteps of the table (where it is).
-
-    A network trained on integer timesteps wiggles with period ≈ 2π of them between the integers; a central
-    difference of half-width π cancels that sinusoid (sin(t+π) − sin(t−π) = 0) and keeps the trend."""
-    log_table = timestep_sigmas.to(torch.float64).log()
-    log_s = s_mid.detach().to(torch.float64).log().clamp(log_table[0], log_table[-1])
-    hi = torch.searchsorted(log_table, log_s).clamp(1, len(log_table) - 1)
-    per_step = log_table[hi] - log_table[hi - 1]  # d log σ / dt there
-    return (math.pi * per_step / abs(math.log(s_next / s))).to(s_mid.dtype)
 
 
 def student_step(
@@ -271,12 +280,18 @@ def train_amed(
     with torch.no_grad():
         fdim = None if opts.static else feature_dim(conditioned(0, 1), probe, sigma0)
     torch.manual_seed(opts.seed)
-    predictor = (
-        StaticPredictor(opts.steps, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
-        if opts.static else AmedPredictor(fdim or 0, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0,
-                                          num_steps=opts.steps if opts.step_offsets else 0,
-                                          first_step_static=opts.first_step_static)
-    ).to(device)
+    predictor: torch.nn.Module
+    if method == "epd":
+        predictor = EpdTable(opts.steps, opts.points, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
+    elif opts.static:
+        predictor = StaticPredictor(opts.steps, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
+    else:
+        predictor = AmedPredictor(fdim or 0, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0,
+                                  num_steps=opts.steps if opts.step_offsets else 0,
+                                  first_step_static=opts.first_step_static)
+    predictor = predictor.to(device)
+    sampling_grid = Grid(torch.cat([coarse.sigmas, coarse.sigmas.new_zeros(1)])) if opts.final_step == "zero" \
+        else coarse
     # the AFS step's own logits (first_step_static) train as the static predictor's
     named = dict(predictor.named_parameters())
     first = [named.pop("first_logits")] if "first_logits" in named else []
@@ -296,8 +311,9 @@ def train_amed(
         knobs = {"max_order": opts.max_order} if method == "ipndm" else ({"order": opts.order} if method == "dpmpp" else {})
         return {
             "model": model_name, "sampler": opts.sampler, "nfe": opts.nfe, "steps": opts.steps, "afs": opts.afs,
-            "schedule": opts.schedule, "schedule_params": opts.schedule_params, "grid": coarse.sigmas.tolist(),
-            "final_zero": False, "knobs": knobs, "sample_shape": list(sample_shape),
+            "schedule": opts.schedule, "schedule_params": opts.schedule_params,
+            "grid": sampling_grid.sigmas.tolist(), "final_zero": sampling_grid.ends_at_zero, "knobs": knobs,
+            "sample_shape": list(sample_shape),
             **({"classes": opts.classes, "guidance": opts.guidance} if opts.classes is not None else {}),
             **(extra or {}),
         }
@@ -329,13 +345,18 @@ def train_amed(
             for i, (s, s_next) in enumerate(coarse.intervals()):
                 with torch.no_grad():
                     start = step_start(bound, x, s, afs=bool(opts.afs) and i == 0, predictor=predictor)
-                surrogate, loss, x_next = student_step(
-                    method, bound, start, i, s, s_next, predictor, state, targets[i + 1],
-                    smoothed=opts.r_gradient == "smoothed", max_order=opts.max_order, order=opts.order,
-                    total=2 * len(coarse))
+                if method == "epd":
+                    surrogate, loss, x_next = epd_student_step(bound, start, i, s, s_next, predictor, targets[i + 1],
+                                                               smoothed=opts.r_gradient == "smoothed")
+                else:
+                    surrogate, loss, x_next = student_step(
+                        method, bound, start, i, s, s_next, predictor, state, targets[i + 1],
+                        smoothed=opts.r_gradient == "smoothed", max_order=opts.max_order, order=opts.order,
+                        total=2 * len(coarse))
                 if observe is not None:
                     with torch.no_grad():
-                        observe(it, i, predictor(start.h, i, s, s_next)[0].reshape(-1), float(loss.detach()))
+                        r_now = predictor(i)[0] if method == "epd" else predictor(start.h, i, s, s_next)[0]
+                        observe(it, i, r_now.reshape(-1), float(loss.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 surrogate.backward()
                 dist.average_gradients(list(predictor.parameters()))  # under torchrun: the whole batch's mean
@@ -386,7 +407,7 @@ def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
     # what checkpoints from before these options did
     theirs = {"r_gradient": "autograd", "step_offsets": False, "first_step_static": False, "beta1": STATIC_BETA1,
-              "classes": None, "guidance": 1.0,
+              "classes": None, "guidance": 1.0, "points": 2, "final_step": "sigma_min",
               **{k: v for k, v in state["options"].items() if k != "trajectories"}}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
