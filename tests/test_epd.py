@@ -231,3 +231,34 @@ def test_epd_options():
     with pytest.raises(ValueError, match="at least 1 point"):
         AmedTrainOptions(sampler="epd", points=0).resolved()
     assert AmedTrainOptions(nfe=5).resolved().final_step == "sigma_min"  # AMED's own grids are unchanged
+
+
+def test_cli_train_solver_epd_then_sample_and_bench_plan(tiny_model_dir, tmp_path, one_thread):
+    from click.testing import CliRunner
+
+    from diffsamp.cli import main
+    from diffsamp.metrics.bench import plan_cell
+    from diffsamp.models import load
+
+    run = tmp_path / "epd3"
+    res = CliRunner().invoke(main, ["train", "solver", "--method", "epd", "--model", str(tiny_model_dir), "--nfe", "3",
+                                    "--points", "3", "--trajectories", "8", "--batch", "4", "--out", str(run),
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((run / "predictor.json").read_text())
+    assert (card["sampler"], card["nfe"], card["steps"], card["final_zero"]) == ("epd", 3, 1, True)
+    assert card["predictor"] == {"scale_dir": 0.01, "scale_time": 0.0, "kind": "epd", "num_steps": 1,
+                                 "num_points": 3}
+    assert card["training"]["r_gradient"] == "smoothed" and card["training"]["trajectories_done"] == 8
+    res = CliRunner().invoke(main, ["sample", "--model", str(tiny_model_dir), "--sampler", "epd", "--predictor",
+                                    str(run), "--seeds", "0-2", "--out", str(tmp_path / "g.png")])
+    assert res.exit_code == 0, res.output
+    assert "NFE 3 per image" in res.output and (tmp_path / "g.png").is_file()
+    plan = plan_cell(load(tiny_model_dir), str(tiny_model_dir), "epd", 3, predictors={"epd:3": str(run)})
+    assert plan.method == "epd" and "EPD table of 3 points" in plan.setting and plan.final_step == "zero"
+    res = CliRunner().invoke(main, ["train", "solver", "--method", "epd", "--model", str(tiny_model_dir), "--nfe", "3",
+                                    "--fine-steps", "50", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--fine-steps is GITS's" in res.output
+    res = CliRunner().invoke(main, ["train", "solver", "--method", "gits", "--model", str(tiny_model_dir), "--nfe", "3",
+                                    "--points", "2", "--out", str(tmp_path / "y")])
+    assert res.exit_code != 0 and "--method gits takes no --points" in res.output

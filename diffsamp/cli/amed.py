@@ -1,4 +1,5 @@
-"""``diffsamp train amed``: distil an AMED predictor for a model (Zhou et al. 2024, AMED Alg. 1)."""
+"""``diffsamp train amed``: distil an AMED predictor (Zhou et al. 2024, AMED Alg. 1) or an EPD table (Zhu et al.
+2025) for a model."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")
+@click.option("--points", default=2, show_default=True, type=click.IntRange(min=1),
+              help="epd: intermediate points per interval, evaluated in one network call (EPD's K).")
+@click.option("--final-step", type=click.Choice(["zero", "sigma_min"]), default=None,
+              help="How the student's grid ends: a last denoising step to σ = 0 counted in the NFE, or at σ_min "
+                   "(default: zero for epd, sigma_min, the AMED paper's grids, for the AMED samplers).")
 @click.option("--classes", default=None, help="Class-conditional models: classes cycled over the trajectories, e.g. 0-9.")
 @click.option("--cfg", "cfg_scale", default=1.0, show_default=True, type=float, help="With --classes: the guidance scale the teacher and student run at (recorded; sampling at another scale warns).")
 def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None, afs: bool | None, teacher: str | None,
@@ -52,8 +58,10 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
                    r_gradient: str | None, step_offsets: bool, first_step_static: bool, beta1: float | None,
                    trajectories: int,
                    batch: int, lr: float | None, clip: bool | None, seed: int, device: str, out: str, resume: bool,
-                   quiet: bool, snapshots: str, classes: str | None, cfg_scale: float) -> None:
-    """Train an AMED predictor: teacher trajectories on a refined grid, one Adam step per student interval.
+                   quiet: bool, snapshots: str, points: int, final_step: str | None, classes: str | None,
+                   cfg_scale: float) -> None:
+    """Train a learned solver (AMED predictor or EPD table): teacher trajectories on a refined grid, one Adam step
+    per student interval.
 
     \b
     Examples:
@@ -61,6 +69,7 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
       diffsamp train amed --model mnist-ddpm --sampler ipndm+amed --nfe 3 --trajectories 4096 --out runs/ipndm-amed3
       diffsamp sample --model mnist-ddpm --sampler amed --predictor runs/amed5 --seeds 0-63 --out g.png
       diffsamp train amed --model runs/mnist-cond --classes 0-9 --cfg 2 --nfe 5 --out runs/amed5-cfg2
+      diffsamp train amed --model mnist-ddpm --sampler epd --points 2 --nfe 5 --out runs/epd5
     """
     from tqdm import tqdm
 
@@ -80,11 +89,11 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
                                 max_order=max_order, r_gradient=r_gradient, step_offsets=step_offsets,
                                 first_step_static=first_step_static, beta1=beta1,
                                 trajectories=trajectories, batch=batch, lr=lr, seed=seed, classes=class_list,
-                                guidance=cfg_scale)
+                                guidance=cfg_scale, points=points, final_step=final_step)
         opts.resolved()
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    bar = tqdm(total=-(-trajectories // batch), desc="train amed", unit="batch", disable=quiet)
+    bar = tqdm(total=-(-trajectories // batch), desc=f"train {sampler}", unit="batch", disable=quiet)
 
     def progress(it: int, total: int, loss: float) -> None:
         bar.n = it

@@ -1,4 +1,5 @@
-"""``diffsamp train solver``: learned few-step schedules (GITS; AMED predictors stay with ``diffsamp train amed``)."""
+"""``diffsamp train solver``: learned few-step solvers, one command for every method (GITS schedules here; AMED
+predictors and EPD tables through ``diffsamp train amed``'s trainer)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,62 @@ import click
 from diffsamp.cli._common import load_or_fail, main, resolve_device, writable_folder
 from diffsamp.cli.train import train
 
-METHODS = ("gits",)
+METHODS = ("gits", "amed", "epd")
 
 
-@train.command("solver")
+@train.command("solver", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--method", type=click.Choice(METHODS), default="gits", show_default=True,
               help="gits: the K-step schedule of least Euler error along teacher trajectories, by dynamic "
-                   "programming (Chen et al. 2024). AMED predictors: `diffsamp train amed`.")
+                   "programming (Chen et al. 2024); amed: an AMED predictor (Zhou et al. 2024); epd: an EPD table "
+                   "(Zhu et al. 2025). amed and epd take every option of `diffsamp train amed` (--points, "
+                   "--static, --resume, …).")
 @click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
-@click.option("--nfe", required=True, type=click.IntRange(min=1), help="Steps of the schedule (its NFE with a "
+@click.option("--nfe", required=True, type=click.IntRange(min=1), help="amed, epd: the solver's NFE. gits: steps of the schedule (its NFE with a "
               "one-evaluation sampler such as ddim, ipndm or dpmpp2m), the last one the denoising step to σ = 0.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), callback=writable_folder,
               help="Folder for schedule.json.")
 @click.option("--fine-steps", default=100, show_default=True, type=click.IntRange(min=2),
-              help="Intervals of the teacher's fine grid, among whose points the schedule is chosen.")
-@click.option("--schedule", default="time_uniform", show_default=True, help="The fine grid's schedule.")
-@click.option("--teacher", default="heun", show_default=True, help="The teacher's ODE solver on the fine grid.")
-@click.option("--trajectories", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Teacher trajectories (seeds SEED…SEED+N−1) the costs are averaged over.")
-@click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1))
+              help="gits: intervals of the teacher's fine grid, among whose points the schedule is chosen.")
+@click.option("--schedule", default=None, help="gits: the fine grid's schedule (default time_uniform); amed/epd: "
+              "the student's (default: the method's).")
+@click.option("--teacher", default=None, help="The teacher's ODE solver (default: heun).")
+@click.option("--trajectories", default=None, type=click.IntRange(min=1),
+              help="Teacher trajectories (default: 256 for gits, 10 000 for amed/epd).")
+@click.option("--batch", default=None, type=click.IntRange(min=1), help="Default: 64 for gits, 128 for amed/epd.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--device", default="auto", show_default=True)
-def solver_cmd(method: str, model_name: str, nfe: int, out: str, fine_steps: int, schedule: str, teacher: str,
-               trajectories: int, batch: int, seed: int, device: str) -> None:
-    """Find a few-step schedule for a model and write it as plain σ's (and timesteps) to OUT/schedule.json.
+@click.pass_context
+def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: str, fine_steps: int,
+               schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
+               device: str) -> None:
+    """Learn a few-step solver for a model: a schedule (gits: plain σ's, and timesteps, in OUT/schedule.json) or
+    a predictor (amed, epd: OUT/predictor.json, used with `diffsamp sample --predictor OUT`).
 
     \b
     Examples:
       diffsamp train solver --method gits --model mnist-ddpm --nfe 5 --out runs/gits5
       diffsamp sample --model mnist-ddpm --sampler ipndm --sigmas runs/gits5 --out grid.png
+      diffsamp train solver --method epd --model mnist-ddpm --nfe 5 --points 2 --out runs/epd5
+      diffsamp sample --model mnist-ddpm --sampler epd --predictor runs/epd5 --out grid.png
     """
+    if method in ("amed", "epd"):
+        from diffsamp.cli.amed import train_amed_cmd
+
+        if ctx.get_parameter_source("fine_steps") is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--fine-steps is GITS's; --method {method} takes --teacher-m")
+        args = ["--model", model_name, "--nfe", str(nfe), "--out", out, "--seed", str(seed), "--device", device]
+        if method == "epd":
+            args += ["--sampler", "epd"]
+        for flag, value in (("--schedule", schedule), ("--teacher", teacher), ("--trajectories", trajectories),
+                            ("--batch", batch)):
+            if value is not None:
+                args += [flag, str(value)]
+        ctx.invoke(train_amed_cmd, **_parsed(train_amed_cmd, [*args, *ctx.args]))
+        return
+    if ctx.args:
+        raise click.UsageError(f"--method gits takes no {ctx.args[0]}")
+    schedule, teacher = schedule or "time_uniform", teacher or "heun"
+    trajectories, batch = trajectories or 256, batch or 64
     from diffsamp.training.gits import GitsOptions, search_schedule, write_schedule
 
     opts = GitsOptions(steps=nfe, fine_steps=fine_steps, schedule=schedule, teacher=teacher,
@@ -55,6 +82,12 @@ def solver_cmd(method: str, model_name: str, nfe: int, out: str, fine_steps: int
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     click.echo(f"{method} schedule of {nfe} steps for {model_name} ({trajectories} teacher trajectories on "
                f"{fine_steps} {schedule} steps, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
+
+
+def _parsed(command: click.Command, args: list[str]) -> dict:
+    """``args`` parsed by ``command``'s own options (its checks and defaults): keyword arguments for ctx.invoke."""
+    with command.make_context(f"diffsamp train {command.name}", list(args)) as sub:
+        return dict(sub.params)
 
 
 @main.group("solver")
