@@ -139,6 +139,7 @@ def integrate(
         x0 = z.to(device=device, dtype=dtype) * scale if start is None else start.to(device=device, dtype=dtype)
         try:
             x = spec(counter, x0, grid, generator=generator, callback=callback, **dict(knobs or {}))
+            counter.raise_deferred()
         except ValueError as exc:
             if "NaN/inf" not in str(exc):
                 raise

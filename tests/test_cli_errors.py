@@ -303,6 +303,32 @@ def test_nan_blames_a_knob_set_away_from_its_default(gaussian):
     assert "away from the default" not in str(info.value)
 
 
+def test_the_deferred_nan_check_names_the_first_bad_evaluation(gaussian):
+    """On a GPU the check is kept on the device until sampling ends (no sync per step); forced here on the CPU."""
+    import torch
+
+    from diffsamp.models.base import CountingDenoiser
+
+    class NanFrom(CountingDenoiser):  # NaN from the third evaluation on
+        def __call__(self, x, sigma):
+            out = super().__call__(x, sigma)
+            return out * float("nan") if self.calls >= 3 else out
+
+    counter = CountingDenoiser(NanFrom(gaussian), check=True, defer=True)
+    x = torch.randn(2, 4)
+    for _ in range(5):
+        counter(x, torch.ones(2))  # no error while sampling
+    with pytest.raises(ValueError, match="NaN/inf at evaluation 3;"):
+        counter.raise_deferred()
+    fine = CountingDenoiser(gaussian, check=True, defer=True)
+    fine(x, torch.ones(2))
+    fine.raise_deferred()
+    with pytest.raises(ValueError, match="NaN/inf at evaluation 3 "):  # on the CPU: at once
+        now = CountingDenoiser(NanFrom(gaussian), check=True)
+        for _ in range(5):
+            now(x, torch.ones(2))
+
+
 # -- item 6: --dtype float16 on the CPU works (float32 sampler state, float16 network) ----------------------------
 
 def test_float16_on_the_cpu_samples(tmp_path):

@@ -207,14 +207,18 @@ class CountingDenoiser(Wrapper):
     """Counts network evaluations (NFE): one call on a batch is one evaluation (CONTRIBUTING.md: NFE is measured).
 
     With ``check=True`` it also rejects what would otherwise fail deep inside torch: a ``sigma`` that is
-    not (B,), an output of another shape, and NaN/inf coming out of the model.
+    not (B,), an output of another shape, and NaN/inf coming out of the model. On a GPU the NaN/inf check is
+    deferred (``defer``): the first bad evaluation is recorded on the device, without the host synchronisation
+    that reading a flag every step costs, and ``raise_deferred()`` reports it once sampling is over.
     """
 
-    def __init__(self, inner: Denoiser, *, check: bool = False) -> None:
+    def __init__(self, inner: Denoiser, *, check: bool = False, defer: bool | None = None) -> None:
         super().__init__(inner)
         self.calls = 0
         self.rows = 0  # batch rows evaluated: calls × B, more where a call stacks several points (EPD)
         self.check = check
+        self.defer = defer  # None: on CUDA outputs
+        self._first_bad: Tensor | None = None  # deferred: 1-based index of the first non-finite evaluation, or 0
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.check and (sigma.ndim != 1 or sigma.shape[0] != x.shape[0]):
@@ -228,12 +232,22 @@ class CountingDenoiser(Wrapper):
         if self.check:
             if out.shape != x.shape:
                 raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-            if not bool(torch.isfinite(out).all()):
+            if self.defer if self.defer is not None else out.is_cuda:
+                bad = ~torch.isfinite(out).all()
+                first = self._first_bad if self._first_bad is not None else torch.zeros((), dtype=torch.long,
+                                                                                          device=out.device)
+                self._first_bad = torch.where((first == 0) & bad, self.calls, first)
+            elif not bool(torch.isfinite(out).all()):
                 raise ValueError(
                     f"the model returned NaN/inf at evaluation {self.calls} "
                     f"(sigma={float(sigma.flatten()[0]):.4g}); try --dtype float32 or check the weights"
                 )
         return out
+
+    def raise_deferred(self) -> None:
+        """The deferred NaN/inf check's verdict (one host synchronisation): a ValueError naming the evaluation."""
+        if self._first_bad is not None and (at := int(self._first_bad)):
+            raise ValueError(f"the model returned NaN/inf at evaluation {at}; try --dtype float32 or check the weights")
 
 
 class ClampDenoiser(Wrapper):
