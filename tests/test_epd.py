@@ -262,3 +262,72 @@ def test_cli_train_solver_epd_then_sample_and_bench_plan(tiny_model_dir, tmp_pat
     res = CliRunner().invoke(main, ["train", "solver", "--method", "gits", "--model", str(tiny_model_dir), "--nfe", "3",
                                     "--points", "2", "--out", str(tmp_path / "y")])
     assert res.exit_code != 0 and "--method gits takes no --points" in res.output
+    res = CliRunner().invoke(main, ["train", "solver", "--method", "adasde", "--model", str(tiny_model_dir), "--nfe",
+                                    "3", "--gamma-max", "0.05", "--trajectories", "4", "--batch", "4", "--out",
+                                    str(tmp_path / "ada"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "ada" / "predictor.json").read_text())
+    assert card["sampler"] == "adasde" and card["predictor"]["gamma_max"] == 0.05
+
+
+# ------------------------------------------------------------------------------------------------- AdaSDE
+def test_adasde_without_noise_is_epd_and_with_it_follows_the_formula(setup):
+    from diffsamp.samplers.epd import AdaSdeTable
+
+    model, grid, x = setup
+    quiet = AdaSdeTable(len(grid), 2, gamma_max=0.0, gamma_min=0.0)
+    epd = EpdTable(len(grid), 2)
+    with torch.no_grad():
+        quiet.logits.copy_(_random_table(len(grid), 2, seed=6).logits)
+        epd.logits.copy_(quiet.logits)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(x.shape[0])]  # noqa: E731
+    a, ca = _run("adasde", model, x, grid, predictor=quiet, generator=gens())
+    b, _ = _run("epd", model, x, grid, predictor=epd)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ca.calls == diffsamp.get_sampler("adasde").expected_nfe(grid) == 2 * len(grid)
+
+    noisy = AdaSdeTable(2, 2, gamma_max=0.3, gamma_min=0.1)
+    with torch.no_grad():
+        noisy.logits.copy_(_random_table(2, 2, seed=7).logits)
+        noisy.gamma_logits.fill_(0.7)
+    two = diffsamp.Grid(grid.sigmas[:3])
+    out, _ = _run("adasde", model, x, two, predictor=noisy, generator=gens())
+    # by hand: step 0 is EPD's (γ = 0, no draw); step 1 injects z from each sample's generator first
+    g = gens()
+    s0, s1, s2 = two.sigmas.tolist()
+    start = step_start(model, x, s0, afs=False, predictor=noisy)
+    x1 = epd_step(model, start, 0, s0, s1, noisy)
+    gamma = 0.1 + 0.2 * torch.sigmoid(torch.tensor(0.7, dtype=torch.float64))
+    s_hat = float((1 + gamma) * s1)
+    z = torch.stack([torch.randn(2, generator=gi, dtype=torch.float64) for gi in g])
+    x_hat = x1 + math.sqrt(s_hat**2 - s1**2) * z
+    want = epd_step(model, step_start(model, x_hat, s_hat, afs=False, predictor=noisy), 1, s_hat, s2, noisy)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_adasde_images_do_not_depend_on_the_batch(mixture2d):
+    from diffsamp.samplers.epd import AdaSdeTable
+
+    table = AdaSdeTable(3, 2, gamma_max=0.5)
+    grid = diffsamp.get_schedule("karras", model=mixture2d).grid(4)  # 3 steps + the step to 0
+    big = diffsamp.generate(mixture2d, (2,), sampler="adasde", grid=grid, seeds=range(6), batch_size=6,
+                            predictor=table)
+    small = diffsamp.generate(mixture2d, (2,), sampler="adasde", grid=grid, seeds=range(6), batch_size=4,
+                              predictor=table)
+    torch.testing.assert_close(big.images, small.images, rtol=0, atol=1e-6)
+    plain = diffsamp.generate(mixture2d, (2,), sampler="epd", grid=grid, seeds=range(6), predictor=EpdTable(3, 2))
+    assert (big.images - plain.images).abs().max() > 1e-3  # the noise is there
+
+
+def test_adasde_trains_its_noise_and_resumes_bit_for_bit(mixture2d, tmp_path):
+    from diffsamp.samplers.epd import AdaSdeTable
+
+    opts = AmedTrainOptions(sampler="adasde", nfe=7, trajectories=96, batch=32, gamma_max=0.2)
+    full = load_predictor(train_amed(mixture2d, (2,), opts, tmp_path / "full", model_name="mix"))
+    assert isinstance(full, AdaSdeTable) and full.gamma_max == 0.2
+    assert full.gamma_logits[0] == 0 and (full.gamma_logits[1:] != 0).all()  # step 0 injects nothing, learns nothing
+    train_amed(mixture2d, (2,), opts, tmp_path / "cut", model_name="mix", stop_after=1)
+    resumed = load_predictor(train_amed(mixture2d, (2,), opts, tmp_path / "cut", model_name="mix", resume=True))
+    assert torch.equal(full.logits, resumed.logits) and torch.equal(full.gamma_logits, resumed.gamma_logits)
+    card = json.loads((tmp_path / "full" / "predictor.json").read_text())
+    assert card["predictor"]["kind"] == "adasde" and card["final_zero"] and card["sampler"] == "adasde"

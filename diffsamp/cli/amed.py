@@ -47,10 +47,12 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--snapshots", default="", help="Keep copies of the predictor after these trajectory counts, e.g. 1024,2048,4096.")
 @click.option("--points", default=2, show_default=True, type=click.IntRange(min=1),
-              help="epd: intermediate points per interval, evaluated in one network call (EPD's K).")
+              help="epd, adasde: intermediate points per interval, evaluated in one network call (EPD's K).")
+@click.option("--gamma-max", default=0.01, show_default=True, type=click.FloatRange(min=0.0002),
+              help="adasde: the largest noise injection γ per step (σ̂ = (1 + γ)σ; the authors' CIFAR-10 setting).")
 @click.option("--final-step", type=click.Choice(["zero", "sigma_min"]), default=None,
               help="How the student's grid ends: a last denoising step to σ = 0 counted in the NFE, or at σ_min "
-                   "(default: zero for epd, sigma_min, the AMED paper's grids, for the AMED samplers).")
+                   "(default: zero for epd and adasde, sigma_min, the AMED paper's grids, for the AMED samplers).")
 @click.option("--classes", default=None, help="Class-conditional models: classes cycled over the trajectories, e.g. 0-9.")
 @click.option("--cfg", "cfg_scale", default=1.0, show_default=True, type=float, help="With --classes: the guidance scale the teacher and student run at (recorded; sampling at another scale warns).")
 def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None, afs: bool | None, teacher: str | None,
@@ -58,7 +60,8 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
                    r_gradient: str | None, step_offsets: bool, first_step_static: bool, beta1: float | None,
                    trajectories: int,
                    batch: int, lr: float | None, clip: bool | None, seed: int, device: str, out: str, resume: bool,
-                   quiet: bool, snapshots: str, points: int, final_step: str | None, classes: str | None,
+                   quiet: bool, snapshots: str, points: int, gamma_max: float, final_step: str | None,
+                   classes: str | None,
                    cfg_scale: float) -> None:
     """Train a learned solver (AMED predictor or EPD table): teacher trajectories on a refined grid, one Adam step
     per student interval.
@@ -89,7 +92,7 @@ def train_amed_cmd(model_name: str, sampler: str, nfe: int, schedule: str | None
                                 max_order=max_order, r_gradient=r_gradient, step_offsets=step_offsets,
                                 first_step_static=first_step_static, beta1=beta1,
                                 trajectories=trajectories, batch=batch, lr=lr, seed=seed, classes=class_list,
-                                guidance=cfg_scale, points=points, final_step=final_step)
+                                guidance=cfg_scale, points=points, gamma_max=gamma_max, final_step=final_step)
         opts.resolved()
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -601,7 +601,8 @@ def _list_predictors() -> None:
     for name in names:
         cfg = load_predictor(name).config
         arch = cfg["predictor"]
-        kind = {"static": "static", "epd": f"{arch.get('num_points')} points"}.get(arch["kind"], "per-sample")
+        kind = {"static": "static", "epd": f"{arch.get('num_points')} points",
+                "adasde": f"{arch.get('num_points')} points"}.get(arch["kind"], "per-sample")
         fid = cfg.get("fid")
         fid_txt = f"; FID {fid['fid']:.2f} (N = {fid['num']})" if isinstance(fid, dict) else ""
         click.echo(f"{name:<{width}}  {cfg['sampler']}, NFE {cfg['nfe']}, {cfg['schedule']}, {kind}, "

@@ -8,15 +8,16 @@ import click
 from diffsamp.cli._common import load_or_fail, main, resolve_device, writable_folder
 from diffsamp.cli.train import train
 
-METHODS = ("gits", "amed", "epd")
+METHODS = ("gits", "amed", "epd", "adasde")
 
 
 @train.command("solver", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--method", type=click.Choice(METHODS), default="gits", show_default=True,
               help="gits: the K-step schedule of least Euler error along teacher trajectories, by dynamic "
                    "programming (Chen et al. 2024); amed: an AMED predictor (Zhou et al. 2024); epd: an EPD table "
-                   "(Zhu et al. 2025). amed and epd take every option of `diffsamp train amed` (--points, "
-                   "--static, --resume, …).")
+                   "(Zhu et al. 2025); adasde: an EPD table with a learned noise injection per step (AdaSDE, 2025). "
+                   "amed, epd and adasde take every option of `diffsamp train amed` (--points, --static, --resume, "
+                   "…).")
 @click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
 @click.option("--nfe", required=True, type=click.IntRange(min=1), help="amed, epd: the solver's NFE. gits: steps of the schedule (its NFE with a "
               "one-evaluation sampler such as ddim, ipndm or dpmpp2m), the last one the denoising step to σ = 0.")
@@ -37,7 +38,7 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
                schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
                device: str) -> None:
     """Learn a few-step solver for a model: a schedule (gits: plain σ's, and timesteps, in OUT/schedule.json) or
-    a predictor (amed, epd: OUT/predictor.json, used with `diffsamp sample --predictor OUT`).
+    a predictor (amed, epd, adasde: OUT/predictor.json, used with `diffsamp sample --predictor OUT`).
 
     \b
     Examples:
@@ -46,14 +47,14 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
       diffsamp train solver --method epd --model mnist-ddpm --nfe 5 --points 2 --out runs/epd5
       diffsamp sample --model mnist-ddpm --sampler epd --predictor runs/epd5 --out grid.png
     """
-    if method in ("amed", "epd"):
+    if method in ("amed", "epd", "adasde"):
         from diffsamp.cli.amed import train_amed_cmd
 
         if ctx.get_parameter_source("fine_steps") is not click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--fine-steps is GITS's; --method {method} takes --teacher-m")
         args = ["--model", model_name, "--nfe", str(nfe), "--out", out, "--seed", str(seed), "--device", device]
-        if method == "epd":
-            args += ["--sampler", "epd"]
+        if method != "amed":
+            args += ["--sampler", method]
         for flag, value in (("--schedule", schedule), ("--teacher", teacher), ("--trajectories", trajectories),
                             ("--batch", batch)):
             if value is not None:

@@ -137,7 +137,8 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
                              f"not {nfe}: give {sampler}:{nfe}=PATH (or {nfe}=PATH) of a predictor trained for NFE "
                              f"{nfe} (`diffsamp train amed --nfe {nfe}`)")
         arch = cfg["predictor"]
-        kind = {"static": "static predictor", "epd": f"EPD table of {arch.get('num_points')} points"}.get(
+        kind = {"static": "static predictor", "epd": f"EPD table of {arch.get('num_points')} points",
+                "adasde": f"AdaSDE table of {arch.get('num_points')} points"}.get(
             arch["kind"], "per-sample predictor")
         end = "the last to 0" if grid.ends_at_zero else "to σ_min"
         setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind}"

@@ -36,7 +36,7 @@ from diffsamp.samplers.registry import KnobRange, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 AMED_METHODS = ("amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed")
-LEARNED_SAMPLERS = (*AMED_METHODS, "epd")  # the samplers that sample with a trained --predictor
+LEARNED_SAMPLERS = (*AMED_METHODS, "epd", "adasde")  # the samplers that sample with a trained --predictor
 RCA = tuple[Tensor, Tensor, Tensor]
 
 

@@ -18,7 +18,7 @@ import torch
 from diffsamp.io import load_safetensors, read_json, save_safetensors, write_text
 from diffsamp.models.zoo import WEIGHTS_DIR
 from diffsamp.samplers.amed import AmedPredictor, StaticPredictor
-from diffsamp.samplers.epd import EpdTable
+from diffsamp.samplers.epd import AdaSdeTable, EpdTable
 from diffsamp.samplers.grid import Grid
 
 PREDICTORS_DIR = WEIGHTS_DIR / "predictors"
@@ -47,6 +47,9 @@ def save_predictor(predictor: Predictor, path: str | os.PathLike, config: dict[s
     arch: dict[str, Any] = {"scale_dir": predictor.scale_dir, "scale_time": predictor.scale_time}
     if isinstance(predictor, StaticPredictor):
         arch.update(kind="static", num_steps=predictor.num_steps)
+    elif isinstance(predictor, AdaSdeTable):
+        arch.update(kind="adasde", num_steps=predictor.num_steps, num_points=predictor.num_points,
+                    gamma_min=predictor.gamma_min, gamma_max=predictor.gamma_max)
     elif isinstance(predictor, EpdTable):
         arch.update(kind="epd", num_steps=predictor.num_steps, num_points=predictor.num_points)
     else:
@@ -93,6 +96,10 @@ def load_predictor(name_or_path: str | os.PathLike) -> Predictor:
         arch = cfg["predictor"]
         if arch["kind"] == "static":
             pred = StaticPredictor(arch["num_steps"], scale_dir=arch["scale_dir"], scale_time=arch["scale_time"])
+        elif arch["kind"] == "adasde":
+            pred = AdaSdeTable(arch["num_steps"], arch["num_points"], scale_dir=arch["scale_dir"],
+                               scale_time=arch["scale_time"], gamma_max=arch["gamma_max"],
+                               gamma_min=arch["gamma_min"])
         elif arch["kind"] == "epd":
             pred = EpdTable(arch["num_steps"], arch["num_points"], scale_dir=arch["scale_dir"],
                             scale_time=arch["scale_time"])

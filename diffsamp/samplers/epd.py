@@ -1,5 +1,6 @@
 """EPD-Solver: Ensemble of Parallel Directions (Zhu et al., ICCV 2025, "Distilling Parallel Gradients for Fast
-ODE Solvers of Diffusion Models", arXiv:2507.14797, Eq. 7–9).
+ODE Solvers of Diffusion Models", arXiv:2507.14797, Eq. 7–9), and AdaSDE, its stochastic variant (NeurIPS 2025:
+a learned noise injection γ per step before the EPD step, as EDM's churn, Karras et al. 2022 Alg. 2).
 
 Per interval [σ, σ'] a learned, sample-independent table gives K intermediate points r_k (s_k = σ'^r_k σ^(1−r_k),
 the geometric interpolation of AMED), simplex weights λ_k (a softmax), direction scales c_k and time scales a_k:
@@ -10,6 +11,10 @@ The K evaluations at the intermediate points are independent: they run as **one 
 copies of the batch, so an interval costs 2 sequential evaluations (1 with AFS, the analytical first ε̂ of AMED
 §3.4) and 1 + K network passes. With K = 1, λ = 1 it is the sample-independent AMED-Solver (AMED Eq. 9; with
 r = ½, c = a = 1, DPM-Solver-2's midpoint step). A step to σ' = 0 is x' = D(x, σ) (one evaluation, no table).
+
+AdaSDE first raises the noise level, σ̂ = (1 + γ_i)σ and x̂ = x + √(σ̂² − σ²)·z (z from each image's own
+generator), then takes the EPD step from (x̂, σ̂) to σ'; γ_i ∈ [γ_min, γ_max] is learned per step (0 on the
+first), the rest of the table as EPD's.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from diffsamp.models.base import Denoiser
-from diffsamp.samplers._util import StepInfo, append_dims, final_denoise_step
+from diffsamp.samplers._util import Generator, StepInfo, append_dims, final_denoise_step, randn_like
 from diffsamp.samplers.amed import StepStart, _amed_nfe, _bounded, check_grid, step_start
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.registry import register_sampler
@@ -95,6 +100,31 @@ def epd_network_passes(grid: Grid, num_points: int, afs: bool) -> int:
     return full * (1 + num_points) - int(afs) + int(grid.ends_at_zero)
 
 
+class AdaSdeTable(EpdTable):
+    """The EPD table plus one noise coefficient per step (AdaSDE): γ_i = γ_min + (γ_max − γ_min)·sigmoid(g_i),
+    0 on the first step (the prior's noise is fresh). The authors' CIFAR-10 setting is γ ∈ [2e-4, 0.01]."""
+
+    def __init__(self, num_steps: int, num_points: int = 2, *, scale_dir: float = 0.01, scale_time: float = 0.0,
+                 gamma_max: float = 0.01, gamma_min: float = 2e-4) -> None:
+        super().__init__(num_steps, num_points, scale_dir=scale_dir, scale_time=scale_time)
+        if not 0 <= gamma_min <= gamma_max:
+            raise ValueError(f"AdaSDE needs 0 ≤ γ_min ≤ γ_max, got {gamma_min}, {gamma_max}")
+        self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
+        self.gamma_logits = nn.Parameter(torch.zeros(self.num_steps))
+
+    def gamma(self, step: int) -> Tensor:
+        """γ of interval ``step`` (a 0-d tensor; exactly 0 on the first)."""
+        if step == 0:
+            return self.gamma_logits.new_zeros(())
+        return self.gamma_min + (self.gamma_max - self.gamma_min) * torch.sigmoid(self.gamma_logits[step])
+
+
+def inject_noise(x: Tensor, s: float, gamma: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """(x̂, σ̂): σ̂ = (1 + γ)σ, x̂ = x + √(σ̂² − σ²)·noise (EDM Alg. 2 lines 4–6; AdaSDE's injection)."""
+    s_hat = (1 + gamma.to(x.dtype)) * s
+    return x + (s_hat**2 - s**2).clamp_min(0).sqrt() * noise, s_hat
+
+
 @register_sampler("epd", kind="ode", nfe=_amed_nfe)
 def epd(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: object = None, callback: Callback = None,
@@ -108,6 +138,32 @@ def epd(
     for i, (s, s_next) in enumerate(grid.intervals()):
         start = step_start(model, x, s, afs=afs and i == 0, predictor=predictor)
         x = epd_step(model, start, i, s, s_next, predictor)
+        if callback is not None:
+            callback(StepInfo(i, s, s_next, x, start.denoised))
+    return final_denoise_step(model, x, grid, final_denoise)
+
+
+@register_sampler("adasde", kind="sde", nfe=_amed_nfe)
+def adasde(
+    model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
+    predictor: AdaSdeTable | None = None, afs: bool = False, final_denoise: bool = False,
+) -> Tensor:
+    """AdaSDE: σ̂ = (1 + γ_i)σ, x̂ = x + √(σ̂² − σ²)z, then the EPD step from (x̂, σ̂) (AdaSDE; EPD Eq. 9)."""
+    if predictor is None or not isinstance(predictor, AdaSdeTable):
+        raise ValueError("adasde needs a trained AdaSDE table: --predictor NAME_OR_PATH (`diffsamp train solver "
+                         "--method adasde`), or AdaSdeTable(steps, K) from Python")
+    check_grid(predictor, grid)
+    for i, (s, s_next) in enumerate(grid.intervals()):
+        if s_next == 0.0:
+            start = step_start(model, x, s, afs=False, predictor=predictor)
+            x = start.denoised
+        else:
+            gamma = predictor.gamma(i).detach()
+            if float(gamma) > 0:
+                x, s_hat_t = inject_noise(x, s, gamma, randn_like(x, generator))
+                s = float(s_hat_t)
+            start = step_start(model, x, s, afs=afs and i == 0, predictor=predictor)
+            x = epd_step(model, start, i, s, s_next, predictor)
         if callback is not None:
             callback(StepInfo(i, s, s_next, x, start.denoised))
     return final_denoise_step(model, x, grid, final_denoise)

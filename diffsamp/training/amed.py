@@ -39,22 +39,23 @@ from diffsamp.samplers.amed import (
     step_start,
 )
 from diffsamp.samplers.amed_files import save_predictor
-from diffsamp.samplers.epd import EpdTable
+from diffsamp.samplers.epd import AdaSdeTable, EpdTable
 from diffsamp.samplers.grid import Grid
 from diffsamp.io import read_state_file, save_state_file
 from diffsamp.training.cards import hardware
 from diffsamp.training.checkpoint import _optimizer_join, _optimizer_split
-from diffsamp.training.epd import epd_student_step, timestep_half_width
+from diffsamp.training.epd import adasde_student_step, epd_student_step, timestep_half_width
 from diffsamp.training.loop import _StopFlag, agreed_stop
 
 CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "predictor"
-SINGLE_STEP = {"amed": "amed", "euler+amed": "euler", "dpm2+amed": "dpm2", "epd": "epd"}
+SINGLE_STEP = {"amed": "amed", "euler+amed": "euler", "dpm2+amed": "dpm2", "epd": "epd", "adasde": "adasde"}
+TABLES = ("epd", "adasde")  # sample-independent tables of K points per interval
 MULTISTEP = {"ipndm+amed": "ipndm", "dpmpp+amed": "dpmpp"}
 # teacher solver, inserted points M and schedule the paper uses for each student (Zhou et al. 2024, AMED §4.1)
 TEACHERS = {"amed": ("heun", 1), "dpm2+amed": ("dpm2", 1), "euler+amed": ("euler", 2),
-            "ipndm+amed": ("ipndm", 2), "dpmpp+amed": ("dpmpp", 2), "epd": ("heun", 3)}
-SCHEDULES = {"amed": "time_uniform", "dpmpp+amed": "logsnr", "epd": "time_uniform"}
+            "ipndm+amed": ("ipndm", 2), "dpmpp+amed": ("dpmpp", 2), "epd": ("heun", 3), "adasde": ("heun", 3)}
+SCHEDULES = {"amed": "time_uniform", "dpmpp+amed": "logsnr", "epd": "time_uniform", "adasde": "time_uniform"}
 FINAL_STEPS = ("zero", "sigma_min")
 # the static predictor's parameters are the per-step logits themselves: Adam moves each by ≈ lr per step, so at
 # the network's 5e-3 they stay near r = ½ for the whole run (measured, mnist-ddpm, 3 072 trajectories: r 0.45–0.49)
@@ -99,7 +100,8 @@ class AmedTrainOptions:
     # classifier-free guidance at this scale (the predictor reads the conditional half's features)
     classes: list[int] | None = None
     guidance: float = 1.0
-    points: int = 2  # epd: K intermediate points per interval
+    points: int = 2  # epd, adasde: K intermediate points per interval
+    gamma_max: float = 0.01  # adasde: γ ∈ [2e-4, gamma_max] (the authors' CIFAR-10 setting)
     # how the student's grid ends: "sigma_min" (the AMED paper's grids) or "zero" (a last, parameter-free denoising
     # step from σ_min to 0, counted in the NFE); None: zero for epd, sigma_min for the AMED samplers
     final_step: str | None = None
@@ -112,7 +114,7 @@ class AmedTrainOptions:
     def resolved(self) -> "AmedTrainOptions":
         if self.sampler not in SINGLE_STEP and self.sampler not in MULTISTEP:
             raise ValueError(f"train amed needs a learned sampler ({', '.join(sorted(TEACHERS))}), got {self.sampler!r}")
-        final = self.final_step or ("zero" if self.sampler == "epd" else "sigma_min")
+        final = self.final_step or ("zero" if self.sampler in TABLES else "sigma_min")
         if final not in FINAL_STEPS:
             raise ValueError(f"final step {final!r}: expected one of {', '.join(FINAL_STEPS)}")
         if self.points < 1:
@@ -124,7 +126,7 @@ class AmedTrainOptions:
             end = " and a last step to σ = 0" if final == "zero" else ""
             raise ValueError(f"NFE {self.nfe} with afs={afs} is not 2·steps − afs{end} for any number of steps ≥ 1")
         teacher, m = TEACHERS[self.sampler]
-        static = self.static or self.sampler == "epd"  # EPD's table is sample-independent
+        static = self.static or self.sampler in TABLES  # EPD's and AdaSDE's tables are sample-independent
         return AmedTrainOptions(**{
             **asdict(self), "afs": afs, "teacher": self.teacher or teacher, "final_step": final, "static": static,
             "teacher_m": m if self.teacher_m is None else self.teacher_m,
@@ -283,6 +285,9 @@ def train_amed(
     predictor: torch.nn.Module
     if method == "epd":
         predictor = EpdTable(opts.steps, opts.points, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
+    elif method == "adasde":
+        predictor = AdaSdeTable(opts.steps, opts.points, scale_dir=opts.scale_dir,
+                                scale_time=opts.scale_time or 0.0, gamma_max=opts.gamma_max)
     elif opts.static:
         predictor = StaticPredictor(opts.steps, scale_dir=opts.scale_dir, scale_time=opts.scale_time or 0.0)
     else:
@@ -342,20 +347,27 @@ def train_amed(
             bound = conditioned(it * opts.batch + lo, hi - lo)
             targets = teacher_targets(bound, z * scale, fine, opts)
             x, state, it_loss = targets[0], StepState(), []
+            noise_gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + it + 500_009)  # adasde's injections
             for i, (s, s_next) in enumerate(coarse.intervals()):
-                with torch.no_grad():
-                    start = step_start(bound, x, s, afs=bool(opts.afs) and i == 0, predictor=predictor)
+                afs_here, smoothed = bool(opts.afs) and i == 0, opts.r_gradient == "smoothed"
+                start = None
+                if method == "adasde":  # the start is evaluated after the noise injection, with γ's gradient
+                    noise = torch.randn((opts.batch, *sample_shape), generator=noise_gen)[lo:hi].to(device, dtype)
+                    surrogate, loss, x_next = adasde_student_step(bound, x, i, s, s_next, predictor, targets[i + 1],
+                                                                  noise, afs=afs_here, smoothed=smoothed)
+                else:
+                    with torch.no_grad():
+                        start = step_start(bound, x, s, afs=afs_here, predictor=predictor)
                 if method == "epd":
                     surrogate, loss, x_next = epd_student_step(bound, start, i, s, s_next, predictor, targets[i + 1],
-                                                               smoothed=opts.r_gradient == "smoothed")
-                else:
+                                                               smoothed=smoothed)
+                elif method != "adasde":
                     surrogate, loss, x_next = student_step(
-                        method, bound, start, i, s, s_next, predictor, state, targets[i + 1],
-                        smoothed=opts.r_gradient == "smoothed", max_order=opts.max_order, order=opts.order,
-                        total=2 * len(coarse))
+                        method, bound, start, i, s, s_next, predictor, state, targets[i + 1], smoothed=smoothed,
+                        max_order=opts.max_order, order=opts.order, total=2 * len(coarse))
                 if observe is not None:
                     with torch.no_grad():
-                        r_now = predictor(i)[0] if method == "epd" else predictor(start.h, i, s, s_next)[0]
+                        r_now = predictor(i)[0] if method in TABLES else predictor(start.h, i, s, s_next)[0]
                         observe(it, i, r_now.reshape(-1), float(loss.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 surrogate.backward()
@@ -407,7 +419,7 @@ def _load_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.op
     mine = {k: v for k, v in asdict(opts).items() if k != "trajectories"}
     # what checkpoints from before these options did
     theirs = {"r_gradient": "autograd", "step_offsets": False, "first_step_static": False, "beta1": STATIC_BETA1,
-              "classes": None, "guidance": 1.0, "points": 2, "final_step": "sigma_min",
+              "classes": None, "guidance": 1.0, "points": 2, "final_step": "sigma_min", "gamma_max": 0.01,
               **{k: v for k, v in state["options"].items() if k != "trajectories"}}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))

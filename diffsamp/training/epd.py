@@ -1,6 +1,7 @@
 """One student interval of EPD's distillation (Zhu et al. 2025, EPD §3.3: per-step squared L2 to the teacher's
-point), with r's gradient taken as ``train amed`` takes it on a discrete-time network (``timestep_half_width``).
-The training loop itself is ``diffsamp.training.amed.train_amed`` (teacher trajectories, checkpoints, resume)."""
+point) and of AdaSDE's (the same, after its noise injection), with r's gradient taken as ``train amed`` takes it on
+a discrete-time network (``timestep_half_width``). The training loop itself is
+``diffsamp.training.amed.train_amed`` (teacher trajectories, checkpoints, resume)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser
-from diffsamp.samplers.amed import StepStart
-from diffsamp.samplers.epd import EpdTable, combine, epd_step, point_directions
+from diffsamp.samplers.amed import StepStart, step_start
+from diffsamp.samplers.epd import AdaSdeTable, EpdTable, combine, epd_step, inject_noise, point_directions
 
 
 def timestep_half_width(timestep_sigmas: Tensor, s_mid: Tensor, s: float, s_next: float) -> Tensor:
@@ -46,9 +47,15 @@ def epd_student_step(
     s_mid = s_next**rd * s ** (1 - rd)
     half = timestep_half_width(model.timestep_sigmas, s_mid, s, s_next)
     r_hi, r_lo = (rd + half).clamp(max=1.0), (rd - half).clamp(min=0.0)
-    with torch.no_grad():
-        d_all = point_directions(model, start, s, s_next, torch.cat([rd, r_hi, r_lo]), torch.cat([ad, ad, ad]))
-    d_mid, d_hi, d_lo = d_all[:k], d_all[k : 2 * k], d_all[2 * k :]
+    if start.x.requires_grad:  # AdaSDE: x̂ carries γ's gradient, through the network's input
+        d_mid = point_directions(model, start, s, s_next, rd, ad)
+        with torch.no_grad():
+            d_probe = point_directions(model, start, s, s_next, torch.cat([r_hi, r_lo]), torch.cat([ad, ad]))
+    else:
+        with torch.no_grad():
+            d_all = point_directions(model, start, s, s_next, torch.cat([rd, r_hi, r_lo]), torch.cat([ad, ad, ad]))
+        d_mid, d_probe = d_all[:k], d_all[k:]
+    d_hi, d_lo = d_probe[:k], d_probe[k:]
     x_next = combine(start, s, s_next, c, lam, d_mid)
     loss = (x_next - target).pow(2).sum() / batch
     with torch.no_grad():
@@ -61,3 +68,17 @@ def epd_student_step(
             grads.append((per[0] - per[1]) / (r_hi[j] - r_lo[j]).clamp_min(1e-12))
         g = torch.stack(grads).to(r.dtype)
     return loss + (g * r).sum(), loss, x_next
+
+
+def adasde_student_step(
+    model: Denoiser, x: Tensor, i: int, s: float, s_next: float, table: AdaSdeTable, target: Tensor,
+    noise: Tensor, *, afs: bool, smoothed: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AdaSDE's interval ``i`` from the teacher's point ``x``: the noise injection x̂ = x + √(σ̂² − σ²)·noise at
+    σ̂ = (1 + γ)σ, then EPD's step from (x̂, σ̂) (``epd_student_step``). γ's gradient flows through x̂ (the
+    injected noise, into the network's input); σ̂ enters the arithmetic and the network's σ input as a constant,
+    as a time scale's does on a discrete-time network."""
+    x_hat, s_hat = inject_noise(x, s, table.gamma(i), noise)
+    s_val = float(s_hat.detach())
+    start = step_start(model, x_hat, s_val, afs=afs, predictor=table)
+    return epd_student_step(model, start, i, s_val, s_next, table, target, smoothed=smoothed)
