@@ -244,6 +244,7 @@ def train_amed(
     extra: dict[str, Any] | None = None,
     snapshots: tuple[int, ...] = (),
     observe: Callable[[int, int, Tensor, float], None] | None = None,
+    guard: bool = True,
 ) -> Path:
     """Train and save an AMED predictor for ``model`` into ``out`` (AMED Alg. 1); returns the predictor JSON path.
 
@@ -253,6 +254,8 @@ def train_amed(
     ``stop_after`` stops (with a checkpoint) after that many iterations of this call, as an interruption would.
     ``observe(iteration, step, r, loss)``, if given, sees each interval's per-sample r (before that interval's
     optimizer step) and its loss: how the predictor's steps move during training.
+    ``guard``: once training is finished, the predictor is kept only if it ends closer to the teacher than the
+    solver it starts from (``keep_the_better``); the verdict is in the card's ``guard``.
     """
     opts = opts.resolved()
     if opts.r_gradient is None:
@@ -395,11 +398,72 @@ def train_amed(
                 progress(it, iterations, sum(it_loss))
     elapsed = elapsed_before + time.perf_counter() - t0
     card = {**_card(), "training": {**_training(elapsed), "processes": world}}
+    if it >= iterations and guard:
+        card["guard"] = keep_the_better(predictor, opts, conditioned, sample_shape, scale, coarse, fine,
+                                        device, dtype, lo, hi)
     path = (out / PREDICTOR).with_suffix(".json")  # what save_predictor returns
     if dist.is_main():
         path = save_predictor(predictor, out / PREDICTOR, card)
     dist.barrier()
     return path
+
+
+GUARD_SEED = 999_983  # held-out trajectories: noise seeds no training iteration draws
+
+
+def reset_to_base(predictor: torch.nn.Module) -> None:
+    """Set ``predictor`` to the plain solver it starts from: logits 0 (r = ½, c = a = 1: DPM-Solver-2's step for
+    ``amed``) for AMED predictors; the untrained table (r_k = k/(K+1), λ_k = 1/K) for EPD and AdaSDE."""
+    with torch.no_grad():
+        if isinstance(predictor, EpdTable):
+            fresh = type(predictor)(predictor.num_steps, predictor.num_points)
+            predictor.logits.copy_(fresh.logits)
+            if isinstance(predictor, AdaSdeTable):
+                predictor.gamma_logits.zero_()
+        elif isinstance(predictor, StaticPredictor):
+            predictor.logits.zero_()
+        else:  # AmedPredictor: every head's output 0
+            predictor.heads.weight.zero_()
+            predictor.heads.bias.zero_()
+            for extra in (predictor.step_logits, predictor.first_logits):
+                if extra is not None:
+                    extra.zero_()
+
+
+def keep_the_better(predictor: torch.nn.Module, opts: AmedTrainOptions, conditioned: Callable[[int, int], Denoiser],
+                    sample_shape: tuple[int, ...], scale: float, coarse: Grid, fine: Grid, device: torch.device,
+                    dtype: torch.dtype, lo: int, hi: int) -> dict[str, Any]:
+    """The learned solver against the plain solver it starts from (``reset_to_base``) on held-out trajectories:
+    mean squared L2 of the final state (at the grid's last σ) to the teacher's. A trained predictor that is not
+    better is replaced by the base, so a learned solver is never worse than its starting point on its own grid."""
+    n = opts.batch
+    z = torch.randn((n, *sample_shape), generator=torch.Generator().manual_seed(GUARD_SEED + opts.seed))[lo:hi]
+    bound = conditioned(10**9, hi - lo)  # class labels of held-out trajectories: the cycle from an unused offset
+    x0 = z.to(device, dtype) * scale
+    target = teacher_targets(bound, x0, fine, opts)[-1]
+    knobs: dict[str, Any] = {"afs": bool(opts.afs)}
+    if opts.sampler == "ipndm+amed":
+        knobs["max_order"] = opts.max_order
+    if opts.sampler == "dpmpp+amed":
+        knobs["order"] = opts.order
+    run = get_sampler(opts.sampler)
+
+    def l2() -> float:
+        gens = [torch.Generator().manual_seed(GUARD_SEED + j) for j in range(lo, hi)]
+        with torch.no_grad():
+            x = run(bound, x0.clone(), coarse, predictor=predictor, generator=gens, **knobs)
+        return float(dist.all_reduce_sum((x - target).pow(2).reshape(x.shape[0], -1).sum(1).sum().double())) / n
+
+    trained_state = {k: v.clone() for k, v in predictor.state_dict().items()}
+    trained = l2()
+    reset_to_base(predictor)
+    base = l2()
+    kept = "trained"
+    if not trained < base:
+        kept = "base: the trained predictor ended farther from the teacher on held-out trajectories"
+    else:
+        predictor.load_state_dict(trained_state)
+    return {"heldout_trajectories": n, "l2_trained": trained, "l2_base": base, "kept": kept}
 
 
 def _save_checkpoint(path: Path, predictor: torch.nn.Module, optimizer: torch.optim.Optimizer,
