@@ -8,13 +8,14 @@ import click
 from diffsamp.cli._common import load_or_fail, main, resolve_device, writable_folder
 from diffsamp.cli.train import train
 
-METHODS = ("gits", "amed", "epd", "adasde")
+METHODS = ("gits", "steps", "amed", "epd", "adasde")
 
 
 @train.command("solver", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--method", type=click.Choice(METHODS), default="gits", show_default=True,
               help="gits: the K-step schedule of least Euler error along teacher trajectories, by dynamic "
-                   "programming (Chen et al. 2024); amed: an AMED predictor (Zhou et al. 2024); epd: an EPD table "
+                   "programming (Chen et al. 2024); steps: the σ's of --base trained through the solve to the "
+                   "teacher's samples (LD3, Tong et al. 2025); amed: an AMED predictor (Zhou et al. 2024); epd: an EPD table "
                    "(Zhu et al. 2025); adasde: an EPD table with a learned noise injection per step (AdaSDE, 2025). "
                    "amed, epd and adasde take every option of `diffsamp train amed` (--points, --static, --resume, "
                    "…).")
@@ -24,7 +25,12 @@ METHODS = ("gits", "amed", "epd", "adasde")
 @click.option("--out", required=True, type=click.Path(file_okay=False), callback=writable_folder,
               help="Folder for schedule.json.")
 @click.option("--fine-steps", default=100, show_default=True, type=click.IntRange(min=2),
-              help="gits: intervals of the teacher's fine grid, among whose points the schedule is chosen.")
+              help="gits, steps: intervals of the teacher's fine grid (gits chooses the schedule among its points).")
+@click.option("--base", default="dpmpp2m", show_default=True, type=click.Choice(["ddim", "euler", "dpmpp2m", "dpmpp3m"]),
+              help="steps: the solver the σ's are learned for.")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="steps: passes over the pool.")
+@click.option("--slack", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="steps: LD3's soft loss, the start may move within slack·‖x_T‖ (0: the plain L2).")
 @click.option("--schedule", default=None, help="gits: the fine grid's schedule (default time_uniform); amed/epd: "
               "the student's (default: the method's).")
 @click.option("--teacher", default=None, help="The teacher's ODE solver (default: heun).")
@@ -34,9 +40,9 @@ METHODS = ("gits", "amed", "epd", "adasde")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
-def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: str, fine_steps: int,
-               schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
-               device: str) -> None:
+def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: str, fine_steps: int, base: str,
+               epochs: int, slack: float, schedule: str | None, teacher: str | None, trajectories: int | None,
+               batch: int | None, seed: int, device: str) -> None:
     """Learn a few-step solver for a model: a schedule (gits: plain σ's, and timesteps, in OUT/schedule.json) or
     a predictor (amed, epd, adasde: OUT/predictor.json, used with `diffsamp sample --predictor OUT`).
 
@@ -62,7 +68,14 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
         ctx.invoke(train_amed_cmd, **_parsed(train_amed_cmd, [*args, *ctx.args]))
         return
     if ctx.args:
-        raise click.UsageError(f"--method gits takes no {ctx.args[0]}")
+        raise click.UsageError(f"--method {method} takes no {ctx.args[0]}")
+    if method == "steps":
+        _learn_steps(model_name, nfe, out, fine_steps, base, epochs, slack, schedule, teacher, trajectories, batch,
+                     seed, device)
+        return
+    for name in ("base", "epochs", "slack"):
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{name} is for --method steps")
     schedule, teacher = schedule or "time_uniform", teacher or "heun"
     trajectories, batch = trajectories or 256, batch or 64
     from diffsamp.training.gits import GitsOptions, search_schedule, write_schedule
@@ -83,6 +96,32 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     click.echo(f"{method} schedule of {nfe} steps for {model_name} ({trajectories} teacher trajectories on "
                f"{fine_steps} {schedule} steps, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
+
+
+def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str, epochs: int, slack: float,
+                 schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
+                 device: str) -> None:
+    """``--method steps``: LD3-style learned σ's, written as a schedule file like GITS's."""
+    from diffsamp.training.gits import write_schedule
+    from diffsamp.training.steps import StepsOptions, train_steps
+
+    opts = StepsOptions(steps=nfe, base=base, schedule=schedule or "time_uniform", teacher=teacher or "heun",
+                        teacher_steps=fine_steps, trajectories=trajectories or 100, batch=batch or 25,
+                        epochs=epochs, slack=slack, seed=seed)
+    try:
+        opts.check()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    model = load_or_fail(model_name, device=resolve_device(device))
+    try:
+        grid, record = train_steps(model, tuple(model.sample_shape), opts)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    path = write_schedule(out, model, model_name, grid, record)
+    sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
+    loss = record["loss_per_epoch"]
+    click.echo(f"steps for {base}, {nfe} intervals, {model_name} ({opts.trajectories} teacher trajectories, "
+               f"{epochs} epochs, loss {loss[0]:.4g} → {loss[-1]:.4g}, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
 
 
 def _parsed(command: click.Command, args: list[str]) -> dict:

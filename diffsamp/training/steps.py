@@ -1,0 +1,157 @@
+"""Learned time steps (after LD3: Tong et al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 2025).
+
+The K σ's of a one-evaluation solver (DDIM/DPM-Solver++ of order 1–3, in σ-space) are trained by backpropagation
+through the whole K-step solve to the teacher's final sample:
+
+* parameterisation (LD3 §3.2, in log σ): K logits, the softmax of which are the fractions of log σ_max − log σ_min
+  each interval takes; σ_0 = σ_max, σ_1 … σ_{K−1} their cumulative sums, and a last denoising step to σ = 0. The
+  σ's stay ordered and inside the model's range whatever the logits; the logits start at the ``schedule``'s grid.
+* loss: squared L2 between the student's and the teacher's final samples over a fixed pool of teacher trajectories
+  (LD3 trains on ~100), epochs over the pool, Adam on the logits;
+* LD3's soft (slack) variant: each trajectory's student starts from x_T + δ, and δ takes a gradient step on the same
+  loss after each update, projected onto ‖δ‖ ≤ slack·‖x_T‖ (LD3 Eq. 9: the student need only reach the teacher's
+  output from some nearby noise). slack = 0 is the plain (hard) loss.
+
+On a discrete-time DDPM network the σ's enter the network's input as constants (its output wiggles between its
+integer timesteps, see docs/amed.md); their gradient flows through the solver's coefficients and the states.
+The result is a plain ``schedule.json`` (``diffsamp sample --sigmas``, ``diffsamp solver export``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.samplers import Grid, get_sampler, get_schedule
+from diffsamp.samplers.ode import dpmpp_update
+
+BASES = {"ddim": 1, "euler": 1, "dpmpp2m": 2, "dpmpp3m": 3}  # the solver the σ's are trained for → its order
+
+
+@dataclass(frozen=True)
+class StepsOptions:
+    """K = ``steps`` intervals (the last to 0) for ``base``, initialised at ``schedule``; the teacher on
+    ``teacher_steps`` intervals of that schedule; a pool of ``trajectories`` draws trained for ``epochs``."""
+
+    steps: int = 5
+    base: str = "dpmpp2m"
+    schedule: str = "time_uniform"
+    teacher: str = "heun"
+    teacher_steps: int = 100
+    trajectories: int = 100
+    batch: int = 25
+    epochs: int = 20
+    lr: float = 0.05
+    slack: float = 0.0
+    slack_lr: float = 0.5
+    seed: int = 0
+
+    def check(self) -> None:
+        """A ValueError naming the first option out of range."""
+        if self.base not in BASES:
+            raise ValueError(f"learned steps are for {', '.join(BASES)}, got base {self.base!r}")
+        if self.steps < 2:
+            raise ValueError(f"learned steps need at least 2 intervals (one learned σ), got {self.steps}")
+        for name in ("trajectories", "batch", "epochs", "teacher_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.slack < 0 or self.lr <= 0:
+            raise ValueError("slack must be ≥ 0 and lr > 0")
+
+
+class LearnedSteps(nn.Module):
+    """σ_0 = σ_max > σ_1 > … > σ_{K−1} ≥ σ_min, then 0: log σ_i = log σ_max − F_i·(log σ_max − log σ_min) with
+    F = cumsum(softmax(logits)) (LD3 §3.2's monotone parameterisation, in log σ)."""
+
+    def __init__(self, sigma_max: float, sigma_min: float, init: Tensor) -> None:
+        super().__init__()
+        self.sigma_max = float(sigma_max)
+        self.log_max, self.log_min = math.log(sigma_max), math.log(sigma_min)
+        inner = init[1:-1].to(torch.float64)  # σ_1 … σ_{K−1} of an initial grid ending at 0
+        if inner.numel() < 1 or not bool((inner < sigma_max).all() and (inner >= sigma_min * (1 - 1e-9)).all()):
+            raise ValueError("the initial grid's inner σ's must lie in [σ_min, σ_max)")
+        frac = ((self.log_max - inner.log()) / (self.log_max - self.log_min)).clamp(max=1.0)
+        inc = torch.diff(torch.cat([frac.new_zeros(1), frac, frac.new_ones(1)])).clamp_min(1e-6)  # σ_{K−1} = σ_min:
+        self.logits = nn.Parameter((inc / inc.sum()).log())  # a last share of 1e-6 (σ_{K−1} ≈ σ_min·e^{…·1e-6})
+
+    def forward(self) -> Tensor:
+        """The grid's σ's, (K + 1,) float64, the last 0; differentiable in the logits."""
+        frac = torch.cumsum(torch.softmax(self.logits, dim=0), dim=0)[:-1]
+        inner = torch.exp(self.log_max - frac * (self.log_max - self.log_min))
+        top = inner.new_full((1,), self.sigma_max)
+        return torch.cat([top, inner, inner.new_zeros(1)])
+
+
+def student_solve(model: Denoiser, x: Tensor, sigmas: Tensor, order: int, *, network_sigma_grad: bool) -> Tensor:
+    """DPM-Solver++ of ``order`` (1: DDIM) on ``sigmas`` (ending at 0), differentiable in the σ's and in x; the same
+    update ``dpmpp_update`` the registered samplers use, so it equals ``diffsamp``'s ``ddim``/``dpmpp2m``/
+    ``dpmpp3m`` on that grid (tested)."""
+    total = sigmas.numel() - 1
+    history: list[tuple[Any, Tensor, Tensor]] = []
+    for i in range(total):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        net_s = (s if network_sigma_grad else s.detach()).to(x.dtype).expand(x.shape[0])
+        denoised = model(x, net_s)
+        if i == total - 1:  # the step to σ = 0
+            return denoised
+        s_, s_next_ = s.to(x.dtype), s_next.to(x.dtype)
+        hist = [(h_s.to(x.dtype), h_x, h_d) for h_s, h_x, h_d in history]
+        x_new = dpmpp_update(x, denoised, s_, s_next_, hist, total - i, max_order=order, total=total)
+        history = ([(s, x, denoised)] + history)[: order - 1]
+        x = x_new
+    return x
+
+
+def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptions,
+                progress: Any = None) -> tuple[Grid, dict[str, Any]]:
+    """Learn ``opts.steps`` σ's for ``opts.base`` on ``model``; returns the grid and a record of the run."""
+    opts.check()
+    t0 = time.perf_counter()
+    sched = get_schedule(opts.schedule, model=model)
+    init = sched.grid(opts.steps, final_zero=True).sigmas
+    sigma_max, sigma_min = float(init[0]), float(model.sigma_min)
+    steps = LearnedSteps(sigma_max, sigma_min, init)
+    fine = sched.grid(opts.teacher_steps, final_zero=True)
+    gen = torch.Generator().manual_seed(opts.seed)
+    device, dtype = torch.device(model.device), torch.float32
+    z = torch.randn((opts.trajectories, *sample_shape), generator=gen).to(device, dtype)
+    z = z * prior_scale(model.prior, sigma_max)
+    with torch.no_grad():
+        target = torch.cat([get_sampler(opts.teacher)(model, z[b : b + opts.batch], fine)
+                            for b in range(0, opts.trajectories, opts.batch)])
+    delta = torch.zeros_like(z)
+    optimizer = torch.optim.Adam(steps.parameters(), lr=opts.lr)
+    order, grad_net = BASES[opts.base], model.timestep_sigmas is None
+    losses: list[float] = []
+    for epoch in range(opts.epochs):
+        epoch_loss = 0.0
+        for b in range(0, opts.trajectories, opts.batch):
+            rows = slice(b, b + opts.batch)
+            d = delta[rows].clone().requires_grad_(opts.slack > 0)
+            out = student_solve(model, z[rows] + d, steps(), order, network_sigma_grad=grad_net)
+            loss = (out - target[rows]).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if opts.slack > 0:  # LD3's slack: the start moves toward noise the student maps onto the target
+                with torch.no_grad():
+                    moved = d - opts.slack_lr * d.grad
+                    radius = opts.slack * z[rows].reshape(len(d), -1).norm(dim=1)
+                    norm = moved.reshape(len(d), -1).norm(dim=1).clamp_min(1e-12)
+                    delta[rows] = moved * (radius / norm).clamp(max=1.0).view(-1, *[1] * (d.ndim - 1))
+            epoch_loss += float(loss.detach()) * out.shape[0]
+        losses.append(epoch_loss / opts.trajectories)
+        if progress is not None:
+            progress(epoch + 1, opts.epochs, losses[-1])
+    with torch.no_grad():
+        grid = Grid(steps().detach().to(torch.float64))
+    record = {"method": "steps", "options": asdict(opts), "init": init.tolist(),
+              "loss_per_epoch": [round(v, 6) for v in losses], "seconds": round(time.perf_counter() - t0, 1),
+              "network_sigma_gradient": grad_net}
+    return grid, record
