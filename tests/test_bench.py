@@ -141,7 +141,7 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     res = CliRunner().invoke(main, base + ["--samplers", "euler,nope"])
     assert res.exit_code != 0 and "unknown sampler 'nope'" in res.output
     res = CliRunner().invoke(main, base + ["--samplers", "ddim:tu"])
-    assert res.exit_code != 0 and "only the learned samplers" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "VARIANT labels a row with its own settings" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, base + ["--nfe", "3,x"])
     assert res.exit_code != 0 and "comma-separated integers" in res.output
     res = CliRunner().invoke(main, base + ["--samplers", "amed", "--nfe", "3"])
@@ -206,7 +206,7 @@ def test_a_variant_row_reads_its_own_predictor_beside_the_plain_one(setup, tiny_
     assert "per-sample predictor" in plain.setting and "static predictor" in var.setting and var.method == "amed"
     with pytest.raises(ValueError, match="no learned-solver predictor"):  # a variant never falls back to the plain NFE=PATH
         plan_cell(model, str(tiny_model_dir), "amed:static", 3, predictors={"3": preds["amed:3"]})
-    with pytest.raises(ValueError, match="only the learned samplers"):
+    with pytest.raises(ValueError, match="VARIANT labels a row with its own settings"):
         plan_cell(model, str(tiny_model_dir), "ipndm:fast", 3)
     cells, table = bench(model, str(tiny_model_dir), samplers=["amed", "amed:static"], nfes=[3], num=6,
                          reference=str(tmp / "ref.npz"), out=tmp / "variants", extractor=ext, batch_size=6,

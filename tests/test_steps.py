@@ -92,3 +92,27 @@ def test_cli_steps_schedule_samples_and_exports(tiny_model_dir, tmp_path, one_th
     res = CliRunner().invoke(main, ["train", "solver", "--method", "gits", "--model", str(tiny_model_dir), "--nfe",
                                     "3", "--slack", "0.1", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--slack is for --method steps" in res.output
+
+
+def test_bench_rows_on_a_schedule_file(tiny_model_dir, tmp_path, one_thread):
+    """bench --schedule ROW=FILE: the row samples on the file's σ's, its cell at the NFE they give."""
+    from diffsamp.metrics.bench import NoGridError, plan_cell
+    from diffsamp.models import load
+    from diffsamp.training.gits import write_schedule
+
+    model = load(tiny_model_dir)
+    grid = diffsamp.Grid(torch.tensor([80.0, 3.0, 0.5, 0.0], dtype=torch.float64))
+    path = write_schedule(tmp_path / "s", model, str(tiny_model_dir), grid, {"method": "steps"})
+    plan = plan_cell(model, str(tiny_model_dir), "dpmpp2m", 3, schedules={"dpmpp2m": str(tmp_path / "s")})
+    assert torch.equal(plan.grid.sigmas, grid.sigmas) and plan.final_step == "zero"
+    assert plan.setting == "steps schedule s, 3 steps, the last to 0"
+    with pytest.raises(NoGridError, match="declares NFE 3, not 5"):
+        plan_cell(model, str(tiny_model_dir), "dpmpp2m", 5, schedules={"dpmpp2m": str(path)})
+    row = plan_cell(model, str(tiny_model_dir), "dpmpp2m:learned", 3, schedules={"dpmpp2m:learned": str(path)})
+    assert row.sampler == "dpmpp2m:learned" and row.method == "dpmpp2m" and torch.equal(row.grid.sigmas, grid.sigmas)
+    plain = plan_cell(model, str(tiny_model_dir), "dpmpp2m", 3, schedules={"dpmpp2m:learned": str(path)})
+    assert plain.schedule == "logsnr" and plain.method == "dpmpp2m"  # the plain row keeps its own grid
+    res = diffsamp.generate(model, model.sample_shape, sampler=plan.method, schedule=plan.schedule, grid=plan.grid,
+                            seeds=[0, 1], **plan.knobs)
+    want = diffsamp.generate(model, model.sample_shape, sampler="dpmpp2m", grid=grid, seeds=[0, 1])
+    assert res.nfe == 3 and torch.equal(res.images, want.images)

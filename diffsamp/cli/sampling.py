@@ -475,7 +475,7 @@ def _schedule_file(ctx: click.Context, path: str, predictor: str | None, model_n
     """The grid of a ``--sigmas`` schedule file; --steps/--schedule/--predictor that would set it too are refused."""
     import warnings
 
-    from diffsamp.training.gits import read_schedule
+    from diffsamp.samplers.schedule_file import read_schedule
 
     clash = [f"--{n.replace('_', '-')}" for n in ("steps", "schedule", "sigma_min", "sigma_max", "rho")
              if _given(ctx, n)] + (["--predictor"] if predictor else [])

@@ -155,7 +155,7 @@ def export_cmd(schedule: str, fmt: str, out: str | None) -> None:
       diffsamp solver export runs/gits5/schedule.json --format comfyui
     """
     from diffsamp.io import write_text
-    from diffsamp.training.gits import export_schedule, read_schedule
+    from diffsamp.samplers.schedule_file import export_schedule, read_schedule
 
     try:
         _, doc = read_schedule(schedule)

@@ -36,6 +36,7 @@ from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import LEARNED_SAMPLERS, FixedPredictor
 from diffsamp.samplers.registry import describe_knobs
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
+from diffsamp.samplers.schedule_file import is_schedule_file, read_schedule
 
 # How a cell's grid ends: "zero" (a last denoising step σ_min → 0 inside the NFE, as every sampler ends in use)
 # or "sigma_min" (no step to 0, the AMED paper's Table 2); learned rows end where their predictor was trained to.
@@ -68,10 +69,9 @@ class CellPlan:
 
 
 def split_row(row: str) -> tuple[str, str | None]:
-    """A bench row ``SAMPLER`` or ``SAMPLER:VARIANT`` → (registered sampler, variant or None)."""
+    """A bench row ``SAMPLER`` or ``SAMPLER:VARIANT`` → (registered sampler, variant or None). A learned sampler's
+    variant names its predictor; a built-in sampler's is a label for a row with its own --schedule or --knob."""
     sampler, _, variant = row.partition(":")
-    if variant and sampler not in LEARNED_SAMPLERS:
-        raise ValueError(f"row {row!r}: only the learned samplers ({', '.join(LEARNED_SAMPLERS)}) take a :VARIANT")
     return sampler, variant or None
 
 
@@ -92,6 +92,10 @@ def plan_cell(
     its predictor was trained to end."""
     final = (row_final_steps or {}).get(sampler, final_step)
     extra = dict((knobs or {}).get(sampler, {}))
+    base, variant = split_row(sampler)
+    if variant and base not in LEARNED_SAMPLERS and not extra and sampler not in (schedules or {}):
+        raise ValueError(f"row {sampler!r}: a built-in sampler's :VARIANT labels a row with its own settings; give "
+                         f"--schedule {sampler}=… or --knob {sampler}:NAME=VALUE")
     typed = {}
     if extra:  # typed against the row's own sampler first: a knob may change the NFE a grid declares (restart)
         row_spec = get_sampler(split_row(sampler)[0])
@@ -144,28 +148,46 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
         setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind}"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest,
                         final_step="zero" if grid.ends_at_zero else "sigma_min")
-    schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(sampler) or default_schedule(model)
+    schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(base) or default_schedule(model)
+    if is_schedule_file(schedule):  # a learned schedule (GITS, learned steps): its σ's, whatever the NFE asks
+        return _plan_from_file(sampler, nfe, schedule, knobs)
     sched = get_schedule(schedule, model=model)
     if final not in FINAL_STEPS:
         raise ValueError(f"final step {final!r}: expected one of {', '.join(FINAL_STEPS)}")
     if final == "zero":
         return _plan_to_zero(sampler, nfe, sched, schedule, knobs)
-    if sampler in TWO_STAGE:
+    if base in TWO_STAGE:
         afs = nfe % 2 == 1
         grid = sched.grid((nfe + int(afs)) // 2, final_zero=False)
         if afs:
-            knobs = {"predictor": FixedPredictor(TWO_STAGE[sampler], 1.0), "afs": True}
+            knobs = {"predictor": FixedPredictor(TWO_STAGE[base], 1.0), "afs": True}
             return CellPlan(sampler, nfe, "dpm2+amed", grid, knobs, schedule,
                             f"{schedule}, {len(grid)} steps to σ_min, AFS on", final_step="sigma_min")
-        return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {len(grid)} steps to σ_min",
+        return CellPlan(sampler, nfe, base, grid, {}, schedule, f"{schedule}, {len(grid)} steps to σ_min",
                         final_step="sigma_min")
-    spec = get_sampler(sampler)
+    spec = get_sampler(base)
     grid = sched.grid(nfe, final_zero=False)
     declared = spec.expected_nfe(grid)
     if declared != nfe:
         raise ValueError(f"{sampler} has no grid of NFE {nfe} ending at σ_min (declared {declared} for {nfe} steps)")
-    return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {nfe} steps to σ_min",
+    return CellPlan(sampler, nfe, base, grid, {}, schedule, f"{schedule}, {nfe} steps to σ_min",
                     final_step="sigma_min")
+
+
+def _plan_from_file(sampler: str, nfe: int, path: str, knobs: Mapping[str, Any]) -> CellPlan:
+    """A row on a schedule file's grid: the cell exists where that grid's declared NFE is the target."""
+    grid, doc = read_schedule(path)
+    base = split_row(sampler)[0]
+    spec = get_sampler(base)
+    own = {k: v for k, v in knobs.items() if k in spec.knob_specs()}
+    declared = spec.expected_nfe(grid, **own)
+    if declared != nfe:
+        raise NoGridError(f"{sampler} on the schedule {path} declares NFE {declared}, not {nfe}")
+    how = doc.get("method") or "schedule file"
+    end = "the last to 0" if grid.ends_at_zero else "ending at σ_min"
+    return CellPlan(sampler, nfe, base, grid, {}, str(path),
+                    f"{how} schedule {Path(path).name}, {len(grid)} steps, {end}",
+                    final_step="zero" if grid.ends_at_zero else "sigma_min")
 
 
 def _plan_to_zero(sampler: str, nfe: int, sched: Any, schedule: str, knobs: Mapping[str, Any]) -> CellPlan:
@@ -173,15 +195,16 @@ def _plan_to_zero(sampler: str, nfe: int, sched: Any, schedule: str, knobs: Mapp
     σ_min, as EDM's and diffusers' samplers end): the most intervals whose declared NFE is ``nfe``. A two-stage row at
     even NFE saves one evaluation with AFS on its first step (AMED §3.4). ``knobs``: the row's, which may change
     what a grid declares (restart's restart_steps)."""
-    spec = get_sampler(sampler)
+    base = split_row(sampler)[0]
+    spec = get_sampler(base)
     own = {k: v for k, v in knobs.items() if k in spec.knob_specs()}
     for k in range(nfe, 0, -1):
         grid = sched.grid(k, final_zero=True)
         if spec.expected_nfe(grid, **own) == nfe:
-            return CellPlan(sampler, nfe, sampler, grid, {}, schedule, f"{schedule}, {k} steps, the last to 0",
+            return CellPlan(sampler, nfe, base, grid, {}, schedule, f"{schedule}, {k} steps, the last to 0",
                             final_step="zero")
-    if sampler in TWO_STAGE:
-        knobs = {"predictor": FixedPredictor(TWO_STAGE[sampler], 1.0), "afs": True}
+    if base in TWO_STAGE:
+        knobs = {"predictor": FixedPredictor(TWO_STAGE[base], 1.0), "afs": True}
         for k in range(nfe, 0, -1):
             grid = sched.grid(k, final_zero=True)
             if get_sampler("dpm2+amed").expected_nfe(grid, **knobs) == nfe:

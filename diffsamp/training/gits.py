@@ -30,9 +30,8 @@ from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, prior_scale
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers._util import StepInfo
+from diffsamp.samplers.schedule_file import SCHEDULE_FORMAT, export_schedule, read_schedule  # noqa: F401 (re-exported)
 
-SCHEDULE_FORMAT = "diffsamp-schedule/1"
-EXPORT_FORMATS = ("diffusers", "comfyui", "json")
 
 
 @dataclass(frozen=True)
@@ -163,41 +162,3 @@ def write_schedule(path: str | os.PathLike, model: Denoiser, model_name: str, gr
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(doc, indent=2) + "\n")
     return path
-
-
-def read_schedule(path: str | os.PathLike) -> tuple[Grid, dict[str, Any]]:
-    """A ``schedule.json`` (a file, or a folder holding one) → its grid and the whole record."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "schedule.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no schedule file (write one with `diffsamp train solver --method gits`)")
-    try:
-        doc = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not a readable schedule file ({exc})") from None
-    if doc.get("format") != SCHEDULE_FORMAT or "sigmas" not in doc:
-        raise ValueError(f"{p}: not a diffsamp schedule file (format {doc.get('format')!r})")
-    return Grid(torch.tensor(doc["sigmas"], dtype=torch.float64)), doc
-
-
-def export_schedule(doc: dict[str, Any], fmt: str) -> str:
-    """A schedule file's σ's in the form another tool takes: ``diffusers`` (JSON: ``sigmas`` with the final 0 for
-    ``EulerDiscreteScheduler.set_timesteps(sigmas=…)`` or a pipeline's ``sigmas=``; for a discrete-time model also
-    ``timesteps``, the σ's rounded to training timesteps, for schedulers that take ``set_timesteps(timesteps=…)``
-    such as DDIM and DPMSolverMultistep), ``comfyui`` (one line of comma-separated σ's ending in 0, as custom-sigma
-    nodes read them) or ``json`` (``{"sigmas": […]}``)."""
-    sigmas = [float(v) for v in doc["sigmas"]]
-    if fmt == "json":
-        return json.dumps({"sigmas": sigmas}) + "\n"
-    if fmt == "comfyui":
-        return ", ".join(repr(v) for v in sigmas) + "\n"
-    if fmt != "diffusers":
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    out: dict[str, Any] = {"sigmas": sigmas}
-    if doc.get("timesteps") is not None:
-        ints = [int(round(t)) for t in doc["timesteps"]]
-        if len(set(ints)) != len(ints):
-            raise ValueError("two σ's of the schedule round to the same training timestep; use the sigmas")
-        out["timesteps"] = ints
-    return json.dumps(out) + "\n"
