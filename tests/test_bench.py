@@ -246,3 +246,25 @@ def test_an_odd_nfe_two_stage_plan_is_its_method_with_afs_at_its_own_r(mixture2d
     d_s = (x_s - mixture2d(x_s, torch.full((16,), sm, dtype=torch.float64))) / sm
     expected = x + (s1 - s0) * (d_s / (2 * r) + (1 - 1 / (2 * r)) * d)
     assert torch.allclose(seen[0], expected, rtol=0, atol=1e-12), (seen[0] - expected).abs().max()
+
+
+def test_budget_passes_compares_at_equal_network_work(setup, tiny_model_dir):
+    """--budget passes: EPD's 2 parallel points per step count as passes, so at 4 passes ddim runs 4 NFE and EPD
+    (1 learned interval + the step to 0) its 3; the table's columns are passes, each cell naming its NFE."""
+    from diffsamp.metrics.bench import bench, plan_for_passes, plan_passes
+
+    model, ext, tmp, _ = setup
+    epd = str(train_amed(model, model.sample_shape, AmedTrainOptions(sampler="epd", nfe=3, trajectories=4, batch=4),
+                         tmp / "epd3", model_name=str(tiny_model_dir)))
+    preds = {"epd:3": epd}
+    plan = plan_for_passes(model, str(tiny_model_dir), "epd", 4, predictors=preds)
+    assert (plan.nfe, plan_passes(plan)) == (3, 4)
+    assert plan_for_passes(model, str(tiny_model_dir), "ddim", 4).nfe == 4
+    assert plan_for_passes(model, str(tiny_model_dir), "ddim", 8, passes_per_nfe=2).nfe == 4  # guidance doubles
+    with pytest.raises(ValueError, match="no grid of 5 network passes"):
+        plan_for_passes(model, str(tiny_model_dir), "epd", 5, predictors=preds)
+    cells, table = bench(model, str(tiny_model_dir), samplers=["ddim", "epd"], nfes=[4], num=6,
+                         reference=str(tmp / "ref.npz"), out=tmp / "passes", extractor=ext, batch_size=6,
+                         predictors=preds, reference_row=False, echo=lambda s: None, budget="passes")
+    assert [(c.sampler, c.nfe, c.network_passes) for c in cells] == [("ddim", 4, 4), ("epd", 3, 4)]
+    assert "| sampler | passes 4 |" in table and "NFE 3" in table

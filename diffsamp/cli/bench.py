@@ -93,6 +93,9 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--predictor", "predictors", multiple=True, help="[ROW:]NFE=PATH for a learned sampler's row (default: the shipped <model>/<row>-nfe<N>).")
 @click.option("--knob", "knobs", multiple=True, metavar="ROW:NAME=VALUE",
               help="A sampler knob for one row (repeatable), e.g. ipndm:max_order=3; named in the row's setting.")
+@click.option("--budget", type=click.Choice(["nfe", "passes"]), default="nfe", show_default=True,
+              help="What --nfe counts: sequential network evaluations, or network passes per image (EPD's K "
+                   "parallel points count K, guidance doubles): methods at equal network work.")
 @click.option("--final-step", "final_steps", multiple=True, metavar="[ROW=]zero|sigma_min",
               help="How grids end: zero (default: a last denoising step to σ = 0, inside the NFE) or sigma_min (no step "
                    "to 0, the AMED paper's Table 2); ROW=… for one row. Learned rows end as their predictor was trained.")
@@ -111,7 +114,7 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--classes", default=None, help="Class-conditional models: classes cycled over the seeds, e.g. 0-9 (class-balanced).")
 @click.option("--cfg", "cfg_scales", default=None, help="Guidance scales, e.g. 1,2,4: one table per scale (DIR/cfg-W/) and DIR/fid_vs_cfg.png.")
 def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
-              predictors: tuple[str, ...], knobs: tuple[str, ...], final_steps: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
+              predictors: tuple[str, ...], knobs: tuple[str, ...], budget: str, final_steps: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
               cached_only: bool, skip_missing: bool,
               inception: str | None, data_dir: str | None, device: str, dtype: str, compile: bool,  # noqa: A002
               cuda_graphs: bool, quiet: bool, classes: str | None, cfg_scales: str | None) -> None:
@@ -173,7 +176,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
                                  knobs=row_knobs, clip=clip_text, reference_row=not no_reference, echo=click.echo,
                                  progress=not quiet, skip_missing=skip_missing, cached_only=cached_only,
                                  classes=class_list, guidance=None if class_list is None else Guidance(w),
-                                 final_step=final_step, row_final_steps=row_final_steps)
+                                 final_step=final_step, row_final_steps=row_final_steps, budget=budget)
             results[w] = cells
             tables.append(table)
         if len(scales) > 1 and dist.is_main():

@@ -36,6 +36,7 @@ from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import LEARNED_SAMPLERS, FixedPredictor
 from diffsamp.samplers.registry import describe_knobs
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
+from diffsamp.samplers.epd import epd_network_passes
 from diffsamp.samplers.schedule_file import is_schedule_file, read_schedule
 
 # How a cell's grid ends: "zero" (a last denoising step σ_min → 0 inside the NFE, as every sampler ends in use)
@@ -214,6 +215,32 @@ def _plan_to_zero(sampler: str, nfe: int, sched: Any, schedule: str, knobs: Mapp
     raise NoGridError(f"{sampler}{hint} has no grid of NFE {nfe} ending with a step to 0")
 
 
+BUDGETS = ("nfe", "passes")
+
+
+def plan_passes(plan: CellPlan) -> int:
+    """Network passes per image of a plan without guidance: its NFE, or 1 + K per interval for EPD/AdaSDE (their K
+    points share one call but each is a pass of the network)."""
+    table = plan.knobs.get("predictor")
+    if plan.method in ("epd", "adasde") and table is not None:
+        return epd_network_passes(plan.grid, table.num_points, bool(plan.knobs.get("afs")))
+    return plan.nfe
+
+
+def plan_for_passes(model: Denoiser, model_name: str, row: str, passes: int, *, passes_per_nfe: int = 1,
+                    **kw: Any) -> CellPlan:
+    """The cell of ``row`` whose network passes per image are ``passes`` (``--budget passes``): the largest NFE
+    whose plan makes that many (× ``passes_per_nfe``, 2 under classifier-free guidance); NoGridError if none."""
+    for n in range(passes // passes_per_nfe, 0, -1):
+        try:
+            plan = plan_cell(model, model_name, row, n, **kw)
+        except (NoGridError, PredictorNotFoundError):
+            continue
+        if plan_passes(plan) * passes_per_nfe == passes:
+            return plan
+    raise NoGridError(f"{row} has no grid of {passes} network passes per image")
+
+
 def reference_plan(model: Denoiser) -> CellPlan:
     """The table's high-NFE reference row: Heun on 18 karras steps to σ = 0, 35 NFE (EDM, Karras et al. 2022)."""
     grid = get_schedule("karras", model=model).grid(18)
@@ -290,11 +317,13 @@ def run_cell(
 
 
 def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[float, float | None] | None,
-                 reference: CellResult | None) -> str:
-    """Markdown: one row per sampler, FID (KID×10³) per NFE; then the reference row and the data floor."""
+                 reference: CellResult | None, budget: str = "nfe") -> str:
+    """Markdown: one row per sampler, FID (KID×10³) per NFE (``budget="passes"``: per network passes per image);
+    then the reference row and the data floor."""
     samplers = list(dict.fromkeys(c.sampler for c in cells))
-    by = {(c.sampler, c.nfe_target): c for c in cells}
-    lines = ["| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " | setting |",
+    by = {(c.sampler, c.network_passes if budget == "passes" else c.nfe_target): c for c in cells}
+    label = "passes" if budget == "passes" else "NFE"
+    lines = ["| sampler | " + " | ".join(f"{label} {n}" for n in nfes) + " | setting |",
              "|---|" + "---|" * len(nfes) + "---|"]
     for s in samplers:
         row = []
@@ -304,6 +333,8 @@ def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[
         first = next(c for c in cells if c.sampler == s)
         passes = ("" if not first.network_passes or first.network_passes == first.nfe
                   else f"{first.network_passes / first.nfe:g} network passes per NFE")
+        if budget == "passes":
+            passes = ", ".join(f"NFE {c.nfe}" for n in nfes if (c := by.get((s, n))) is not None)
         setting = ", ".join(filter(None, [first.setting.split(", ", 1)[0], first.extra.get("knobs"), passes]))
         lines.append(f"| {s} | " + " | ".join(row) + f" | {setting} |")
     if reference is not None:
@@ -364,8 +395,9 @@ def plot_fid_vs_cfg(results: Mapping[float, Sequence[CellResult]], nfe: int, flo
 
 
 def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference: CellResult | None, path: Path,
-                    title: str) -> None:
-    """FID against NFE, one line per sampler (log FID axis), the data floor and the reference drawn."""
+                    title: str, budget: str = "nfe") -> None:
+    """FID against NFE (``budget="passes"``: network passes per image), one line per sampler (log FID axis), the
+    data floor and the reference drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +406,8 @@ def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference:
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for s in dict.fromkeys(c.sampler for c in cells):
-        pts = sorted((c.nfe, c.fid) for c in cells if c.sampler == s)
+        pts = sorted(((c.network_passes or c.nfe) if budget == "passes" else c.nfe, c.fid)
+                     for c in cells if c.sampler == s)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
     if reference is not None:
         ax.axhline(reference.fid, color="0.4", ls=":", label=f"{reference.sampler} {reference.nfe} NFE")
@@ -382,7 +415,7 @@ def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference:
         ax.axhline(floor, color="k", ls="--", label="data floor")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # NFEs are whole numbers
-    ax.set_xlabel("NFE")
+    ax.set_xlabel("network passes per image" if budget == "passes" else "NFE")
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
@@ -398,7 +431,7 @@ def bench(
     reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False, skip_missing: bool = False,
     knobs: Mapping[str, Mapping[str, Any]] | None = None, cached_only: bool = False,
     classes: Sequence[int] | None = None, guidance: Guidance | None = None, final_step: str = "zero",
-    row_final_steps: Mapping[str, str] | None = None,
+    row_final_steps: Mapping[str, str] | None = None, budget: str = "nfe",
 ) -> tuple[list[CellResult], str]:
     """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``.
 
@@ -406,19 +439,28 @@ def bench(
     there instead of stopping the bench.
     ``knobs``: per-row sampler knobs, ``final_step``/``row_final_steps``: how grids end (see ``plan_cell``). ``cached_only``: the tables from the cells already in the
     cache (the others show "—"; nothing is sampled), e.g. while another process is filling them. A class-conditional
-    model takes ``classes``, cycled over the seeds (seed i gets ``classes[i mod len]``), and ``guidance``."""
+    model takes ``classes``, cycled over the seeds (seed i gets ``classes[i mod len]``), and ``guidance``.
+    ``budget="passes"``: ``nfes`` are network passes per image, each row at the NFE that makes that many
+    (EPD's K points per step count K passes, guidance doubles them): methods compared at equal network work."""
     from diffsamp.metrics.scoring import data_floor, resolve_reference
 
     out = Path(out)
     cache = out / "cells"
     cache.mkdir(parents=True, exist_ok=True)
     shape = tuple(model.sample_shape)
+    if budget not in BUDGETS:
+        raise ValueError(f"budget {budget!r}: expected one of {', '.join(BUDGETS)}")
+    if budget == "passes" and guidance is not None and guidance.interval is not None:
+        raise ValueError("--budget passes needs guidance on every step: drop the guidance interval")
+    per_nfe = 2 if guidance is not None and guidance.active else 1
     plans = []
     for s in samplers:
         for n in nfes:
+            kw = dict(schedules=schedules, predictors=predictors, knobs=knobs, final_step=final_step,
+                      row_final_steps=row_final_steps)
             try:
-                plans.append(plan_cell(model, model_name, s, n, schedules=schedules, predictors=predictors,
-                                       knobs=knobs, final_step=final_step, row_final_steps=row_final_steps))
+                plans.append(plan_for_passes(model, model_name, s, n, passes_per_nfe=per_nfe, **kw)
+                             if budget == "passes" else plan_cell(model, model_name, s, n, **kw))
             except PredictorNotFoundError:
                 if not skip_missing:
                     raise
@@ -443,7 +485,7 @@ def bench(
     config = {"model": model_name, "samplers": list(samplers), "nfes": list(nfes), "num": num, "reference": reference,
               "clip": clip, "schedules": dict(schedules or {}), "predictors": dict(predictors or {}),
               "knobs": {row: {k: str(v) for k, v in kv.items()} for row, kv in (knobs or {}).items()},
-              "final_step": final_step, "row_final_steps": dict(row_final_steps or {}),
+              "final_step": final_step, "row_final_steps": dict(row_final_steps or {}), "budget": budget,
               "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "cached_only": cached_only, "classes": list(classes) if classes is not None else None,
@@ -468,7 +510,7 @@ def bench(
                             cached_only=cached_only, cond=cond, guidance=guidance)
         if ref_cell is not None:
             ref_cell.nfe_target = None
-    table = format_table(cells, nfes, floor, ref_cell)
+    table = format_table(cells, nfes, floor, ref_cell, budget)
     conditioning = ""
     if classes is not None:
         w = guidance.scale if guidance is not None else 1.0
@@ -478,6 +520,7 @@ def bench(
     if dist.is_main():
         write_text(out / "table.md", head + table)
         write_csv(cells + ([ref_cell] if ref_cell else []), out / "table.csv")
-        plot_fid_vs_nfe(cells, floor[0] if floor else None, ref_cell, out / "fid_vs_nfe.png", f"{model_name}, N = {num}")
+        plot_fid_vs_nfe(cells, floor[0] if floor else None, ref_cell, out / "fid_vs_nfe.png", f"{model_name}, N = {num}",
+                        budget)
     return cells, head + table
 
