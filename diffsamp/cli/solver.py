@@ -3,6 +3,9 @@ predictors and EPD tables through ``diffsamp train amed``'s trainer)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from diffsamp.cli._common import load_or_fail, main, resolve_device, writable_folder
@@ -78,21 +81,11 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
             raise click.UsageError(f"--{name} is for --method steps")
     schedule, teacher = schedule or "time_uniform", teacher or "heun"
     trajectories, batch = trajectories or 256, batch or 64
-    from diffsamp.training.gits import GitsOptions, search_schedule, write_schedule
+    from diffsamp.training.gits import GitsOptions, search_schedule
 
     opts = GitsOptions(steps=nfe, fine_steps=fine_steps, schedule=schedule, teacher=teacher,
                        trajectories=trajectories, batch=batch, seed=seed)
-    try:
-        opts.check()
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    device = resolve_device(device)
-    model = load_or_fail(model_name, device=device)
-    try:
-        grid, record = search_schedule(model, tuple(model.sample_shape), opts)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    path = write_schedule(out, model, model_name, grid, record)
+    grid, record, path = _find_schedule(opts, search_schedule, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     click.echo(f"{method} schedule of {nfe} steps for {model_name} ({trajectories} teacher trajectories on "
                f"{fine_steps} {schedule} steps, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
@@ -102,26 +95,34 @@ def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str
                  schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
                  device: str) -> None:
     """``--method steps``: LD3-style learned σ's, written as a schedule file like GITS's."""
-    from diffsamp.training.gits import write_schedule
     from diffsamp.training.steps import StepsOptions, train_steps
 
     opts = StepsOptions(steps=nfe, base=base, schedule=schedule or "time_uniform", teacher=teacher or "heun",
                         teacher_steps=fine_steps, trajectories=trajectories or 100, batch=batch or 25,
                         epochs=epochs, slack=slack, seed=seed)
+    grid, record, path = _find_schedule(opts, train_steps, model_name, device, out)
+    sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
+    loss = record["loss_per_epoch"]
+    click.echo(f"steps for {base}, {nfe} intervals, {model_name} ({opts.trajectories} teacher trajectories, "
+               f"{epochs} epochs, loss {loss[0]:.4g} → {loss[-1]:.4g}, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
+
+
+def _find_schedule(opts: Any, find: Callable[..., tuple[Any, dict]], model_name: str, device: str,
+                   out: str) -> tuple[Any, dict, Any]:
+    """Check ``opts`` (a usage error names the option), load the model, ``find(model, shape, opts)`` a schedule
+    and write it to ``out``: (grid, record, path)."""
+    from diffsamp.training.gits import write_schedule
+
     try:
         opts.check()
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     model = load_or_fail(model_name, device=resolve_device(device))
     try:
-        grid, record = train_steps(model, tuple(model.sample_shape), opts)
+        grid, record = find(model, tuple(model.sample_shape), opts)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    path = write_schedule(out, model, model_name, grid, record)
-    sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
-    loss = record["loss_per_epoch"]
-    click.echo(f"steps for {base}, {nfe} intervals, {model_name} ({opts.trajectories} teacher trajectories, "
-               f"{epochs} epochs, loss {loss[0]:.4g} → {loss[-1]:.4g}, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
+    return grid, record, write_schedule(out, model, model_name, grid, record)
 
 
 def _parsed(command: click.Command, args: list[str]) -> dict:

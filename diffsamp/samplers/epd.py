@@ -127,7 +127,7 @@ def inject_noise(x: Tensor, s: float, gamma: Tensor, noise: Tensor) -> tuple[Ten
 
 @register_sampler("epd", kind="ode", nfe=_amed_nfe)
 def epd(
-    model: Denoiser, x: Tensor, grid: Grid, *, generator: object = None, callback: Callback = None,
+    model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: EpdTable | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
     """EPD-Solver: x' = x + (σ' − σ) Σ_k λ_k c_k ε̂(x_k, a_k s_k), K points in one call (Zhu et al. 2025, Eq. 9)."""
