@@ -451,9 +451,9 @@ def _default_sampler_for(model_name: str) -> str:
 def _needs_predictor(sampler: str, model_name: str) -> None:
     """A learned sampler without --predictor is a usage error before anything loads, naming the shipped
     predictors that fit (same model, same sampler)."""
-    from diffsamp.samplers.amed import LEARNED_SAMPLERS
+    from diffsamp.samplers.registry import learned_samplers
 
-    if sampler not in LEARNED_SAMPLERS:
+    if sampler not in learned_samplers():
         return
     from diffsamp.io import read_json
     from diffsamp.samplers.amed_files import PREDICTORS_DIR, shipped_predictors

@@ -33,8 +33,8 @@ from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, default_schedule
 from diffsamp.models.conditioning import Guidance
 from diffsamp.samplers import Grid, get_sampler, get_schedule
-from diffsamp.samplers.amed import LEARNED_SAMPLERS, FixedPredictor
-from diffsamp.samplers.registry import describe_knobs
+from diffsamp.samplers.amed import FixedPredictor
+from diffsamp.samplers.registry import describe_knobs, learned_samplers
 from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
 from diffsamp.samplers.epd import epd_network_passes
 from diffsamp.samplers.schedule_file import is_schedule_file, read_schedule
@@ -42,10 +42,8 @@ from diffsamp.samplers.schedule_file import is_schedule_file, read_schedule
 # How a cell's grid ends: "zero" (a last denoising step σ_min → 0 inside the NFE, as every sampler ends in use)
 # or "sigma_min" (no step to 0, the AMED paper's Table 2); learned rows end where their predictor was trained to.
 FINAL_STEPS = ("zero", "sigma_min")
-TWO_STAGE = {"heun": 1.0, "dpm2": 0.5}  # their r in the generalized DPM-Solver-2 (AMED Table 1)
-# AMED §4.1 (Zhou et al. 2024): logSNR for DPM-Solver++; every other sampler the model's own schedule
-# (default_schedule: karras, polynomial ρ = 7, for diffusion models; uniform t for rectified flows)
-DEFAULT_SCHEDULES = {"dpmpp": "logsnr", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr"}
+# A row's default schedule and a two-stage method's r are on its registration (``SamplerSpec.planning``); without
+# one, the model's own schedule (default_schedule: karras, polynomial ρ = 7, for diffusion models; rf for flows).
 
 
 class NoGridError(ValueError):
@@ -94,7 +92,7 @@ def plan_cell(
     final = (row_final_steps or {}).get(sampler, final_step)
     extra = dict((knobs or {}).get(sampler, {}))
     base, variant = split_row(sampler)
-    if variant and base not in LEARNED_SAMPLERS and not extra and sampler not in (schedules or {}):
+    if variant and base not in learned_samplers() and not extra and sampler not in (schedules or {}):
         raise ValueError(f"row {sampler!r}: a built-in sampler's :VARIANT labels a row with its own settings; give "
                          f"--schedule {sampler}=… or --knob {sampler}:NAME=VALUE")
     typed = {}
@@ -126,7 +124,8 @@ def _knob_text(knobs: Mapping[str, Any]) -> str:
 def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, schedules: dict[str, str],
                   predictors: dict[str, str], final: str, knobs: Mapping[str, Any]) -> CellPlan:
     base, variant = split_row(sampler)
-    if base in LEARNED_SAMPLERS:
+    planning = get_sampler(base).planning
+    if planning.learned is not None:
         key = f"{sampler}:{nfe}"
         plain = None if variant else predictors.get(str(nfe))  # a bare NFE=PATH names the plain row's predictor
         path = predictors.get(key) or plain or predictor_name(model_name, sampler, nfe)
@@ -149,7 +148,7 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
         setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind}"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest,
                         final_step="zero" if grid.ends_at_zero else "sigma_min")
-    schedule = schedules.get(sampler) or DEFAULT_SCHEDULES.get(base) or default_schedule(model)
+    schedule = schedules.get(sampler) or planning.default_schedule or default_schedule(model)
     if is_schedule_file(schedule):  # a learned schedule (GITS, learned steps): its σ's, whatever the NFE asks
         return _plan_from_file(sampler, nfe, schedule, knobs)
     sched = get_schedule(schedule, model=model)
@@ -157,11 +156,11 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
         raise ValueError(f"final step {final!r}: expected one of {', '.join(FINAL_STEPS)}")
     if final == "zero":
         return _plan_to_zero(sampler, nfe, sched, schedule, knobs)
-    if base in TWO_STAGE:
+    if planning.two_stage_r is not None:
         afs = nfe % 2 == 1
         grid = sched.grid((nfe + int(afs)) // 2, final_zero=False)
         if afs:
-            knobs = {"predictor": FixedPredictor(TWO_STAGE[base], 1.0), "afs": True}
+            knobs = {"predictor": FixedPredictor(planning.two_stage_r, 1.0), "afs": True}
             return CellPlan(sampler, nfe, "dpm2+amed", grid, knobs, schedule,
                             f"{schedule}, {len(grid)} steps to σ_min, AFS on", final_step="sigma_min")
         return CellPlan(sampler, nfe, base, grid, {}, schedule, f"{schedule}, {len(grid)} steps to σ_min",
@@ -204,8 +203,9 @@ def _plan_to_zero(sampler: str, nfe: int, sched: Any, schedule: str, knobs: Mapp
         if spec.expected_nfe(grid, **own) == nfe:
             return CellPlan(sampler, nfe, base, grid, {}, schedule, f"{schedule}, {k} steps, the last to 0",
                             final_step="zero")
-    if base in TWO_STAGE:
-        knobs = {"predictor": FixedPredictor(TWO_STAGE[base], 1.0), "afs": True}
+    two_stage_r = spec.planning.two_stage_r
+    if two_stage_r is not None:
+        knobs = {"predictor": FixedPredictor(two_stage_r, 1.0), "afs": True}
         for k in range(nfe, 0, -1):
             grid = sched.grid(k, final_zero=True)
             if get_sampler("dpm2+amed").expected_nfe(grid, **knobs) == nfe:
@@ -222,7 +222,8 @@ def plan_passes(plan: CellPlan) -> int:
     """Network passes per image of a plan without guidance: its NFE, or 1 + K per interval for EPD/AdaSDE (their K
     points share one call but each is a pass of the network)."""
     table = plan.knobs.get("predictor")
-    if plan.method in ("epd", "adasde") and table is not None:
+    learned = get_sampler(plan.method).planning.learned
+    if learned is not None and learned.table and table is not None:
         return epd_network_passes(plan.grid, table.num_points, bool(plan.knobs.get("afs")))
     return plan.nfe
 

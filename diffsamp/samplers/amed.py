@@ -32,11 +32,9 @@ from diffsamp.samplers._util import (
 )
 from diffsamp.samplers.grid import Grid
 from diffsamp.samplers.ode import adams_bashforth, dpmpp_update
-from diffsamp.samplers.registry import KnobRange, register_sampler
+from diffsamp.samplers.registry import KnobRange, Learned, Planning, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
-AMED_METHODS = ("amed", "euler+amed", "dpm2+amed", "ipndm+amed", "dpmpp+amed")
-LEARNED_SAMPLERS = (*AMED_METHODS, "epd", "adasde")  # the samplers that sample with a trained --predictor
 RCA = tuple[Tensor, Tensor, Tensor]
 
 
@@ -324,7 +322,8 @@ def check_grid(predictor: Predictor, grid: Grid) -> None:
         raise ValueError(f"this predictor has {n} steps, the grid has {len(grid)}")
 
 
-@register_sampler("amed", kind="ode", nfe=_amed_nfe)
+@register_sampler("amed", kind="ode", nfe=_amed_nfe,
+                  planning=Planning("time_uniform", learned=Learned("amed", ("heun", 1))))
 def amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
@@ -333,7 +332,7 @@ def amed(
     return _run("amed", model, x, grid, predictor, afs, callback, final_denoise)
 
 
-@register_sampler("euler+amed", kind="ode", nfe=_amed_nfe)
+@register_sampler("euler+amed", kind="ode", nfe=_amed_nfe, planning=Planning(learned=Learned("euler", ("euler", 2))))
 def euler_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
@@ -342,7 +341,7 @@ def euler_amed(
     return _run("euler", model, x, grid, predictor, afs, callback, final_denoise)
 
 
-@register_sampler("dpm2+amed", kind="ode", nfe=_amed_nfe)
+@register_sampler("dpm2+amed", kind="ode", nfe=_amed_nfe, planning=Planning(learned=Learned("dpm2", ("dpm2", 1))))
 def dpm2_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, final_denoise: bool = False,
@@ -351,7 +350,8 @@ def dpm2_amed(
     return _run("dpm2", model, x, grid, predictor, afs, callback, final_denoise)
 
 
-@register_sampler("ipndm+amed", kind="ode", nfe=_amed_nfe, ranges={"max_order": KnobRange(1, 4)})
+@register_sampler("ipndm+amed", kind="ode", nfe=_amed_nfe, ranges={"max_order": KnobRange(1, 4)},
+                  planning=Planning(learned=Learned("ipndm", ("ipndm", 2), multistep=True)))
 def ipndm_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, max_order: int = 4, final_denoise: bool = False,
@@ -362,7 +362,8 @@ def ipndm_amed(
     return _run("ipndm", model, x, grid, predictor, afs, callback, final_denoise, max_order=max_order)
 
 
-@register_sampler("dpmpp+amed", kind="ode", nfe=_amed_nfe, ranges={"order": KnobRange(1, 3)})
+@register_sampler("dpmpp+amed", kind="ode", nfe=_amed_nfe, ranges={"order": KnobRange(1, 3)},
+                  planning=Planning("logsnr", learned=Learned("dpmpp", ("dpmpp", 2), multistep=True)))
 def dpmpp_amed(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: Predictor | None = None, afs: bool = False, order: int = 2, threshold: bool = False,

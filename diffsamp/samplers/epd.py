@@ -28,7 +28,7 @@ from diffsamp.models.base import Denoiser
 from diffsamp.samplers._util import Generator, StepInfo, append_dims, final_denoise_step, randn_like
 from diffsamp.samplers.amed import StepStart, _amed_nfe, _bounded, check_grid, step_start
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.registry import register_sampler
+from diffsamp.samplers.registry import Learned, Planning, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 EPD = tuple[Tensor, Tensor, Tensor, Tensor]  # r, c, a, λ: each (K,)
@@ -125,7 +125,8 @@ def inject_noise(x: Tensor, s: float, gamma: Tensor, noise: Tensor) -> tuple[Ten
     return x + (s_hat**2 - s**2).clamp_min(0).sqrt() * noise, s_hat
 
 
-@register_sampler("epd", kind="ode", nfe=_amed_nfe)
+@register_sampler("epd", kind="ode", nfe=_amed_nfe, planning=Planning(
+    "time_uniform", learned=Learned("epd", ("heun", 3), table=True, final_step="zero")))
 def epd(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: EpdTable | None = None, afs: bool = False, final_denoise: bool = False,
@@ -143,7 +144,8 @@ def epd(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("adasde", kind="sde", nfe=_amed_nfe)
+@register_sampler("adasde", kind="sde", nfe=_amed_nfe, planning=Planning(
+    "time_uniform", learned=Learned("adasde", ("heun", 3), table=True, final_step="zero")))
 def adasde(
     model: Denoiser, x: Tensor, grid: Grid, *, generator: Generator = None, callback: Callback = None,
     predictor: AdaSdeTable | None = None, afs: bool = False, final_denoise: bool = False,

@@ -31,7 +31,7 @@ from diffsamp.samplers._util import (
     two_stage_nfe,
 )
 from diffsamp.samplers.grid import Grid
-from diffsamp.samplers.registry import KnobRange, register_alias, register_sampler
+from diffsamp.samplers.registry import KnobRange, Planning, register_alias, register_sampler
 
 Callback = Callable[[StepInfo], None] | None
 
@@ -80,7 +80,7 @@ def euler(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("heun", kind="ode", nfe=two_stage_nfe, ranges=_CHURN_RANGES)
+@register_sampler("heun", kind="ode", nfe=two_stage_nfe, ranges=_CHURN_RANGES, planning=Planning(two_stage_r=1.0))
 def heun(
     model: Denoiser,
     x: Tensor,
@@ -113,7 +113,8 @@ def heun(
     return final_denoise_step(model, x, grid, final_denoise)
 
 
-@register_sampler("dpm2", kind="ode", nfe=two_stage_nfe, ranges={"r": KnobRange(0, 1, lo_open=True)})
+@register_sampler("dpm2", kind="ode", nfe=two_stage_nfe, ranges={"r": KnobRange(0, 1, lo_open=True)},
+                  planning=Planning(two_stage_r=0.5))
 def dpm2(
     model: Denoiser,
     x: Tensor,
@@ -221,7 +222,8 @@ def _dpmpp_rule(max_order: int, lower_order_final: bool, total: int, phi2_second
     return rule
 
 
-@register_sampler("dpmpp", kind="ode", nfe=one_stage_nfe, ranges={"order": KnobRange(1, 3)})
+@register_sampler("dpmpp", kind="ode", nfe=one_stage_nfe, ranges={"order": KnobRange(1, 3)},
+                  planning=Planning("logsnr"))  # AMED §4.1: DPM-Solver++ on logSNR-uniform steps
 def dpmpp(
     model: Denoiser,
     x: Tensor,

@@ -61,6 +61,31 @@ class KnobRange:
 
 
 @dataclass(frozen=True)
+class Learned:
+    """How a learned sampler is distilled (``diffsamp train amed|solver``): its step rule, its teacher and the
+    points the teacher inserts per interval (AMED §4.1), whether the student carries its own state between
+    intervals (multistep) or restarts from the teacher's point, whether what it learns is a sample-independent
+    table of K points (EPD, AdaSDE) rather than AMED's predictor, and how its grids end by default."""
+
+    step: str
+    teacher: tuple[str, int]
+    multistep: bool = False
+    table: bool = False
+    final_step: Literal["zero", "sigma_min"] = "sigma_min"
+
+
+@dataclass(frozen=True)
+class Planning:
+    """What planning a cell (``diffsamp bench``) or a training run needs from a sampler: its default schedule (None:
+    the model's own), the fixed r of a two-stage method in the generalized DPM-Solver-2 (heun 1, dpm2 ½; AMED
+    Table 1: at odd NFE its first step is AFS's) and, for a learned sampler, ``Learned``."""
+
+    default_schedule: str | None = None
+    two_stage_r: float | None = None
+    learned: Learned | None = None
+
+
+@dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler.
 
@@ -82,6 +107,7 @@ class SamplerSpec:
     alias_of: str | None = None
     min_sigma_ratio: float | None = None
     ranges: Mapping[str, KnobRange] = field(default_factory=dict)
+    planning: Planning = field(default_factory=Planning)
 
     def __call__(self, model: Any, x: Tensor, grid: Grid, **kwargs: Any) -> Tensor:
         if len(grid) < self.min_steps:
@@ -201,11 +227,12 @@ def register_sampler(
     min_steps: int = 1,
     min_sigma_ratio: float | None = None,
     ranges: Mapping[str, KnobRange] | None = None,
+    planning: Planning | None = None,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Decorator: register ``fn`` under ``name``; the first docstring line is its description, its signature's
     keyword-only parameters (besides generator and callback) are its knobs, with their defaults. ``ranges``:
     the values each numeric knob accepts (``KnobRange``), checked when a knob is parsed or passed; float knobs
-    must be finite in any case."""
+    must be finite in any case. ``planning``: what bench and the trainers need to plan it (``Planning``)."""
 
     def deco(fn: SamplerFn) -> SamplerFn:
         if name in _SAMPLERS:
@@ -218,7 +245,7 @@ def register_sampler(
         if unknown:
             raise ValueError(f"sampler {name!r} declares ranges for unknown knobs {sorted(unknown)}")
         _SAMPLERS[name] = SamplerSpec(name, fn, kind, nfe, desc, {}, min_steps, min_sigma_ratio=min_sigma_ratio,
-                                      ranges=dict(ranges or {}))
+                                      ranges=dict(ranges or {}), planning=planning or Planning())
         return fn
 
     return deco
@@ -257,6 +284,7 @@ def _alias_spec(alias: str, base: SamplerSpec, target: str, description: str, ki
         alias_of=target,
         min_sigma_ratio=base.min_sigma_ratio,
         ranges=base.ranges,
+        planning=base.planning,
     )
 
 
@@ -297,6 +325,11 @@ def get_sampler(name: str) -> SamplerSpec:
     hint = f"; did you mean {' or '.join(close)}? " if close else "; "
     raise ValueError(f"unknown sampler {name!r}{hint}available: {', '.join(available_samplers())} "
                      "(and their aliases: `diffsamp samplers`)")
+
+
+def learned_samplers() -> list[str]:
+    """The registered samplers that sample with a trained predictor or table (``Planning.learned``), sorted."""
+    return [n for n in available_samplers() if _SAMPLERS[n].planning.learned is not None]
 
 
 def available_samplers() -> list[str]:

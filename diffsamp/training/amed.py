@@ -28,7 +28,8 @@ from torch import Tensor
 from diffsamp import dist
 from diffsamp.models.base import Denoiser, prior_scale
 from diffsamp.models.conditioning import Guidance, condition_model, encode_conditions
-from diffsamp.samplers import get_sampler, get_schedule
+from diffsamp.samplers import available_samplers, get_sampler, get_schedule
+from diffsamp.samplers.registry import learned_samplers
 from diffsamp.samplers._util import StepInfo
 from diffsamp.samplers.amed import (
     AmedPredictor,
@@ -49,13 +50,8 @@ from diffsamp.training.loop import _StopFlag, agreed_stop
 
 CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "predictor"
-SINGLE_STEP = {"amed": "amed", "euler+amed": "euler", "dpm2+amed": "dpm2", "epd": "epd", "adasde": "adasde"}
-TABLES = ("epd", "adasde")  # sample-independent tables of K points per interval
-MULTISTEP = {"ipndm+amed": "ipndm", "dpmpp+amed": "dpmpp"}
-# teacher solver, inserted points M and schedule the paper uses for each student (Zhou et al. 2024, AMED §4.1)
-TEACHERS = {"amed": ("heun", 1), "dpm2+amed": ("dpm2", 1), "euler+amed": ("euler", 2),
-            "ipndm+amed": ("ipndm", 2), "dpmpp+amed": ("dpmpp", 2), "epd": ("heun", 3), "adasde": ("heun", 3)}
-SCHEDULES = {"amed": "time_uniform", "dpmpp+amed": "logsnr", "epd": "time_uniform", "adasde": "time_uniform"}
+# each student's teacher, inserted points M, default schedule and final step are on its registration
+# (``SamplerSpec.planning``: the AMED paper's for its samplers, §4.1; EPD's and AdaSDE's)
 FINAL_STEPS = ("zero", "sigma_min")
 # the static predictor's parameters are the per-step logits themselves: Adam moves each by ≈ lr per step, so at
 # the network's 5e-3 they stay near r = ½ for the whole run (measured, mnist-ddpm, 3 072 trajectories: r 0.45–0.49)
@@ -112,25 +108,28 @@ class AmedTrainOptions:
         return self.nfe - int(self.final_step == "zero")
 
     def resolved(self) -> "AmedTrainOptions":
-        if self.sampler not in SINGLE_STEP and self.sampler not in MULTISTEP:
-            raise ValueError(f"train amed needs a learned sampler ({', '.join(sorted(TEACHERS))}), got {self.sampler!r}")
-        final = self.final_step or ("zero" if self.sampler in TABLES else "sigma_min")
+        planning = get_sampler(self.sampler).planning if self.sampler in available_samplers() else None
+        learned = planning.learned if planning is not None else None
+        if learned is None:
+            raise ValueError(f"train amed needs a learned sampler ({', '.join(learned_samplers())}), "
+                             f"got {self.sampler!r}")
+        final = self.final_step or learned.final_step
         if final not in FINAL_STEPS:
             raise ValueError(f"final step {final!r}: expected one of {', '.join(FINAL_STEPS)}")
         if self.points < 1:
             raise ValueError(f"an EPD table needs at least 1 point per interval, got {self.points}")
-        learned = self.nfe - int(final == "zero")
-        afs = (learned % 2 == 1) if self.afs is None else self.afs
-        steps2 = learned + int(afs)
+        learned_nfe = self.nfe - int(final == "zero")
+        afs = (learned_nfe % 2 == 1) if self.afs is None else self.afs
+        steps2 = learned_nfe + int(afs)
         if steps2 % 2 or steps2 < 2:
             end = " and a last step to σ = 0" if final == "zero" else ""
             raise ValueError(f"NFE {self.nfe} with afs={afs} is not 2·steps − afs{end} for any number of steps ≥ 1")
-        teacher, m = TEACHERS[self.sampler]
-        static = self.static or self.sampler in TABLES  # EPD's and AdaSDE's tables are sample-independent
+        teacher, m = learned.teacher
+        static = self.static or learned.table  # EPD's and AdaSDE's tables are sample-independent
         return AmedTrainOptions(**{
             **asdict(self), "afs": afs, "teacher": self.teacher or teacher, "final_step": final, "static": static,
             "teacher_m": m if self.teacher_m is None else self.teacher_m,
-            "schedule": self.schedule or SCHEDULES.get(self.sampler, "karras"),
+            "schedule": self.schedule or planning.default_schedule or "karras",
             "scale_time": (0.2 if self.sampler == "ipndm+amed" else 0.0) if self.scale_time is None else self.scale_time,
             "lr": (STATIC_LR if static else NETWORK_LR) if self.lr is None else self.lr,
             "beta1": (STATIC_BETA1 if static else NETWORK_BETA1) if self.beta1 is None else self.beta1,
@@ -269,7 +268,9 @@ def train_amed(
     device = torch.device(device)
     dtype = torch.float32
     coarse, fine = student_grids(model, opts)
-    method = SINGLE_STEP.get(opts.sampler) or MULTISTEP[opts.sampler]
+    learned = get_sampler(opts.sampler).planning.learned
+    assert learned is not None
+    method = learned.step
     sigma0 = float(coarse.sigmas[0])
     scale = prior_scale(model.prior, sigma0)
 
@@ -370,7 +371,7 @@ def train_amed(
                         max_order=opts.max_order, order=opts.order, total=2 * len(coarse))
                 if observe is not None:
                     with torch.no_grad():
-                        r_now = predictor(i)[0] if method in TABLES else predictor(start.h, i, s, s_next)[0]
+                        r_now = predictor(i)[0] if learned.table else predictor(start.h, i, s, s_next)[0]
                         observe(it, i, r_now.reshape(-1), float(loss.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 surrogate.backward()
@@ -381,7 +382,7 @@ def train_amed(
                 optimizer.step()
                 it_loss.append(float(dist.all_reduce_sum(loss.detach().double())) / world)
                 state.history = [_detach(h) for h in state.history]
-                x = targets[i + 1] if opts.sampler in SINGLE_STEP else x_next.detach()
+                x = x_next.detach() if learned.multistep else targets[i + 1]
             it += 1
             ran += 1
             losses.append(it_loss)
