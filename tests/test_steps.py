@@ -51,6 +51,7 @@ def test_learned_steps_beat_their_initial_grid_and_keep_the_slack_in_its_ball(mo
     # 0] (held-out draws); training loss 0.043 → 0.023
     assert rms(grid) < 0.8 * rms(init), (rms(grid), rms(init))
     assert loss[-1] < 0.7 * loss[0] and len(grid) == 4 and grid.ends_at_zero
+    assert record["pool_loss"][record["kept_epoch"]] == min(record["pool_loss"]) < record["pool_loss"][0]
 
     seen = []
     import diffsamp.training.steps as steps_mod
@@ -58,7 +59,8 @@ def test_learned_steps_beat_their_initial_grid_and_keep_the_slack_in_its_ball(mo
     real = steps_mod.student_solve
 
     def spy(model, x, sigmas, order, **kw):
-        seen.append(x.detach().clone())
+        if x.requires_grad:  # the training solves (the pool's evaluations start from the noise itself)
+            seen.append(x.detach().clone())
         return real(model, x, sigmas, order, **kw)
 
     monkeypatch.setattr(steps_mod, "student_solve", spy)
@@ -85,6 +87,7 @@ def test_cli_steps_schedule_samples_and_exports(tiny_model_dir, tmp_path, one_th
     doc = json.loads((out / "schedule.json").read_text())
     assert doc["method"] == "steps" and len(doc["sigmas"]) == 4 and doc["sigmas"][-1] == 0
     assert doc["network_sigma_gradient"] is False  # a discrete-time network: σ enters its input as a constant
+    assert len(doc["pool_loss"]) == 3 and doc["pool_loss"][doc["kept_epoch"]] == min(doc["pool_loss"])
     assert len(doc["timesteps"]) == 3
     res = CliRunner().invoke(main, ["sample", "--model", str(tiny_model_dir), "--sampler", "dpmpp2m", "--sigmas",
                                     str(out), "--seeds", "0-1", "--out", str(tmp_path / "g.png")])
@@ -116,3 +119,13 @@ def test_bench_rows_on_a_schedule_file(tiny_model_dir, tmp_path, one_thread):
                             seeds=[0, 1], **plan.knobs)
     want = diffsamp.generate(model, model.sample_shape, sampler="dpmpp2m", grid=grid, seeds=[0, 1])
     assert res.nfe == 3 and torch.equal(res.images, want.images)
+
+
+def test_a_grid_that_training_makes_worse_is_not_kept():
+    """At a learning rate that throws the σ's about, the initial grid (epoch 0) is what comes back."""
+    model = GaussianMixtureDenoiser(**MIX)
+    opts = StepsOptions(steps=4, schedule="karras", teacher_steps=40, trajectories=32, batch=32, epochs=3, lr=5.0)
+    grid, record = train_steps(model, (2,), opts)
+    pool = record["pool_loss"]
+    assert record["kept_epoch"] == 0 and min(pool[1:]) > pool[0], pool
+    torch.testing.assert_close(grid.sigmas, torch.tensor(record["init"], dtype=torch.float64), rtol=1e-4, atol=0)

@@ -34,6 +34,9 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="steps: passes over the pool.")
 @click.option("--slack", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="steps: LD3's soft loss, the start may move within slack·‖x_T‖ (0: the plain L2).")
+@click.option("--sigma-grad", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="steps: the network's σ input in the gradient (auto: on for continuous-time models, off for "
+                   "discrete-time DDPM networks, whose output wiggles between integer timesteps).")
 @click.option("--schedule", default=None, help="gits: the fine grid's schedule (default time_uniform); amed/epd: "
               "the student's (default: the method's).")
 @click.option("--teacher", default=None, help="The teacher's ODE solver (default: heun).")
@@ -44,7 +47,7 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
 def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: str, fine_steps: int, base: str,
-               epochs: int, slack: float, schedule: str | None, teacher: str | None, trajectories: int | None,
+               epochs: int, slack: float, sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None,
                batch: int | None, seed: int, device: str) -> None:
     """Learn a few-step solver for a model: a schedule (gits: plain σ's, and timesteps, in OUT/schedule.json) or
     a predictor (amed, epd, adasde: OUT/predictor.json, used with `diffsamp sample --predictor OUT`).
@@ -73,10 +76,10 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
     if ctx.args:
         raise click.UsageError(f"--method {method} takes no {ctx.args[0]}")
     if method == "steps":
-        _learn_steps(model_name, nfe, out, fine_steps, base, epochs, slack, schedule, teacher, trajectories, batch,
-                     seed, device)
+        _learn_steps(model_name, nfe, out, fine_steps, base, epochs, slack, sigma_grad, schedule, teacher,
+                     trajectories, batch, seed, device)
         return
-    for name in ("base", "epochs", "slack"):
+    for name in ("base", "epochs", "slack", "sigma_grad"):
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--{name} is for --method steps")
     schedule, teacher = schedule or "time_uniform", teacher or "heun"
@@ -92,19 +95,21 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
 
 
 def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str, epochs: int, slack: float,
-                 schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
+                 sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
                  device: str) -> None:
     """``--method steps``: LD3-style learned σ's, written as a schedule file like GITS's."""
     from diffsamp.training.steps import StepsOptions, train_steps
 
     opts = StepsOptions(steps=nfe, base=base, schedule=schedule or "time_uniform", teacher=teacher or "heun",
                         teacher_steps=fine_steps, trajectories=trajectories or 100, batch=batch or 25,
-                        epochs=epochs, slack=slack, seed=seed)
+                        epochs=epochs, slack=slack, seed=seed,
+                        network_sigma_grad={"auto": None, "on": True, "off": False}[sigma_grad])
     grid, record, path = _find_schedule(opts, train_steps, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
-    loss = record["loss_per_epoch"]
+    pool = record["pool_loss"]
     click.echo(f"steps for {base}, {nfe} intervals, {model_name} ({opts.trajectories} teacher trajectories, "
-               f"{epochs} epochs, loss {loss[0]:.4g} → {loss[-1]:.4g}, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
+               f"{epochs} epochs, pool loss {pool[0]:.4g} → {min(pool):.4g} kept from epoch {record['kept_epoch']}, "
+               f"{record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
 
 
 def _find_schedule(opts: Any, find: Callable[..., tuple[Any, dict]], model_name: str, device: str,

@@ -7,7 +7,8 @@ through the whole K-step solve to the teacher's final sample:
   each interval takes; σ_0 = σ_max, σ_1 … σ_{K−1} their cumulative sums, and a last denoising step to σ = 0. The
   σ's stay ordered and inside the model's range whatever the logits; the logits start at the ``schedule``'s grid.
 * loss: squared L2 between the student's and the teacher's final samples over a fixed pool of teacher trajectories
-  (LD3 trains on ~100), epochs over the pool, Adam on the logits;
+  (LD3 trains on ~100), epochs over the pool, Adam on the logits; after each epoch the pool's loss at the current
+  σ's is measured, and the best grid, the initial one included, is kept (never worse than where it started);
 * LD3's soft (slack) variant: each trajectory's student starts from x_T + δ, and δ takes a gradient step on the same
   loss after each update, projected onto ‖δ‖ ≤ slack·‖x_T‖ (LD3 Eq. 9: the student need only reach the teacher's
   output from some nearby noise). slack = 0 is the plain (hard) loss.
@@ -51,6 +52,9 @@ class StepsOptions:
     slack: float = 0.0
     slack_lr: float = 0.5
     seed: int = 0
+    # the network's σ input in the gradient: None (auto) — yes for continuous-time models, no for discrete-time
+    # DDPM networks, whose output wiggles between integer timesteps
+    network_sigma_grad: bool | None = None
 
     def check(self) -> None:
         """A ValueError naming the first option out of range."""
@@ -127,7 +131,19 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
                             for b in range(0, opts.trajectories, opts.batch)])
     delta = torch.zeros_like(z)
     optimizer = torch.optim.Adam(steps.parameters(), lr=opts.lr)
-    order, grad_net = BASES[opts.base], model.timestep_sigmas is None
+    order = BASES[opts.base]
+    grad_net = model.timestep_sigmas is None if opts.network_sigma_grad is None else opts.network_sigma_grad
+
+    def pool_loss() -> float:
+        """The pool's mean loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
+        with torch.no_grad():
+            sig = steps()
+            return sum(float((student_solve(model, z[b : b + opts.batch], sig, order, network_sigma_grad=False)
+                              - target[b : b + opts.batch]).pow(2).reshape(len(z[b : b + opts.batch]), -1).sum(1)
+                             .sum()) for b in range(0, opts.trajectories, opts.batch)) / opts.trajectories
+
+    best = (pool_loss(), 0, steps().detach().clone())  # epoch 0: the initial grid
+    evaluated = [best[0]]
     losses: list[float] = []
     for epoch in range(opts.epochs):
         epoch_loss = 0.0
@@ -147,11 +163,13 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
                     delta[rows] = moved * (radius / norm).clamp(max=1.0).view(-1, *[1] * (d.ndim - 1))
             epoch_loss += float(loss.detach()) * out.shape[0]
         losses.append(epoch_loss / opts.trajectories)
+        evaluated.append(pool_loss())
+        if evaluated[-1] < best[0]:
+            best = (evaluated[-1], epoch + 1, steps().detach().clone())
         if progress is not None:
             progress(epoch + 1, opts.epochs, losses[-1])
-    with torch.no_grad():
-        grid = Grid(steps().detach().to(torch.float64))
+    grid = Grid(best[2].to(torch.float64))  # never worse than the initial grid on the pool
     record = {"method": "steps", "options": asdict(opts), "init": init.tolist(),
-              "loss_per_epoch": [round(v, 6) for v in losses], "seconds": round(time.perf_counter() - t0, 1),
-              "network_sigma_gradient": grad_net}
+              "loss_per_epoch": [round(v, 6) for v in losses], "pool_loss": [round(v, 6) for v in evaluated],
+              "kept_epoch": best[1], "seconds": round(time.perf_counter() - t0, 1), "network_sigma_gradient": grad_net}
     return grid, record
