@@ -86,7 +86,7 @@ def test_cli_steps_schedule_samples_and_exports(tiny_model_dir, tmp_path, one_th
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "schedule.json").read_text())
     assert doc["method"] == "steps" and len(doc["sigmas"]) == 4 and doc["sigmas"][-1] == 0
-    assert doc["network_sigma_gradient"] is False  # a discrete-time network: σ enters its input as a constant
+    assert doc["network_sigma_gradient"] is True
     assert len(doc["pool_loss"]) == 3 and doc["pool_loss"][doc["kept_epoch"]] == min(doc["pool_loss"])
     assert len(doc["timesteps"]) == 3
     res = CliRunner().invoke(main, ["sample", "--model", str(tiny_model_dir), "--sampler", "dpmpp2m", "--sigmas",

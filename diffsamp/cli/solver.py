@@ -34,9 +34,8 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="steps: passes over the pool.")
 @click.option("--slack", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="steps: LD3's soft loss, the start may move within slack·‖x_T‖ (0: the plain L2).")
-@click.option("--sigma-grad", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="steps: the network's σ input in the gradient (auto: on for continuous-time models, off for "
-                   "discrete-time DDPM networks, whose output wiggles between integer timesteps).")
+@click.option("--sigma-grad", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="steps: the network's σ input in the gradient (off: through the solver's coefficients only).")
 @click.option("--schedule", default=None, help="gits: the fine grid's schedule (default time_uniform); amed/epd: "
               "the student's (default: the method's).")
 @click.option("--teacher", default=None, help="The teacher's ODE solver (default: heun).")
@@ -103,7 +102,7 @@ def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str
     opts = StepsOptions(steps=nfe, base=base, schedule=schedule or "time_uniform", teacher=teacher or "heun",
                         teacher_steps=fine_steps, trajectories=trajectories or 100, batch=batch or 25,
                         epochs=epochs, slack=slack, seed=seed,
-                        network_sigma_grad={"auto": None, "on": True, "off": False}[sigma_grad])
+                        network_sigma_grad=sigma_grad == "on")
     grid, record, path = _find_schedule(opts, train_steps, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     pool = record["pool_loss"]

@@ -13,8 +13,8 @@ through the whole K-step solve to the teacher's final sample:
   loss after each update, projected onto ‖δ‖ ≤ slack·‖x_T‖ (LD3 Eq. 9: the student need only reach the teacher's
   output from some nearby noise). slack = 0 is the plain (hard) loss.
 
-On a discrete-time DDPM network the σ's enter the network's input as constants (its output wiggles between its
-integer timesteps, see docs/amed.md); their gradient flows through the solver's coefficients and the states.
+The network's σ input is in the gradient (``network_sigma_grad``; off, the gradient flows through the solver's
+coefficients and states only).
 The result is a plain ``schedule.json`` (``diffsamp sample --sigmas``, ``diffsamp solver export``).
 """
 
@@ -48,13 +48,14 @@ class StepsOptions:
     trajectories: int = 100
     batch: int = 25
     epochs: int = 20
-    lr: float = 0.05
+    lr: float = 0.02
     slack: float = 0.0
     slack_lr: float = 0.5
     seed: int = 0
-    # the network's σ input in the gradient: None (auto) — yes for continuous-time models, no for discrete-time
-    # DDPM networks, whose output wiggles between integer timesteps
-    network_sigma_grad: bool | None = None
+    # the network's σ input in the gradient. On mnist-ddpm (a discrete-time network, whose output wiggles between
+    # integer timesteps) it still trained better than without: pool loss 60.7 → 42.2 against → 44.0, and stable
+    # after its best epoch where the other rose again (32 trajectories, 6 epochs, lr 0.05)
+    network_sigma_grad: bool = True
 
     def check(self) -> None:
         """A ValueError naming the first option out of range."""
@@ -132,7 +133,7 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     delta = torch.zeros_like(z)
     optimizer = torch.optim.Adam(steps.parameters(), lr=opts.lr)
     order = BASES[opts.base]
-    grad_net = model.timestep_sigmas is None if opts.network_sigma_grad is None else opts.network_sigma_grad
+    grad_net = opts.network_sigma_grad
 
     def pool_loss() -> float:
         """The pool's mean loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
