@@ -12,9 +12,17 @@ from tests.conftest import tiny_unet
 SAMPLERS = diffsamp.available_samplers()
 
 
-def needed_knobs(name: str) -> dict:
-    """Knobs a sampler cannot run without: AMED methods take a predictor (a constant one here)."""
-    return {"predictor": FixedPredictor(0.4, 1.0)} if name.endswith("amed") else {}
+def needed_knobs(name: str, steps: int) -> dict:
+    """Knobs a sampler cannot run without: AMED methods take a predictor (a constant one here), EPD and AdaSDE
+    a table of the grid's length (untrained; AdaSDE's with real noise)."""
+    from diffsamp.samplers.epd import AdaSdeTable, EpdTable
+
+    learned = diffsamp.get_sampler(name).planning.learned
+    if learned is None:
+        return {}
+    if not learned.table:
+        return {"predictor": FixedPredictor(0.4, 1.0)}
+    return {"predictor": AdaSdeTable(steps, 2, gamma_max=0.2) if name == "adasde" else EpdTable(steps, 2)}
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -23,7 +31,7 @@ def test_measured_nfe_equals_declared(name, final_zero, final_denoise, mixture2d
     spec = diffsamp.get_sampler(name)
     grid = diffsamp.get_schedule("karras", model=mixture2d).grid(7, final_zero=final_zero)
     knobs = {"final_denoise": True} if final_denoise and name != "rk45" and not name.startswith(("ancestral", "ddpm", "ddim")) else {}
-    knobs.update(needed_knobs(name))
+    knobs.update(needed_knobs(name, len(grid)))
     counter = CountingDenoiser(mixture2d)
     x = torch.randn(4, 2, dtype=torch.float64) * float(grid.sigmas[0])
     spec(counter, x, grid, generator=torch.Generator().manual_seed(0), **knobs)
@@ -41,7 +49,7 @@ def test_heun_18_steps_is_35_nfe(mixture2d):
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_same_seed_same_sample_at_batch_sizes_1_and_8(name, mixture2d):
-    knobs = {"norm": "sample"} if name == "pc" else needed_knobs(name)
+    knobs = {"norm": "sample"} if name == "pc" else needed_knobs(name, 6)
     a = diffsamp.generate(mixture2d, (2,), sampler=name, steps=6, seeds=range(8), batch_size=1, **knobs)
     b = diffsamp.generate(mixture2d, (2,), sampler=name, steps=6, seeds=range(8), batch_size=8, **knobs)
     if name == "rk45":  # one adaptive solve over the whole batch: step sizes depend on the batch
