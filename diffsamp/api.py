@@ -129,6 +129,25 @@ def integrate(
     The model is wrapped in a checking ``CountingDenoiser`` (shape, NaN/inf); a non-finite result is a
     ValueError. Returns (samples as float32 on CPU, NFE).
     """
+    x, counter = _integrate(model, z, sampler=sampler, grid=grid, device=device, dtype=dtype, generator=generator,
+                            callback=callback, knobs=knobs, start=start)
+    return x, counter.calls
+
+
+def _integrate(
+    model: Denoiser,
+    z: Tensor,
+    *,
+    sampler: str | SamplerSpec,
+    grid: Grid,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    generator: Generator = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    knobs: Mapping[str, Any] | None = None,
+    start: Tensor | None = None,
+) -> tuple[Tensor, CountingDenoiser]:
+    """``integrate`` returning its counter: network calls (NFE) and rows evaluated (network passes)."""
     spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
     device = torch.device(model.device if device is None else device)
     counter = CountingDenoiser(model, check=True)
@@ -147,7 +166,7 @@ def integrate(
     if not bool(torch.isfinite(x).all()):
         blame = _knob_blame(spec, knobs) or " and the sampler's knobs"
         raise ValueError(f"sampler {spec.name!r} produced NaN/inf samples; check the model{blame}")
-    return x.float().cpu(), counter.calls
+    return x.float().cpu(), counter
 
 
 def _knob_blame(spec: SamplerSpec, knobs: Mapping[str, Any] | None) -> str:
@@ -285,14 +304,14 @@ def generate(
             x0 = start_x0 if start_x0.shape[0] == 1 else start_x0[b : b + batch_size]
             x_start = x0.expand(len(chunk), *x0.shape[1:]) + (float(grid.sigmas[0]) * z if run_grid is not None else 0)
         if run_grid is None:  # strength 0: the image itself
-            x, nfe = x_start.float().cpu(), 0
+            x, nfe, rows = x_start.float().cpu(), 0, 0
         else:
-            rows = CountingDenoiser(bound)  # network passes per image: stacked points (EPD) count each
-            x, nfe = integrate(rows, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
-                               knobs=knobs, start=x_start)
+            x, counter = _integrate(bound, z, sampler=spec, grid=grid, device=device, generator=gens,
+                                    callback=callback, knobs=knobs, start=x_start)
+            nfe, rows = counter.calls, counter.rows  # rows: stacked points (EPD) count each
         nfe_per_batch.append(nfe)
         passes_per_batch.append(bound.passes if isinstance(bound, Guided) else
-                                (rows.rows // len(chunk) if run_grid is not None else 0))
+                                (rows // len(chunk) if run_grid is not None else 0))
         if codec is not None:
             if return_latents:
                 latents.append(x)

@@ -450,3 +450,26 @@ def test_nll_terms_plot_keeps_nonpositive_terms(monkeypatch, tmp_path):
 def test_notebook_uses_sigma_grid():
     nb = (Path(__file__).resolve().parents[1] / "notebooks" / "samplers_2d.ipynb").read_text()
     assert "out.grid" not in nb
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "both infs", "none: large float16"])
+def test_the_finite_check_catches_every_non_finite_output_and_only_those(bad):
+    """The per-call check sums the output first (NaN/inf survive a sum) and confirms elementwise; +inf and −inf in
+    one output sum to NaN, and finite float16 outputs whose sum overflows float16 are not flagged."""
+    import torch
+
+    from diffsamp.models.base import CountingDenoiser
+
+    out = torch.ones(4, 1, 64, 64, dtype=torch.float16 if bad.startswith("none") else torch.float32)
+    if bad == "none: large float16":
+        out *= 60000.0
+    elif bad == "both infs":
+        out[0, 0, 0, 0], out[1, 0, 0, 0] = float("inf"), float("-inf")
+    else:
+        out[2, 0, 5, 7] = float(bad)
+    counter = CountingDenoiser(lambda x, sigma: out, check=True, defer=False)
+    if bad.startswith("none"):
+        counter(out.clone(), torch.ones(4))
+    else:
+        with pytest.raises(ValueError, match="NaN/inf at evaluation 1"):
+            counter(out.clone(), torch.ones(4))

@@ -55,3 +55,26 @@ def test_ddpm_timestep_sigma_round_trip_and_linear_schedule_values():
     exact = P.ddpm_timestep_from_sigma(sig[[0, 10, 999]], ac)
     assert exact.tolist() == [0.0, 10.0, 999.0]
     assert P.ddpm_timestep_from_sigma(sig[[3]] * 1.01, ac, quantize=True).tolist() == [3.0]
+
+
+def test_ddpm_timesteps_cpu_fast_path_equals_the_tensor_path():
+    """The model-held lookup: numpy on the CPU, tensor ops where σ needs a gradient (or lives on a GPU) — equal,
+    exact integers on the table's σ's, ends clamped, quantized to the nearest step."""
+    ac = P.ddpm_alphas_cumprod().double()
+    table = P.DdpmTimesteps(ac)
+    sig = ((1 - ac) / ac).sqrt()
+    g = torch.Generator().manual_seed(0)
+    probe = torch.cat([torch.exp(torch.empty(500, dtype=torch.float64).uniform_(-6, 6, generator=g)), sig,
+                       torch.tensor([0.0, 1e-9, 1e9], dtype=torch.float64)])
+    for quantize in (False, True):
+        fast = table(probe, quantize=quantize)
+        graph = table(probe.clone().requires_grad_(), quantize=quantize).detach()
+        assert torch.allclose(fast, graph, rtol=0, atol=1e-9)
+        assert fast[500:1500].tolist() == list(range(1000))
+        assert fast[-3:].tolist() == [0.0, 0.0, 999.0]
+    t = table(probe[:500])
+    lo = t.floor().long().clamp(max=998)
+    inside = (probe[:500] > sig[0]) & (probe[:500] < sig[-1])
+    want = lo + (probe[:500].log() - sig[lo].log()) / (sig[lo + 1].log() - sig[lo].log())  # the interpolation itself
+    assert torch.allclose(t[inside], want[inside], atol=1e-9)
+    assert table(probe[:500].float()).dtype == torch.float64

@@ -28,9 +28,9 @@ from diffsamp.models.parameterization import (
     BETA_END,
     BETA_START,
     NUM_TRAIN_TIMESTEPS,
+    DdpmTimesteps,
     ddpm_alphas_cumprod,
     ddpm_sigmas,
-    ddpm_timestep_from_sigma,
     vp_scale,
     x0_from_eps,
     x0_from_v,
@@ -75,7 +75,7 @@ class DiffusersUNetDenoiser(DenoiserBase):
         self.timestep_sigmas = sig  # trained on the scheduler's integer timesteps
         self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
         self.feature_module = getattr(unet, "mid_block", None)
-        self._ac_cache: dict[torch.device, Tensor] = {}
+        self._timesteps = DdpmTimesteps(self.alphas_cumprod)
         embeds = getattr(unet.config, "num_class_embeds", None)
         if conditioning is None and embeds:
             conditioning = ClassConditioning(int(embeds))
@@ -92,15 +92,9 @@ class DiffusersUNetDenoiser(DenoiserBase):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (int(cfg.in_channels), int(h), int(w))
 
-    def _table(self, device: torch.device) -> Tensor:
-        if device not in self._ac_cache:
-            dtype = torch.float64 if device.type != "mps" else torch.float32
-            self._ac_cache[device] = self.alphas_cumprod.to(device=device, dtype=dtype)
-        return self._ac_cache[device]
-
     def timestep(self, sigma: Tensor) -> Tensor:
         """The network's (possibly fractional) timestep for σ."""
-        return ddpm_timestep_from_sigma(sigma, self._table(sigma.device), quantize=self.quantize)
+        return self._timesteps(sigma, quantize=self.quantize)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.conditioning is not None:

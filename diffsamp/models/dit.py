@@ -39,7 +39,7 @@ from diffsamp.models.diffusers_unet import (
     offline_message,
     scheduler_alphas_cumprod,
 )
-from diffsamp.models.parameterization import ddpm_sigmas, ddpm_timestep_from_sigma, vp_scale, x0_from_eps
+from diffsamp.models.parameterization import DdpmTimesteps, ddpm_sigmas, vp_scale, x0_from_eps
 from diffsamp.models.sd_pipeline import VAECodec  # latent diffusion's VAE with its scaling factor
 
 PIPELINE_CLASSES = ("DiTPipeline",)
@@ -86,7 +86,7 @@ class DiTDenoiser(DenoiserBase):
         blocks = transformer.transformer_blocks
         self.feature_module = blocks[len(blocks) // 2]
         self.labels = dict(labels or {})
-        self._ac_cache: dict[torch.device, Tensor] = {}
+        self._timesteps = DdpmTimesteps(self.alphas_cumprod)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -96,10 +96,7 @@ class DiTDenoiser(DenoiserBase):
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's (possibly fractional) DDPM timestep for σ."""
-        if sigma.device not in self._ac_cache:
-            dtype = torch.float64 if sigma.device.type != "mps" else torch.float32
-            self._ac_cache[sigma.device] = self.alphas_cumprod.to(device=sigma.device, dtype=dtype)
-        return ddpm_timestep_from_sigma(sigma, self._ac_cache[sigma.device], quantize=self.quantize)
+        return self._timesteps(sigma, quantize=self.quantize)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         raise ValueError(f"this DiT is class-conditional ({self.conditioning.describe()}): give one class per seed "

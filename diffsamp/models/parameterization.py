@@ -12,6 +12,7 @@ All functions are elementwise and exact in float64; σ broadcasts (pass σ alrea
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,22 +119,47 @@ def ddpm_sigmas(alphas_cumprod: Tensor) -> Tensor:
     return ((1 - ac) / ac).sqrt()
 
 
-def ddpm_timestep_from_sigma(sigma: Tensor, alphas_cumprod: Tensor, *, quantize: bool = False) -> Tensor:
-    """Continuous DDPM timestep for σ by linear interpolation of log σ_t over t (k-diffusion style).
+class DdpmTimesteps:
+    """σ → continuous DDPM timestep for one ᾱ table: linear interpolation of log σ_t over t (k-diffusion style).
 
-    σ_t = √((1−ᾱ_t)/ᾱ_t) increases with t. σ outside the table is clamped to its ends. With
-    ``quantize`` the nearest integer timestep is returned.
+    σ_t = √((1−ᾱ_t)/ᾱ_t) increases with t; σ outside the table is clamped to its ends, and σ's within 1e-6 of a
+    table value map to that exact integer. With ``quantize`` the nearest integer timestep is returned. The
+    interpolation tables are built once per device, so a network call pays only a few small tensor ops.
     """
-    log_table = torch.log(((1 - alphas_cumprod) / alphas_cumprod).sqrt()).to(torch.float64)
-    log_s = torch.log(sigma.to(torch.float64).clamp_min(1e-30)).clamp(log_table[0], log_table[-1])
-    hi = torch.searchsorted(log_table, log_s).clamp(1, len(log_table) - 1)
-    lo = hi - 1
-    w = (log_s - log_table[lo]) / (log_table[hi] - log_table[lo])
-    t = lo.to(torch.float64) + w
-    if quantize:
-        return t.round()
-    near = torch.isclose(t, t.round(), rtol=0.0, atol=1e-6)  # exact table values map to exact integers
-    return torch.where(near, t.round(), t)
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+        self.log_sigmas = torch.log(((1 - ac) / ac).sqrt())
+        self._log_np, self._steps_np = self.log_sigmas.numpy(), np.arange(len(ac), dtype=np.float64)
+        self._ends = (float(self.log_sigmas[0]), float(self.log_sigmas[-1]))
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._tables:
+            log = self.log_sigmas.to(device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
+            self._tables[device] = (log, 1 / (log[1:] - log[:-1]))
+        return self._tables[device]
+
+    def __call__(self, sigma: Tensor, *, quantize: bool = False) -> Tensor:
+        if sigma.device.type == "cpu" and not sigma.requires_grad:  # a few µs in numpy, not a dozen tensor ops
+            with np.errstate(divide="ignore"):
+                t = np.interp(np.log(sigma.detach().numpy().astype(np.float64)), self._log_np, self._steps_np)
+            near = np.round(t)
+            return torch.from_numpy(near if quantize else np.where(np.abs(t - near) <= 1e-6, near, t))
+        log, inv_width = self._on(sigma.device)
+        log_s = sigma.to(log.dtype).log().clamp(*self._ends)
+        lo = (torch.searchsorted(log, log_s) - 1).clamp(0, len(log) - 2)
+        t = lo + (log_s - log[lo]) * inv_width[lo]
+        near = t.round()
+        if quantize:
+            return near
+        return torch.where((t - near).abs() <= 1e-6, near, t)  # exact table values map to exact integers
+
+
+def ddpm_timestep_from_sigma(sigma: Tensor, alphas_cumprod: Tensor, *, quantize: bool = False) -> Tensor:
+    """Continuous DDPM timestep for σ by linear interpolation of log σ_t over t (k-diffusion style); see
+    ``DdpmTimesteps``, which a model keeps to avoid rebuilding the table every call."""
+    return DdpmTimesteps(alphas_cumprod)(sigma, quantize=quantize)
 
 
 def sigma_from_ddpm_timestep(t: Tensor, alphas_cumprod: Tensor) -> Tensor:

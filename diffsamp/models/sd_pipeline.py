@@ -44,7 +44,7 @@ from diffsamp.models.diffusers_unet import (
     local_scheduler_config,
     scheduler_alphas_cumprod,
 )
-from diffsamp.models.parameterization import ddpm_sigmas, ddpm_timestep_from_sigma, vp_scale, x0_from_eps, x0_from_v
+from diffsamp.models.parameterization import DdpmTimesteps, ddpm_sigmas, vp_scale, x0_from_eps, x0_from_v
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 _COMPONENTS = ("unet", "vae", "scheduler")
@@ -193,7 +193,7 @@ class StableDiffusionDenoiser(DenoiserBase):
         self.feature_module = getattr(unet, "mid_block", None)
         self.conditioning = conditioning
         self.codec = codec
-        self._ac_cache: dict[torch.device, Tensor] = {}
+        self._timesteps = DdpmTimesteps(self.alphas_cumprod)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -205,10 +205,7 @@ class StableDiffusionDenoiser(DenoiserBase):
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The network's (possibly fractional) timestep for σ (exact integers on the table's σ)."""
-        if sigma.device not in self._ac_cache:
-            dtype = torch.float64 if sigma.device.type != "mps" else torch.float32
-            self._ac_cache[sigma.device] = self.alphas_cumprod.to(device=sigma.device, dtype=dtype)
-        return ddpm_timestep_from_sigma(sigma, self._ac_cache[sigma.device], quantize=self.quantize)
+        return self._timesteps(sigma, quantize=self.quantize)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         raise ValueError("this model is text-conditional (text prompts): give one prompt per seed "
