@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import types
@@ -143,13 +144,7 @@ class SamplerSpec:
 
     def knob_specs(self) -> dict[str, tuple[Any, Any]]:
         """Knob name → (type from the signature, default: the alias's binding, else the signature's)."""
-        hints = typing.get_type_hints(self.fn)
-        params = inspect.signature(self.fn).parameters.values()
-        return {
-            p.name: (hints.get(p.name, Any), self.defaults.get(p.name, p.default))
-            for p in params
-            if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback")
-        }
+        return {name: (tp, self.defaults.get(name, default)) for name, tp, default in _signature_knobs(self.fn)}
 
     def knob_values(self, **knobs: Any) -> dict[str, Any]:
         """Every knob's value: ``knobs`` over the alias's bindings over the signature's defaults."""
@@ -168,6 +163,15 @@ class SamplerSpec:
         value = _convert(text, specs[name][0], f"knob {name!r} of sampler {self.name!r}")
         self.check_knobs(**{name: value})
         return value
+
+
+@functools.cache
+def _signature_knobs(fn: SamplerFn) -> tuple[tuple[str, Any, Any], ...]:
+    """(name, type, default) of each keyword-only knob in ``fn``'s signature, read once per function
+    (resolving the annotations costs milliseconds; every sampler call checks its knobs)."""
+    hints = typing.get_type_hints(fn)
+    return tuple((p.name, hints.get(p.name, Any), p.default) for p in inspect.signature(fn).parameters.values()
+                 if p.kind is p.KEYWORD_ONLY and p.name not in ("generator", "callback"))
 
 
 def _type_name(tp: Any) -> str:
