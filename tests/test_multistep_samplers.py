@@ -89,22 +89,24 @@ def _compare(cls, n, name, knobs, step_kwargs=None, **config):
 @pytest.mark.parametrize("n", [5, 12, 20])
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
-def test_unipc_matches_diffusers(variant, order, n):
+def test_unipc_matches_diffusers(variant, order, n, record_property):
     from diffusers import UniPCMultistepScheduler
 
     # diffusers' bh1 steps to σ = 0 with B(h) = h = −∞ and returns NaN there: compare bh1 on grids ending at σ_min
     final = {"final_sigmas_type": "sigma_min"} if variant == "bh1" else {}
     diff, scale = _compare(UniPCMultistepScheduler, n, "unipc", {"order": order, "variant": variant},
                            solver_order=order, solver_type=variant, **final)
+    record_property("max_abs_diff", diff), record_property("state_scale", scale)
     assert diff < 1e-6 * scale, (diff, scale)
 
 
 @pytest.mark.parametrize("n", [6, 20])
-def test_unipc_without_corrector_matches_diffusers_disable_corrector(n):
+def test_unipc_without_corrector_matches_diffusers_disable_corrector(n, record_property):
     from diffusers import UniPCMultistepScheduler
 
     diff, scale = _compare(UniPCMultistepScheduler, n, "unipc", {"use_corrector": False, "order": 3},
                            solver_order=3, disable_corrector=list(range(n)))
+    record_property("max_abs_diff", diff), record_property("state_scale", scale)
     assert diff < 1e-6 * scale, (diff, scale)
     with_c, _ = _compare(UniPCMultistepScheduler, n, "unipc", {"order": 3}, solver_order=3,
                          disable_corrector=list(range(n)))
@@ -113,19 +115,21 @@ def test_unipc_without_corrector_matches_diffusers_disable_corrector(n):
 
 @pytest.mark.parametrize("n", [5, 12, 20])
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_deis_matches_diffusers(order, n):
+def test_deis_matches_diffusers(order, n, record_property):
     from diffusers import DEISMultistepScheduler
 
     diff, scale = _compare(DEISMultistepScheduler, n, "deis", {"order": order}, solver_order=order)
+    record_property("max_abs_diff", diff), record_property("state_scale", scale)
     assert diff < 1e-6 * scale, (diff, scale)
 
 
 @pytest.mark.parametrize("n", [5, 12, 20])
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
-def test_lms_matches_diffusers(order, n):
+def test_lms_matches_diffusers(order, n, record_property):
     from diffusers import LMSDiscreteScheduler
 
     diff, scale = _compare(LMSDiscreteScheduler, n, "lms", {"order": order}, step_kwargs={"order": order})
+    record_property("max_abs_diff", diff), record_property("state_scale", scale)
     # at n = 20 diffusers' timesteps are fractional and its σ's interpolated linearly in σ, while the denoiser maps
     # σ back to t through log σ: the UNet sees t's ~1e-6 apart, hence 2.2e-6 relative there (1e-7 elsewhere)
     assert diff < 5e-6 * scale, (diff, scale)

@@ -243,7 +243,7 @@ def _loop(unet, sched, x, generator=None, variance_noise=False):
     ("DPMSolverMultistepScheduler", "dpmpp_2m_sde", "linspace", {"noise": "gaussian"}, 10, 1e-6),
     ("DPMSolverMultistepScheduler", "dpmpp_2m_sde", "linspace", {"noise": "gaussian", "solver_type": "heun"}, 20, 1e-6),
 ])
-def test_matches_diffusers_with_shared_generator(cls_name, name, spacing, knobs, n, rtol):
+def test_matches_diffusers_with_shared_generator(cls_name, name, spacing, knobs, n, rtol, record_property):
     """Same σ's (diffusers' own, float32), same starting x̄ and the same generator draws."""
     import diffusers
 
@@ -264,11 +264,12 @@ def test_matches_diffusers_with_shared_generator(cls_name, name, spacing, knobs,
     with torch.no_grad():
         ours = diffsamp.get_sampler(name)(den, start, grid, generator=torch.Generator().manual_seed(1), **knobs)
     scale = float(ref.abs().max())
+    record_property("max_abs_diff", float((ours - ref).abs().max())), record_property("state_scale", scale)
     assert torch.allclose(ours, ref, rtol=rtol, atol=rtol * scale), float((ours - ref).abs().max())
 
 
 @pytest.mark.parametrize("s_noise,rtol", [(0.0, 1e-6), (1.0, 2e-4)])
-def test_dpmpp_sde_matches_diffusers_dpmsolver_sde(s_noise, rtol):
+def test_dpmpp_sde_matches_diffusers_dpmsolver_sde(s_noise, rtol, record_property):
     """DPMSolverSDEScheduler given our trees' seeds (``noise_sampler_seed``, one per sample) draws the same Brownian
     paths. Without noise (s_noise = 0, the ancestral split still used) the two agree to float32 (1e-6 relative);
     with it to 2e-4 relative (measured 8e-5): diffusers queries its trees at float32 σ's, which torchsde resolves
@@ -291,6 +292,7 @@ def test_dpmpp_sde_matches_diffusers_dpmsolver_sde(s_noise, rtol):
         ours = diffsamp.get_sampler("dpmpp_sde")(den, z, grid, generator=gens(), s_noise=s_noise)
         other = diffsamp.get_sampler("dpmpp_sde")(den, z, grid, generator=torch.Generator().manual_seed(99))
     scale = float(ref.abs().max())
+    record_property("max_abs_diff", float((ours - ref).abs().max())), record_property("state_scale", scale)
     assert torch.allclose(ours, ref, rtol=rtol, atol=rtol * scale), float((ours - ref).abs().max())
     if s_noise:
         assert (other - ref).abs().max() > 100 * rtol * scale

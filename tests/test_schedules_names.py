@@ -34,13 +34,15 @@ def _table():
 @pytest.mark.parametrize("option,name", [("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential"),
                                          ("use_beta_sigmas", "beta")])
 @pytest.mark.parametrize("n", [4, 10, 25])
-def test_schedule_equals_diffusers_sigma_option(option, name, n):
+def test_schedule_equals_diffusers_sigma_option(option, name, n, record_property):
     from diffusers import EulerDiscreteScheduler
 
     sched = EulerDiscreteScheduler(**{option: True})
     sched.set_timesteps(n)
     table = _table()
     ours = get_schedule(name, sigma_min=float(table[0]), sigma_max=float(table[-1])).grid(n).sigmas
+    record_property("max_abs_diff", float((ours - sched.sigmas.double()).abs().max()))
+    record_property("state_scale", float(sched.sigmas.abs().max()))
     assert torch.allclose(ours, sched.sigmas.double(), rtol=2e-6, atol=1e-6), (ours, sched.sigmas)
 
 
