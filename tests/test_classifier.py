@@ -222,3 +222,29 @@ def test_table_script_end_to_end_and_resumes(table_setup, monkeypatch):
                                                                               "null_class": 0}}))
     with pytest.raises(AssertionError, match="computed again"):
         script.main(args)  # another null class samples other images: a new cell
+
+
+def test_perceptual_distance_is_a_feature_distance_with_a_gradient():
+    """LPIPS-style (unit-normalised activations, squared differences, spatial mean, summed over layers): zero on equal
+    images, symmetric, larger for a larger change, differentiable in the images; the classifier's logits are its
+    features' head (``forward`` = fc2 of the last feature)."""
+    from diffsamp.metrics.classifier import perceptual_distance
+
+    torch.manual_seed(0)
+    clf = MNISTClassifier().eval()
+    a = torch.rand(6, 1, 32, 32) * 2 - 1
+    b = (a + 0.3 * torch.randn_like(a)).requires_grad_(True)
+    assert torch.equal(perceptual_distance(clf, a, a), torch.zeros(6))
+    d = perceptual_distance(clf, a, b)
+    torch.testing.assert_close(d, perceptual_distance(clf, b, a))
+    assert bool((d > 0).all()) and bool((perceptual_distance(clf, a, a + 0.9 * (b - a)) < d).all())
+    d.sum().backward()
+    assert b.grad is not None and float(b.grad.abs().sum()) > 0
+    feats = clf.features(a)
+    torch.testing.assert_close(clf(a), clf.fc2(feats[-1].flatten(1)))
+    # by hand for one layer set: the definition
+    want = sum(((x / x.norm(dim=1, keepdim=True).clamp_min(1e-5) - y / y.norm(dim=1, keepdim=True).clamp_min(1e-5))
+                .pow(2).sum(1).mean((1, 2))) for x, y in zip(clf.features(a), clf.features(b.detach())))
+    torch.testing.assert_close(d.detach(), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        perceptual_distance(clf, a, a[:, :, :28, :28])

@@ -129,3 +129,18 @@ def test_a_grid_that_training_makes_worse_is_not_kept():
     pool = record["pool_loss"]
     assert record["kept_epoch"] == 0 and min(pool[1:]) > pool[0], pool
     torch.testing.assert_close(grid.sigmas, torch.tensor(record["init"], dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_the_features_loss_is_the_classifier_distance_and_refuses_other_shapes(monkeypatch):
+    from diffsamp.metrics.classifier import load_classifier, perceptual_distance
+    from diffsamp.training.steps import final_distance
+
+    a, b = torch.rand(3, 1, 32, 32) * 2 - 1, torch.rand(3, 1, 32, 32) * 2 - 1
+    dist = final_distance("features", (1, 32, 32), torch.device("cpu"))
+    torch.testing.assert_close(dist(a, b), perceptual_distance(load_classifier(), a, b))
+    torch.testing.assert_close(final_distance("l2", (1, 32, 32), torch.device("cpu"))(a, b),
+                               (a - b).pow(2).sum((1, 2, 3)))
+    with pytest.raises(ValueError, match="MNIST classifier"):
+        final_distance("features", (3, 64, 64), torch.device("cpu"))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        StepsOptions(loss="lpips").check()

@@ -39,6 +39,7 @@ __all__ = [
     "class_adherence",
     "load_classifier",
     "per_class_adherence",
+    "perceptual_distance",
     "predict",
     "save_classifier",
     "train_classifier",
@@ -81,10 +82,14 @@ class MNISTClassifier(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), self.config.pool)
-        x = self.dropout(F.relu(self.fc1(x.flatten(1))))
-        return self.fc2(x)
+        return self.fc2(self.dropout(self.features(x)[-1].flatten(1)))
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The activations after each ReLU: conv1 (N, c1, 32, 32), conv2 (N, c2, 16, 16), fc1 (N, hidden, 1, 1)."""
+        a1 = F.relu(self.bn1(self.conv1(x)))
+        a2 = F.relu(self.bn2(self.conv2(F.max_pool2d(a1, 2))))
+        a3 = F.relu(self.fc1(F.max_pool2d(a2, self.config.pool).flatten(1)))
+        return [a1, a2, a3[:, :, None, None]]
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -146,6 +151,23 @@ def _prepare(images: Tensor, size: int) -> Tensor:
         top, left = (size - h) // 2, (size - w) // 2
         images = F.pad(images, (left, size - w - left, top, size - h - top), value=-1.0)
     return images.float()
+
+
+def perceptual_distance(classifier: MNISTClassifier, a: Tensor, b: Tensor) -> Tensor:
+    """LPIPS-style distance (Zhang et al. 2018, Eq. 1 with unit layer weights) in the classifier's activations: per
+    layer, features unit-normalised over channels at each position, squared differences summed over channels and
+    averaged over positions, then summed over layers. (N,), differentiable in ``a`` and ``b`` (images in [-1, 1]).
+    An independent network's features — not the FID network's, which would tune to the reported metric."""
+    if a.shape != b.shape:
+        raise ValueError(f"perceptual_distance needs images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    size = classifier.config.image_size
+    fa, fb = classifier.features(_prepare(a, size)), classifier.features(_prepare(b, size))
+    total = a.new_zeros(a.shape[0], dtype=torch.float32)
+    for x, y in zip(fa, fb):
+        x = x / (x.pow(2).sum(1, keepdim=True) + 1e-10).sqrt()
+        y = y / (y.pow(2).sum(1, keepdim=True) + 1e-10).sqrt()
+        total = total + (x - y).pow(2).sum(1).mean((1, 2))
+    return total
 
 
 @torch.no_grad()

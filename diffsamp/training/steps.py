@@ -6,8 +6,9 @@ through the whole K-step solve to the teacher's final sample:
 * parameterisation (LD3 §3.2, in log σ): K logits, the softmax of which are the fractions of log σ_max − log σ_min
   each interval takes; σ_0 = σ_max, σ_1 … σ_{K−1} their cumulative sums, and a last denoising step to σ = 0. The
   σ's stay ordered and inside the model's range whatever the logits; the logits start at the ``schedule``'s grid.
-* loss: squared L2 between the student's and the teacher's final samples over a fixed pool of teacher trajectories
-  (LD3 trains on ~100), epochs over the pool, Adam on the logits; after each epoch the pool's loss at the current
+* loss: squared L2 between the student's and the teacher's final samples (``loss="l2"``), or an LPIPS-style distance
+  in an independent classifier's activations (``loss="features"``, the MNIST CNN's; LD3 uses LPIPS on pixel-space
+  models), over a fixed pool of teacher trajectories (LD3 trains on ~100), epochs over the pool, Adam on the logits; after each epoch the pool's loss at the current
   σ's is measured, and the best grid, the initial one included, is kept (never worse than where it started);
 * LD3's soft (slack) variant: each trajectory's student starts from x_T + δ, and δ takes a gradient step on the same
   loss after each update, projected onto ‖δ‖ ≤ slack·‖x_T‖ (LD3 Eq. 9: the student need only reach the teacher's
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +35,23 @@ from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.ode import dpmpp_update
 
 BASES = {"ddim": 1, "euler": 1, "dpmpp2m": 2, "dpmpp3m": 3}  # the solver the σ's are trained for → its order
+LOSSES = ("l2", "features")
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+
+
+def final_distance(loss: str, sample_shape: tuple[int, ...], device: torch.device) -> Distance:
+    """Per-sample distance (N,) between a student's and the teacher's final samples: squared L2, or ``features``,
+    the LPIPS-style distance in the MNIST classifier's activations (1-channel images up to 32×32 only)."""
+    if loss == "l2":
+        return lambda out, target: (out - target).pow(2).reshape(out.shape[0], -1).sum(1)
+    from diffsamp.metrics.classifier import load_classifier, perceptual_distance
+
+    if sample_shape[0] != 1 or max(sample_shape[1:]) > 32:
+        raise ValueError(f"loss 'features' uses the MNIST classifier (1-channel images up to 32×32); this model "
+                         f"samples {tuple(sample_shape)}: use loss 'l2'")
+    classifier = load_classifier(device=device).requires_grad_(False)
+    return lambda out, target: perceptual_distance(classifier, out, target)
 
 
 @dataclass(frozen=True)
@@ -56,9 +75,12 @@ class StepsOptions:
     # integer timesteps) it still trained better than without: pool loss 60.7 → 42.2 against → 44.0, and stable
     # after its best epoch where the other rose again (32 trajectories, 6 epochs, lr 0.05)
     network_sigma_grad: bool = True
+    loss: str = "l2"
 
     def check(self) -> None:
         """A ValueError naming the first option out of range."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.base not in BASES:
             raise ValueError(f"learned steps are for {', '.join(BASES)}, got base {self.base!r}")
         if self.steps < 2:
@@ -125,6 +147,7 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     fine = sched.grid(opts.teacher_steps, final_zero=True)
     gen = torch.Generator().manual_seed(opts.seed)
     device, dtype = torch.device(model.device), torch.float32
+    distance = final_distance(opts.loss, sample_shape, device)  # a wrong loss for this model fails before the teacher
     z = torch.randn((opts.trajectories, *sample_shape), generator=gen).to(device, dtype)
     z = z * prior_scale(model.prior, sigma_max)
     with torch.no_grad():
@@ -139,9 +162,9 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
         """The pool's mean loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
         with torch.no_grad():
             sig = steps()
-            return sum(float((student_solve(model, z[b : b + opts.batch], sig, order, network_sigma_grad=False)
-                              - target[b : b + opts.batch]).pow(2).reshape(len(z[b : b + opts.batch]), -1).sum(1)
-                             .sum()) for b in range(0, opts.trajectories, opts.batch)) / opts.trajectories
+            return sum(float(distance(student_solve(model, z[b : b + opts.batch], sig, order, network_sigma_grad=False),
+                                      target[b : b + opts.batch]).sum())
+                       for b in range(0, opts.trajectories, opts.batch)) / opts.trajectories
 
     best = (pool_loss(), 0, steps().detach().clone())  # epoch 0: the initial grid
     evaluated = [best[0]]
@@ -152,7 +175,7 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
             rows = slice(b, b + opts.batch)
             d = delta[rows].clone().requires_grad_(opts.slack > 0)
             out = student_solve(model, z[rows] + d, steps(), order, network_sigma_grad=grad_net)
-            loss = (out - target[rows]).pow(2).reshape(out.shape[0], -1).sum(1).mean()
+            loss = distance(out, target[rows]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
