@@ -186,6 +186,15 @@ def test_resumed_training_equals_an_uninterrupted_run(mixture2d, tmp_path):
         assert torch.equal(a, b), k
     card = json.loads((tmp_path / "cut" / "predictor.json").read_text())
     assert card["training"]["trajectories_done"] == 96 and card["afs"] is False and card["steps"] == 2
+    # the shared run: log.jsonl as every trainer writes it, and a locked run directory
+    from diffsamp.training.loop import read_log, training_run
+
+    log = read_log(tmp_path / "cut")
+    assert [r.get("iteration") for r in log] == [1, 1, 1, 2, 3]  # iteration 1, its stop, the resume, the rest
+    assert log[1] == {"event": "stop", "iteration": 1, "reason": "stop_after"} and log[2]["event"] == "resume"
+    with training_run(tmp_path / "busy", resume=False):
+        with pytest.raises(RuntimeError, match="in use by another training"):
+            train_amed(mixture2d, (2,), opts, tmp_path / "busy", model_name="mix")
 
 
 def test_predictor_refuses_another_grid_or_model(trained):

@@ -46,9 +46,8 @@ from diffsamp.io import read_state_file, save_state_file
 from diffsamp.training.cards import hardware
 from diffsamp.training.checkpoint import _optimizer_join, _optimizer_split
 from diffsamp.training.epd import adasde_student_step, epd_student_step, timestep_half_width
-from diffsamp.training.loop import _StopFlag, agreed_stop
+from diffsamp.training.loop import TrainingRun, agreed_stop, training_run
 
-CHECKPOINT = "checkpoint.safetensors"
 PREDICTOR = "predictor"
 # each student's teacher, inserted points M, default schedule and final step are on its registration
 # (``SamplerSpec.planning``: the AMED paper's for its samplers, §4.1; EPD's and AdaSDE's)
@@ -263,9 +262,18 @@ def train_amed(
         raise ValueError(f"r_gradient must be one of {', '.join(R_GRADIENTS)}, got {opts.r_gradient!r}")
     if opts.r_gradient == "smoothed" and model.timestep_sigmas is None:
         raise ValueError("r_gradient='smoothed' needs a discrete-time model (one with timestep_sigmas)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
+    with training_run(out, resume=resume) as run:
+        return _train(model, sample_shape, opts, run, model_name=model_name, device=torch.device(device),
+                      progress=progress, stop_after=stop_after, extra=extra, snapshots=snapshots, observe=observe,
+                      guard=guard)
+
+
+def _train(model: Denoiser, sample_shape: tuple[int, ...], opts: AmedTrainOptions, run: TrainingRun, *,
+           model_name: str, device: torch.device, progress: Callable[[int, int, float], None] | None,
+           stop_after: int | None, extra: dict[str, Any] | None, snapshots: tuple[int, ...],
+           observe: Callable[[int, int, Tensor, float], None] | None, guard: bool) -> Path:
+    """``train_amed``'s body inside its ``training_run``."""
+    out = run.run_dir
     dtype = torch.float32
     coarse, fine = student_grids(model, opts)
     learned = get_sampler(opts.sampler).planning.learned
@@ -310,11 +318,10 @@ def train_amed(
     optimizer = torch.optim.Adam(groups, lr=opts.lr, eps=1e-8)
     iterations = math.ceil(opts.trajectories / opts.batch)
     it, elapsed_before, losses = 0, 0.0, []
-    ckpt = out / CHECKPOINT
-    if resume and ckpt.is_file():
+    ckpt = run.checkpoint
+    if run.resuming:
         it, elapsed_before, losses = _load_checkpoint(ckpt, predictor, optimizer, opts)
-    elif ckpt.is_file() and not resume:
-        raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or use a new --out")
+        run.log({"event": "resume", "iteration": it, "processes": dist.world_size()})
 
     def _card() -> dict[str, Any]:
         knobs = {"max_order": opts.max_order} if method == "ipndm" else ({"order": opts.order} if method == "dpmpp" else {})
@@ -344,59 +351,62 @@ def train_amed(
     lo, hi = dist.rank() * opts.batch // world, (dist.rank() + 1) * opts.batch // world  # this rank's trajectories
     t0 = time.perf_counter()
     ran, stopping = 0, None
-    with _StopFlag() as stop:
-        while it < iterations and stopping is None:
-            gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + it)
-            z = torch.randn((opts.batch, *sample_shape), generator=gen)[lo:hi].to(device, dtype)
-            bound = conditioned(it * opts.batch + lo, hi - lo)
-            targets = teacher_targets(bound, z * scale, fine, opts)
-            x, state, it_loss = targets[0], StepState(), []
-            noise_gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + it + 500_009)  # adasde's injections
-            for i, (s, s_next) in enumerate(coarse.intervals()):
-                afs_here, smoothed = bool(opts.afs) and i == 0, opts.r_gradient == "smoothed"
-                start = None
-                if method == "adasde":  # the start is evaluated after the noise injection, with γ's gradient
-                    noise = torch.randn((opts.batch, *sample_shape), generator=noise_gen)[lo:hi].to(device, dtype)
-                    surrogate, loss, x_next = adasde_student_step(bound, x, i, s, s_next, predictor, targets[i + 1],
-                                                                  noise, afs=afs_here, smoothed=smoothed)
-                else:
-                    with torch.no_grad():
-                        start = step_start(bound, x, s, afs=afs_here, predictor=predictor)
-                if method == "epd":
-                    surrogate, loss, x_next = epd_student_step(bound, start, i, s, s_next, predictor, targets[i + 1],
-                                                               smoothed=smoothed)
-                elif method != "adasde":
-                    surrogate, loss, x_next = student_step(
-                        method, bound, start, i, s, s_next, predictor, state, targets[i + 1], smoothed=smoothed,
-                        max_order=opts.max_order, order=opts.order, total=2 * len(coarse))
-                if observe is not None:
-                    with torch.no_grad():
-                        r_now = predictor(i)[0] if learned.table else predictor(start.h, i, s, s_next)[0]
-                        observe(it, i, r_now.reshape(-1), float(loss.detach()))
-                optimizer.zero_grad(set_to_none=True)
-                surrogate.backward()
-                dist.average_gradients(list(predictor.parameters()))  # under torchrun: the whole batch's mean
-                for p in predictor.parameters():
-                    if p.grad is not None:
-                        torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-                optimizer.step()
-                it_loss.append(float(dist.all_reduce_sum(loss.detach().double())) / world)
-                state.history = [_detach(h) for h in state.history]
-                x = x_next.detach() if learned.multistep else targets[i + 1]
-            it += 1
-            ran += 1
-            losses.append(it_loss)
-            elapsed = elapsed_before + time.perf_counter() - t0
-            stopping = agreed_stop(stop.requested or ("stop_after" if stop_after is not None and ran >= stop_after
-                                                      else None))
-            if not dist.is_main():  # every rank holds the same predictor; rank 0 writes
-                continue
-            _save_checkpoint(ckpt, predictor, optimizer, opts, it, elapsed, losses)
-            if it * opts.batch in snapshots:
-                save_predictor(predictor, out / "snapshots" / f"trajectories-{it * opts.batch}",
-                               {**_card(), "training": {"trajectories_done": it * opts.batch}})
-            if progress is not None:
-                progress(it, iterations, sum(it_loss))
+    while it < iterations and stopping is None:
+        gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + it)
+        z = torch.randn((opts.batch, *sample_shape), generator=gen)[lo:hi].to(device, dtype)
+        bound = conditioned(it * opts.batch + lo, hi - lo)
+        targets = teacher_targets(bound, z * scale, fine, opts)
+        x, state, it_loss = targets[0], StepState(), []
+        noise_gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + it + 500_009)  # adasde's injections
+        for i, (s, s_next) in enumerate(coarse.intervals()):
+            afs_here, smoothed = bool(opts.afs) and i == 0, opts.r_gradient == "smoothed"
+            start = None
+            if method == "adasde":  # the start is evaluated after the noise injection, with γ's gradient
+                noise = torch.randn((opts.batch, *sample_shape), generator=noise_gen)[lo:hi].to(device, dtype)
+                surrogate, loss, x_next = adasde_student_step(bound, x, i, s, s_next, predictor, targets[i + 1],
+                                                              noise, afs=afs_here, smoothed=smoothed)
+            else:
+                with torch.no_grad():
+                    start = step_start(bound, x, s, afs=afs_here, predictor=predictor)
+            if method == "epd":
+                surrogate, loss, x_next = epd_student_step(bound, start, i, s, s_next, predictor, targets[i + 1],
+                                                           smoothed=smoothed)
+            elif method != "adasde":
+                surrogate, loss, x_next = student_step(
+                    method, bound, start, i, s, s_next, predictor, state, targets[i + 1], smoothed=smoothed,
+                    max_order=opts.max_order, order=opts.order, total=2 * len(coarse))
+            if observe is not None:
+                with torch.no_grad():
+                    r_now = predictor(i)[0] if learned.table else predictor(start.h, i, s, s_next)[0]
+                    observe(it, i, r_now.reshape(-1), float(loss.detach()))
+            optimizer.zero_grad(set_to_none=True)
+            surrogate.backward()
+            dist.average_gradients(list(predictor.parameters()))  # under torchrun: the whole batch's mean
+            for p in predictor.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+            optimizer.step()
+            it_loss.append(float(dist.all_reduce_sum(loss.detach().double())) / world)
+            state.history = [_detach(h) for h in state.history]
+            x = x_next.detach() if learned.multistep else targets[i + 1]
+        it += 1
+        ran += 1
+        losses.append(it_loss)
+        elapsed = elapsed_before + time.perf_counter() - t0
+        stopping = agreed_stop(run.stop.requested or ("stop_after" if stop_after is not None and ran >= stop_after
+                                                  else None))
+        if not dist.is_main():  # every rank holds the same predictor; rank 0 writes
+            continue
+        _save_checkpoint(ckpt, predictor, optimizer, opts, it, elapsed, losses)
+        run.log({"iteration": it, "trajectories": it * opts.batch, "loss": round(sum(it_loss), 6),
+                 "elapsed_s": round(elapsed, 2)})
+        if it * opts.batch in snapshots:
+            save_predictor(predictor, out / "snapshots" / f"trajectories-{it * opts.batch}",
+                           {**_card(), "training": {"trajectories_done": it * opts.batch}})
+        if progress is not None:
+            progress(it, iterations, sum(it_loss))
+    if stopping:
+        run.log({"event": "stop", "iteration": it, "reason": stopping})
     elapsed = elapsed_before + time.perf_counter() - t0
     card = {**_card(), "training": {**_training(elapsed), "processes": world}}
     if it >= iterations and guard:

@@ -26,7 +26,8 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -210,15 +211,45 @@ def train_loop(
     the tests use it to simulate a killed run. Returns the result and the EMA (``ema.shadow`` is the model
     to ship).
     """
+    with training_run(run_dir, resume=resume) as run:
+        return _run_loop(
+            model, loss_fn, batches, config, run, torch.device(device),
+            sample_fn=sample_fn, progress=progress, stop_after=stop_after,
+        )
+
+
+@dataclass
+class TrainingRun:
+    """One training run's directory, as ``training_run`` hands it to a trainer: where its checkpoint goes, whether
+    it resumes one, the stop request a signal leaves (``stop.requested``), and its ``log.jsonl``."""
+
+    run_dir: Path
+    checkpoint: Path
+    resuming: bool
+    stop: "_StopFlag"
+
+    def log(self, record: dict) -> None:
+        """Append one record to ``log.jsonl`` (rank 0)."""
+        _log_line(self.run_dir, record)
+
+
+@contextmanager
+def training_run(run_dir: str | os.PathLike, *, resume: bool) -> Iterator[TrainingRun]:
+    """What every trainer's run shares (the DDPM/flow loop and the learned-solver trainer alike): the run directory,
+    created and locked for the run's whole life (two trainings never share one); the resume decision (a checkpoint
+    without ``resume`` is an error, ``resume`` without one starts afresh and says so); Ctrl-C / SIGTERM turned into
+    a stop request the trainer honours at its next step boundary, after writing a checkpoint."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
     lock = _lock_run_dir(run_dir) if dist.is_main() else None  # one process owns the run directory
     try:
-        return _train_loop_locked(
-            model, loss_fn, batches, config, run_dir, ckpt_path, torch.device(device),
-            resume=resume, sample_fn=sample_fn, progress=progress, stop_after=stop_after,
-        )
+        if ckpt_path.is_file() and not resume:
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume (resume=True) to continue it, or use a new --out")
+        if resume and not ckpt_path.is_file() and dist.is_main():
+            print(f"no checkpoint in {run_dir}: starting from scratch", file=sys.stderr)
+        with _StopFlag() as stop:
+            yield TrainingRun(run_dir, ckpt_path, resume and ckpt_path.is_file(), stop)
     finally:
         if lock is not None:
             lock.close()
@@ -244,16 +275,14 @@ def _lock_run_dir(run_dir: Path):
     return f
 
 
-def _train_loop_locked(
+def _run_loop(
     model: nn.Module,
     loss_fn: LossFn,
     batches: BatchSource,
     config: TrainConfig,
-    run_dir: Path,
-    ckpt_path: Path,
+    run: TrainingRun,
     device: torch.device,
     *,
-    resume: bool,
     sample_fn: Callable[[nn.Module, int, Path], None] | None,
     progress: bool,
     stop_after: int | None,
@@ -274,20 +303,16 @@ def _train_loop_locked(
     )
     loss_gen = torch.Generator(device=device).manual_seed(config.seed + 1)
 
+    run_dir, ckpt_path = run.run_dir, run.checkpoint
     step = 0
     elapsed_before = 0.0
-    if resume and ckpt_path.is_file():
+    if run.resuming:
         state = load_checkpoint_into(
             ckpt_path, model=model, ema=ema.shadow, optimizer=optimizer, loss_gen=loss_gen, batches=batches
         )
         step = int(state["step"])
         elapsed_before = float(state.get("elapsed_seconds", 0.0))
-        _log_line(run_dir, {"event": "resume", "step": step, "processes": dist.world_size()})
-    elif resume:
-        if dist.is_main():
-            print(f"no checkpoint in {run_dir}: starting from scratch", file=sys.stderr)
-    elif ckpt_path.is_file():
-        raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) to continue it, or use a new run dir")
+        run.log({"event": "resume", "step": step, "processes": dist.world_size()})
     if step == 0 and dist.is_main():
         write_text(run_dir / "train_config.json", json.dumps(config.to_json(), indent=2))
     forward = _sharded_forward(model, device)  # the model itself in one process; under torchrun DDP on a share
@@ -321,56 +346,56 @@ def _train_loop_locked(
     last_loss: float | None = None
     steps_this_call = 0
     stop_reason: str | None = None
-    with _StopFlag() as stop:
-        while step < config.steps:
-            batch = _on_device(batches.next(), device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, config) * g.get("lr_scale", 1.0)
-            with _autocast(device, config.mixed_precision):
-                loss = loss_fn(forward, batch, loss_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip and config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            ema.update(model, step)
-            step += 1
-            steps_this_call += 1
-            window_loss += loss.detach().float()
-            window_n += 1
-            window_imgs += (batch[0] if isinstance(batch, tuple) else batch).shape[0]
+    stop = run.stop
+    while step < config.steps:
+        batch = _on_device(batches.next(), device)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, config) * g.get("lr_scale", 1.0)
+        with _autocast(device, config.mixed_precision):
+            loss = loss_fn(forward, batch, loss_gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip and config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.update(model, step)
+        step += 1
+        steps_this_call += 1
+        window_loss += loss.detach().float()
+        window_n += 1
+        window_imgs += (batch[0] if isinstance(batch, tuple) else batch).shape[0]
 
-            if step % config.log_every == 0 or step == config.steps:
-                last_loss = float(window_loss) / window_n
-                now = time.perf_counter()
-                ips = window_imgs / max(now - window_t, 1e-9)
-                _log_line(run_dir, {
-                    "step": step, "loss": last_loss, "lr": lr_at(step - 1, config), "img_per_s": round(ips, 1),
-                    "elapsed_s": round(elapsed_before + now - t_start, 2),
-                })
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
-                elif dist.is_main():
-                    print(f"step {step}: loss {last_loss:.4f}, {ips:.0f} img/s, "
-                          f"{elapsed_before + now - t_start:.0f} s", flush=True)
-                window_loss.zero_()
-                window_n, window_imgs, window_t = 0, 0, now
+        if step % config.log_every == 0 or step == config.steps:
+            last_loss = float(window_loss) / window_n
+            now = time.perf_counter()
+            ips = window_imgs / max(now - window_t, 1e-9)
+            _log_line(run_dir, {
+                "step": step, "loss": last_loss, "lr": lr_at(step - 1, config), "img_per_s": round(ips, 1),
+                "elapsed_s": round(elapsed_before + now - t_start, 2),
+            })
             if bar is not None:
-                bar.update(1)
-            if (config.sample_every and step % config.sample_every == 0 and sample_fn is not None
-                    and step < config.steps and dist.is_main()):
-                _safe_sample(sample_fn, ema.shadow, step, run_dir)
-            if stop.requested:
-                stop_reason = stop.requested
-            elif stop_after is not None and steps_this_call >= stop_after:
-                stop_reason = "stop_after"
-            elif time.perf_counter() >= deadline:
-                stop_reason = "time budget"
-            stop_reason = agreed_stop(stop_reason)
-            if stop_reason or (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
-                checkpoint()
-            if stop_reason:
-                break
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
+            elif dist.is_main():
+                print(f"step {step}: loss {last_loss:.4f}, {ips:.0f} img/s, "
+                      f"{elapsed_before + now - t_start:.0f} s", flush=True)
+            window_loss.zero_()
+            window_n, window_imgs, window_t = 0, 0, now
+        if bar is not None:
+            bar.update(1)
+        if (config.sample_every and step % config.sample_every == 0 and sample_fn is not None
+                and step < config.steps and dist.is_main()):
+            _safe_sample(sample_fn, ema.shadow, step, run_dir)
+        if stop.requested:
+            stop_reason = stop.requested
+        elif stop_after is not None and steps_this_call >= stop_after:
+            stop_reason = "stop_after"
+        elif time.perf_counter() >= deadline:
+            stop_reason = "time budget"
+        stop_reason = agreed_stop(stop_reason)
+        if stop_reason or (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
+            checkpoint()
+        if stop_reason:
+            break
     if bar is not None:
         bar.close()
     if window_n:
