@@ -77,4 +77,7 @@ def test_ddpm_timesteps_cpu_fast_path_equals_the_tensor_path():
     inside = (probe[:500] > sig[0]) & (probe[:500] < sig[-1])
     want = lo + (probe[:500].log() - sig[lo].log()) / (sig[lo + 1].log() - sig[lo].log())  # the interpolation itself
     assert torch.allclose(t[inside], want[inside], atol=1e-9)
-    assert table(probe[:500].float()).dtype == torch.float64
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # any σ dtype a network runs in
+        low = probe[:500].to(dtype)
+        assert table(low).dtype == torch.float64
+        torch.testing.assert_close(table(low), table(low.clone().requires_grad_(True)).detach(), rtol=0, atol=1e-9)

@@ -591,7 +591,7 @@ def models_cmd(verbose: bool) -> None:
 
 def _list_predictors() -> None:
     """The shipped learned-solver predictors, with what they were trained for (use with --predictor NAME)."""
-    from diffsamp.samplers.amed_files import load_predictor, shipped_predictors
+    from diffsamp.samplers.amed_files import describe_predictor, load_predictor, shipped_predictors
 
     names = shipped_predictors()
     if not names:
@@ -600,9 +600,7 @@ def _list_predictors() -> None:
     width = max(len(n) for n in names)
     for name in names:
         cfg = load_predictor(name).config
-        arch = cfg["predictor"]
-        kind = {"static": "static", "epd": f"{arch.get('num_points')} points",
-                "adasde": f"{arch.get('num_points')} points"}.get(arch["kind"], "per-sample")
+        kind = describe_predictor(cfg["predictor"])
         fid = cfg.get("fid")
         fid_txt = f"; FID {fid['fid']:.2f} (N = {fid['num']})" if isinstance(fid, dict) else ""
         click.echo(f"{name:<{width}}  {cfg['sampler']}, NFE {cfg['nfe']}, {cfg['schedule']}, {kind}, "

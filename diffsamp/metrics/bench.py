@@ -35,7 +35,8 @@ from diffsamp.models.conditioning import Guidance
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import FixedPredictor
 from diffsamp.samplers.registry import describe_knobs, learned_samplers
-from diffsamp.samplers.amed_files import PredictorNotFoundError, check_predictor_model, load_predictor, sampling_settings
+from diffsamp.samplers.amed_files import (PredictorNotFoundError, check_predictor_model, describe_predictor,
+                                          load_predictor, sampling_settings)
 from diffsamp.samplers.epd import epd_network_passes
 from diffsamp.samplers.schedule_file import is_schedule_file, read_schedule
 
@@ -140,10 +141,7 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
             raise ValueError(f"predictor {path} samples at NFE {declared} ({cfg['schedule']}, {len(grid)} steps), "
                              f"not {nfe}: give {sampler}:{nfe}=PATH (or {nfe}=PATH) of a predictor trained for NFE "
                              f"{nfe} (`diffsamp train amed --nfe {nfe}`)")
-        arch = cfg["predictor"]
-        kind = {"static": "static predictor", "epd": f"EPD table of {arch.get('num_points')} points",
-                "adasde": f"AdaSDE table of {arch.get('num_points')} points"}.get(
-            arch["kind"], "per-sample predictor")
+        kind = describe_predictor(cfg["predictor"])
         end = "the last to 0" if grid.ends_at_zero else "to σ_min"
         setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind}"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest,

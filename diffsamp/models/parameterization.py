@@ -143,7 +143,7 @@ class DdpmTimesteps:
     def __call__(self, sigma: Tensor, *, quantize: bool = False) -> Tensor:
         if sigma.device.type == "cpu" and not sigma.requires_grad:  # a few µs in numpy, not a dozen tensor ops
             with np.errstate(divide="ignore"):
-                t = np.interp(np.log(sigma.detach().numpy().astype(np.float64)), self._log_np, self._steps_np)
+                t = np.interp(np.log(sigma.detach().to(torch.float64).numpy()), self._log_np, self._steps_np)
             near = np.round(t)
             return torch.from_numpy(near if quantize else np.where(np.abs(t - near) <= 1e-6, near, t))
         log, inv_width = self._on(sigma.device)

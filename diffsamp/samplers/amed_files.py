@@ -124,6 +124,14 @@ def load_predictor(name_or_path: str | os.PathLike) -> Predictor:
     return pred
 
 
+def describe_predictor(arch: dict[str, Any]) -> str:
+    """What a predictor file's ``predictor`` entry holds, in words: "per-sample predictor", "static predictor",
+    "EPD table of K points" or "AdaSDE table of K points" (bench settings and ``diffsamp models`` say it so)."""
+    points = arch.get("num_points")
+    return {"static": "static predictor", "epd": f"EPD table of {points} points",
+            "adasde": f"AdaSDE table of {points} points"}.get(arch["kind"], "per-sample predictor")
+
+
 def check_predictor_model(predictor: Any, model_name: str) -> None:
     """A predictor trained for one model refuses another (by the recorded model name)."""
     trained = predictor.config.get("model")
