@@ -248,3 +248,18 @@ def test_perceptual_distance_is_a_feature_distance_with_a_gradient():
     torch.testing.assert_close(d.detach(), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="one shape"):
         perceptual_distance(clf, a, a[:, :, :28, :28])
+
+
+def test_embed_is_the_fc1_activation_in_eval_mode():
+    from diffsamp.metrics.classifier import embed
+
+    torch.manual_seed(1)
+    clf = MNISTClassifier()
+    clf.train()
+    images = torch.randint(0, 256, (7, 1, 28, 28), dtype=torch.uint8)
+    feats = embed(clf, images, batch_size=3)
+    assert feats.shape == (7, clf.config.hidden) and clf.training  # its mode is restored
+    clf.eval()
+    x = torch.nn.functional.pad(images.float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
+    want = torch.relu(clf.fc1(torch.nn.functional.max_pool2d(clf.features(x)[1], clf.config.pool).flatten(1)))
+    torch.testing.assert_close(feats, want.detach())

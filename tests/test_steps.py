@@ -144,3 +144,53 @@ def test_the_features_loss_is_the_classifier_distance_and_refuses_other_shapes(m
         final_distance("features", (3, 64, 64), torch.device("cpu"))
     with pytest.raises(ValueError, match="loss must be one of"):
         StepsOptions(loss="lpips").check()
+
+
+def test_the_frechet_loss_equals_the_fid_formula_and_has_a_gradient():
+    import numpy as np
+
+    from diffsamp.metrics.distances import FrechetToReference, frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(500, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    ref = FrechetToReference(b.mean(0), torch.cov(b.T))
+    fa = a.clone().requires_grad_(True)
+    d = ref(fa)
+    want = frechet_distance(a.mean(0).numpy(), np.cov(a.numpy(), rowvar=False), b.mean(0).numpy(),
+                            np.cov(b.numpy(), rowvar=False))
+    assert abs(float(d) - want) < 1e-8 * want
+    d.backward()
+    assert bool(torch.isfinite(fa.grad).all()) and float(fa.grad.abs().sum()) > 0
+    assert float(ref(b)) < 1e-6 * want  # the reference against itself
+    with pytest.raises(ValueError, match="features must be"):
+        ref(a[:1])
+
+
+def test_the_fd_loss_fits_the_steps_to_data_without_a_teacher(tmp_path, monkeypatch):
+    """``loss="fd"``: the σ's of a tiny UNet are trained on the Fréchet distance of its samples to a data set in the
+    classifier's features; no teacher runs, the pool's FD picks the kept grid, and a slack or a small batch is refused."""
+    import numpy as np
+
+    import diffsamp.training.steps as steps_mod
+    from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
+    from diffsamp.models.parameterization import ddpm_alphas_cumprod
+    from tests.conftest import tiny_unet, write_idx
+
+    write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz",
+              np.random.default_rng(0).integers(0, 256, (200, 28, 28)))
+    monkeypatch.setenv("DIFFSAMP_DATA", str(tmp_path))
+    model = DiffusersUNetDenoiser(tiny_unet(), ddpm_alphas_cumprod())
+    real = steps_mod.get_sampler
+    monkeypatch.setattr(steps_mod, "get_sampler", lambda name: pytest.fail(f"the teacher {name} ran") if name == "heun"
+                        else real(name))
+    opts = StepsOptions(steps=3, base="ddim", loss="fd", trajectories=128, batch=128, epochs=1, fd_images=200, lr=0.1)
+    grid, record = train_steps(model, (1, 8, 8), opts)
+    pool = record["pool_loss"]
+    assert len(pool) == 2 and all(v > 0 for v in pool) and len(grid) == 3 and grid.ends_at_zero
+    assert pool[record["kept_epoch"]] == min(pool) and pool[0] != pool[1]  # the σ's moved; the better grid kept
+    assert record["loss_per_epoch"] == [pytest.approx(pool[0])]  # one batch: its loss is the pool's at the start
+    with pytest.raises(ValueError, match="no slack"):
+        StepsOptions(loss="fd", slack=0.1, batch=128, trajectories=128).check()
+    with pytest.raises(ValueError, match="at least 128"):
+        StepsOptions(loss="fd", batch=25).check()

@@ -34,9 +34,12 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="steps: passes over the pool.")
 @click.option("--slack", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="steps: LD3's soft loss, the start may move within slack·‖x_T‖ (0: the plain L2).")
-@click.option("--loss", "loss_kind", type=click.Choice(["l2", "features"]), default="l2", show_default=True,
-              help="steps: the distance to the teacher's samples: squared L2, or LPIPS-style in the MNIST "
-                   "classifier's activations (MNIST-shaped models).")
+@click.option("--loss", "loss_kind", type=click.Choice(["l2", "features", "fd"]), default="l2", show_default=True,
+              help="steps: squared L2 to the teacher's samples; features: LPIPS-style distance to them in the MNIST "
+                   "classifier's activations; fd: no teacher, the Fréchet distance of a batch of samples to --fd-data "
+                   "in that classifier's features (MNIST-shaped models).")
+@click.option("--fd-data", default="mnist:train", show_default=True,
+              help="steps --loss fd: DATASET:SPLIT whose images the samples are fitted to.")
 @click.option("--sigma-grad", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="steps: the network's σ input in the gradient (off: through the solver's coefficients only).")
 @click.option("--schedule", default=None, help="gits: the fine grid's schedule (default time_uniform); amed/epd: "
@@ -49,7 +52,7 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
 def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: str, fine_steps: int, base: str,
-               epochs: int, slack: float, loss_kind: str, sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None,
+               epochs: int, slack: float, loss_kind: str, fd_data: str, sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None,
                batch: int | None, seed: int, device: str) -> None:
     """Learn a few-step solver for a model: a schedule (gits: plain σ's, and timesteps, in OUT/schedule.json) or
     a predictor (amed, epd, adasde: OUT/predictor.json, used with `diffsamp sample --predictor OUT`).
@@ -61,7 +64,7 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
       diffsamp train solver --method epd --model mnist-ddpm --nfe 5 --points 2 --out runs/epd5
       diffsamp sample --model mnist-ddpm --sampler epd --predictor runs/epd5 --out grid.png
     """
-    for name in ("base", "epochs", "slack", "loss_kind", "sigma_grad"):
+    for name in ("base", "epochs", "slack", "loss_kind", "fd_data", "sigma_grad"):
         if method != "steps" and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
             flag = "loss" if name == "loss_kind" else name.replace("_", "-")
             raise click.UsageError(f"--{flag} is for --method steps")
@@ -82,8 +85,8 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
     if ctx.args:
         raise click.UsageError(f"--method {method} takes no {ctx.args[0]}")
     if method == "steps":
-        _learn_steps(model_name, nfe, out, fine_steps, base, epochs, slack, loss_kind, sigma_grad, schedule, teacher,
-                     trajectories, batch, seed, device)
+        _learn_steps(model_name, nfe, out, fine_steps, base, epochs, slack, loss_kind, fd_data, sigma_grad, schedule,
+                     teacher, trajectories, batch, seed, device)
         return
     schedule, teacher = schedule or "time_uniform", teacher or "heun"
     trajectories, batch = trajectories or 256, batch or 64
@@ -98,14 +101,15 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
 
 
 def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str, epochs: int, slack: float,
-                 loss_kind: str, sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
+                 loss_kind: str, fd_data: str, sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
                  device: str) -> None:
     """``--method steps``: LD3-style learned σ's, written as a schedule file like GITS's."""
     from diffsamp.training.steps import StepsOptions, train_steps
 
     opts = StepsOptions(steps=nfe, base=base, schedule=schedule or "time_uniform", teacher=teacher or "heun",
-                        teacher_steps=fine_steps, trajectories=trajectories or 100, batch=batch or 25,
-                        epochs=epochs, slack=slack, seed=seed, loss=loss_kind,
+                        teacher_steps=fine_steps, trajectories=trajectories or (256 if loss_kind == "fd" else 100),
+                        batch=batch or (128 if loss_kind == "fd" else 25), epochs=epochs, slack=slack, seed=seed,
+                        loss=loss_kind, fd_data=fd_data,
                         network_sigma_grad=sigma_grad == "on")
     grid, record, path = _find_schedule(opts, train_steps, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())

@@ -37,6 +37,7 @@ __all__ = [
     "TrainResult",
     "accuracy",
     "class_adherence",
+    "embed",
     "load_classifier",
     "per_class_adherence",
     "perceptual_distance",
@@ -83,6 +84,10 @@ class MNISTClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(self.features(x)[-1].flatten(1)))
+
+    def embedding(self, x: Tensor) -> Tensor:
+        """The penultimate (fc1, post-ReLU) features (N, hidden) of images in [-1, 1] (or uint8), padded to size."""
+        return self.features(_prepare(x, self.config.image_size))[-1].flatten(1)
 
     def features(self, x: Tensor) -> list[Tensor]:
         """The activations after each ReLU: conv1 (N, c1, 32, 32), conv2 (N, c2, 16, 16), fc1 (N, hidden, 1, 1)."""
@@ -168,6 +173,19 @@ def perceptual_distance(classifier: MNISTClassifier, a: Tensor, b: Tensor) -> Te
         y = y / (y.pow(2).sum(1, keepdim=True) + 1e-10).sqrt()
         total = total + (x - y).pow(2).sum(1).mean((1, 2))
     return total
+
+
+@torch.no_grad()
+def embed(classifier: MNISTClassifier, images: Tensor, *, batch_size: int = 500) -> Tensor:
+    """The classifier's penultimate (fc1, post-ReLU) features of images in [-1, 1] or uint8: (N, hidden) float32 —
+    an independent network's embedding for Fréchet distances that are not the reported FID's."""
+    was_training = classifier.training
+    classifier.eval()
+    device = next(iter(classifier.parameters())).device
+    out = [classifier.embedding(images[b : b + batch_size].to(device)).cpu()
+           for b in range(0, images.shape[0], batch_size)]
+    classifier.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, classifier.config.hidden)
 
 
 @torch.no_grad()

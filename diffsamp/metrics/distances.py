@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import scipy.linalg
 import torch
+from torch import Tensor
 
 
 def frechet_distance(
@@ -50,6 +51,32 @@ def frechet_distance(
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+class FrechetToReference:
+    """The Fréchet distance (Heusel et al. 2017, Eq. 6) between a batch of features and fixed reference statistics,
+    differentiable in the batch, for training. With Σ2^½ precomputed, Tr((Σ1Σ2)^½) = Tr((Σ2^½ Σ1 Σ2^½)^½) = Σ √λ_i
+    of a symmetric PSD matrix (``eigvalsh``); equal to ``frechet_distance`` on the same statistics (tested)."""
+
+    def __init__(self, mu: Tensor, sigma: Tensor) -> None:
+        mu, sigma = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"reference statistics: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not match")
+        lam, vec = torch.linalg.eigh((sigma + sigma.T) / 2)
+        self.mu, self.trace = mu, float(sigma.trace())
+        self.sqrt_sigma = (vec * lam.clamp_min(0).sqrt()) @ vec.T
+
+    def __call__(self, feats: Tensor) -> Tensor:
+        """d² for the batch ``feats`` (N, D), N ≥ 2 (its mean and unbiased covariance), as a float64 scalar."""
+        if feats.ndim != 2 or feats.shape[1] != self.mu.shape[0] or feats.shape[0] < 2:
+            raise ValueError(f"features must be (N ≥ 2, {self.mu.shape[0]}), got {tuple(feats.shape)}")
+        f = feats.to(torch.float64)
+        mu = f.mean(0)
+        centred = f - mu
+        sigma = centred.T @ centred / (f.shape[0] - 1)
+        inner = self.sqrt_sigma.to(f.device) @ sigma @ self.sqrt_sigma.to(f.device)
+        eig = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(1e-12)
+        return (mu - self.mu.to(f.device)).pow(2).sum() + sigma.trace() + self.trace - 2 * eig.sqrt().sum()
 
 
 def _mmd2_unbiased(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor) -> float:

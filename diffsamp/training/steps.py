@@ -8,7 +8,9 @@ through the whole K-step solve to the teacher's final sample:
   σ's stay ordered and inside the model's range whatever the logits; the logits start at the ``schedule``'s grid.
 * loss: squared L2 between the student's and the teacher's final samples (``loss="l2"``), or an LPIPS-style distance
   in an independent classifier's activations (``loss="features"``, the MNIST CNN's; LD3 uses LPIPS on pixel-space
-  models), over a fixed pool of teacher trajectories (LD3 trains on ~100), epochs over the pool, Adam on the logits; after each epoch the pool's loss at the current
+  models), over a fixed pool of teacher trajectories (LD3 trains on ~100), epochs over the pool; or, beyond LD3,
+  ``loss="fd"``: no teacher, the Fréchet distance between each batch of final samples and a data set's images in
+  that classifier's fc1 features (a distribution-level objective; never the FID network's features), Adam on the logits; after each epoch the pool's loss at the current
   σ's is measured, and the best grid, the initial one included, is kept (never worse than where it started);
 * LD3's soft (slack) variant: each trajectory's student starts from x_T + δ, and δ takes a gradient step on the same
   loss after each update, projected onto ‖δ‖ ≤ slack·‖x_T‖ (LD3 Eq. 9: the student need only reach the teacher's
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -35,9 +37,19 @@ from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.ode import dpmpp_update
 
 BASES = {"ddim": 1, "euler": 1, "dpmpp2m": 2, "dpmpp3m": 3}  # the solver the σ's are trained for → its order
-LOSSES = ("l2", "features")
+LOSSES = ("l2", "features", "fd")
+FD_DIM = 64  # the MNIST classifier's fc1 width, the space the fd loss measures in
 
 Distance = Callable[[Tensor, Tensor], Tensor]
+
+
+def _classifier(loss: str, sample_shape: tuple[int, ...], device: torch.device) -> Any:
+    from diffsamp.metrics.classifier import load_classifier
+
+    if sample_shape[0] != 1 or max(sample_shape[1:]) > 32:
+        raise ValueError(f"loss {loss!r} uses the MNIST classifier (1-channel images up to 32×32); this model "
+                         f"samples {tuple(sample_shape)}: use loss 'l2'")
+    return load_classifier(device=device).requires_grad_(False)
 
 
 def final_distance(loss: str, sample_shape: tuple[int, ...], device: torch.device) -> Distance:
@@ -45,13 +57,28 @@ def final_distance(loss: str, sample_shape: tuple[int, ...], device: torch.devic
     the LPIPS-style distance in the MNIST classifier's activations (1-channel images up to 32×32 only)."""
     if loss == "l2":
         return lambda out, target: (out - target).pow(2).reshape(out.shape[0], -1).sum(1)
-    from diffsamp.metrics.classifier import load_classifier, perceptual_distance
+    if loss != "features":
+        raise ValueError(f"{loss!r} is not a per-sample distance")
+    from diffsamp.metrics.classifier import perceptual_distance
 
-    if sample_shape[0] != 1 or max(sample_shape[1:]) > 32:
-        raise ValueError(f"loss 'features' uses the MNIST classifier (1-channel images up to 32×32); this model "
-                         f"samples {tuple(sample_shape)}: use loss 'l2'")
-    classifier = load_classifier(device=device).requires_grad_(False)
+    classifier = _classifier(loss, sample_shape, device)
     return lambda out, target: perceptual_distance(classifier, out, target)
+
+
+def reference_fd(opts: "StepsOptions", sample_shape: tuple[int, ...], device: torch.device) -> Callable[[Tensor], Tensor]:
+    """The ``fd`` loss: the Fréchet distance between a batch of final samples and ``opts.fd_data``'s first
+    ``opts.fd_images`` images in the MNIST classifier's fc1 features (an independent network, never FID's);
+    differentiable in the samples. No teacher: the σ's are fitted to the data's distribution directly."""
+    from diffsamp.data.datasets import load_dataset_uint8
+    from diffsamp.metrics.classifier import embed
+    from diffsamp.metrics.distances import FrechetToReference
+
+    classifier = _classifier("fd", sample_shape, device)
+    name, _, split = opts.fd_data.partition(":")
+    data = load_dataset_uint8(name, split or "train", limit=opts.fd_images)
+    feats = embed(classifier, data).double()
+    reference = FrechetToReference(feats.mean(0), torch.cov(feats.T))
+    return lambda out: reference(classifier.embedding(out))
 
 
 @dataclass(frozen=True)
@@ -76,6 +103,8 @@ class StepsOptions:
     # after its best epoch where the other rose again (32 trajectories, 6 epochs, lr 0.05)
     network_sigma_grad: bool = True
     loss: str = "l2"
+    fd_data: str = "mnist:train"
+    fd_images: int = 10_000
 
     def check(self) -> None:
         """A ValueError naming the first option out of range."""
@@ -90,6 +119,11 @@ class StepsOptions:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.slack < 0 or self.lr <= 0:
             raise ValueError("slack must be ≥ 0 and lr > 0")
+        if self.loss == "fd" and self.slack > 0:
+            raise ValueError("the fd loss compares distributions, not trajectories: it takes no slack")
+        if self.loss == "fd" and min(self.batch, self.trajectories) < 2 * FD_DIM:
+            raise ValueError(f"the fd loss estimates a {FD_DIM}-d covariance per batch: use a batch (and trajectories) "
+                             f"of at least {2 * FD_DIM}, got {self.batch}")
 
 
 class LearnedSteps(nn.Module):
@@ -147,24 +181,40 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     fine = sched.grid(opts.teacher_steps, final_zero=True)
     gen = torch.Generator().manual_seed(opts.seed)
     device, dtype = torch.device(model.device), torch.float32
-    distance = final_distance(opts.loss, sample_shape, device)  # a wrong loss for this model fails before the teacher
     z = torch.randn((opts.trajectories, *sample_shape), generator=gen).to(device, dtype)
     z = z * prior_scale(model.prior, sigma_max)
-    with torch.no_grad():
-        target = torch.cat([get_sampler(opts.teacher)(model, z[b : b + opts.batch], fine)
-                            for b in range(0, opts.trajectories, opts.batch)])
+    # the objective, checked for this model before the teacher runs: a batch's loss and the pool's value
+    if opts.loss == "fd":
+        fd = reference_fd(opts, sample_shape, device)
+        target = None
+
+        def batch_loss(out: Tensor, rows: slice) -> Tensor:
+            return fd(out)
+
+        def pool_value(outs: list[Tensor]) -> float:
+            return float(fd(torch.cat(outs)))
+    else:
+        distance = final_distance(opts.loss, sample_shape, device)
+        with torch.no_grad():
+            target = torch.cat([get_sampler(opts.teacher)(model, z[b : b + opts.batch], fine)
+                                for b in range(0, opts.trajectories, opts.batch)])
+
+        def batch_loss(out: Tensor, rows: slice) -> Tensor:
+            return distance(out, target[rows]).mean()
+
+        def pool_value(outs: list[Tensor]) -> float:
+            return float(distance(torch.cat(outs), target).mean())
     delta = torch.zeros_like(z)
     optimizer = torch.optim.Adam(steps.parameters(), lr=opts.lr)
     order = BASES[opts.base]
     grad_net = opts.network_sigma_grad
 
     def pool_loss() -> float:
-        """The pool's mean loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
+        """The pool's loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
         with torch.no_grad():
             sig = steps()
-            return sum(float(distance(student_solve(model, z[b : b + opts.batch], sig, order, network_sigma_grad=False),
-                                      target[b : b + opts.batch]).sum())
-                       for b in range(0, opts.trajectories, opts.batch)) / opts.trajectories
+            return pool_value([student_solve(model, z[b : b + opts.batch], sig, order, network_sigma_grad=False)
+                               for b in range(0, opts.trajectories, opts.batch)])
 
     best = (pool_loss(), 0, steps().detach().clone())  # epoch 0: the initial grid
     evaluated = [best[0]]
@@ -175,7 +225,7 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
             rows = slice(b, b + opts.batch)
             d = delta[rows].clone().requires_grad_(opts.slack > 0)
             out = student_solve(model, z[rows] + d, steps(), order, network_sigma_grad=grad_net)
-            loss = distance(out, target[rows]).mean()
+            loss = batch_loss(out, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
