@@ -20,6 +20,7 @@ first), the rest of the table as EPD's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -125,6 +126,14 @@ def inject_noise(x: Tensor, s: float, gamma: Tensor, noise: Tensor) -> tuple[Ten
     return x + (s_hat**2 - s**2).clamp_min(0).sqrt() * noise, s_hat
 
 
+def _check_table(predictor: Any, kind: type, sampler: str, label: str, grid: Grid) -> None:
+    """A ValueError unless ``predictor`` is a ``kind`` table trained for ``grid``."""
+    if not isinstance(predictor, kind):
+        raise ValueError(f"{sampler} needs a trained {label} table: --predictor NAME_OR_PATH (`diffsamp train solver "
+                         f"--method {sampler}`), or {kind.__name__}(steps, K) from Python")
+    check_grid(predictor, grid)
+
+
 @register_sampler("epd", kind="ode", nfe=_amed_nfe, planning=Planning(
     "time_uniform", learned=Learned("epd", ("heun", 3), table=True, final_step="zero")))
 def epd(
@@ -132,10 +141,7 @@ def epd(
     predictor: EpdTable | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
     """EPD-Solver: x' = x + (σ' − σ) Σ_k λ_k c_k ε̂(x_k, a_k s_k), K points in one call (Zhu et al. 2025, Eq. 9)."""
-    if predictor is None or not isinstance(predictor, EpdTable):
-        raise ValueError("epd needs a trained EPD table: --predictor NAME_OR_PATH (`diffsamp train solver --method "
-                         "epd`), or EpdTable(steps, K) from Python")
-    check_grid(predictor, grid)
+    _check_table(predictor, EpdTable, "epd", "EPD", grid)
     for i, (s, s_next) in enumerate(grid.intervals()):
         start = step_start(model, x, s, afs=afs and i == 0, predictor=predictor)
         x = epd_step(model, start, i, s, s_next, predictor)
@@ -151,10 +157,7 @@ def adasde(
     predictor: AdaSdeTable | None = None, afs: bool = False, final_denoise: bool = False,
 ) -> Tensor:
     """AdaSDE: σ̂ = (1 + γ_i)σ, x̂ = x + √(σ̂² − σ²)z, then the EPD step from (x̂, σ̂) (AdaSDE; EPD Eq. 9)."""
-    if predictor is None or not isinstance(predictor, AdaSdeTable):
-        raise ValueError("adasde needs a trained AdaSDE table: --predictor NAME_OR_PATH (`diffsamp train solver "
-                         "--method adasde`), or AdaSdeTable(steps, K) from Python")
-    check_grid(predictor, grid)
+    _check_table(predictor, AdaSdeTable, "adasde", "AdaSDE", grid)
     for i, (s, s_next) in enumerate(grid.intervals()):
         if s_next == 0.0:
             start = step_start(model, x, s, afs=False, predictor=predictor)
