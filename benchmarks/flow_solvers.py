@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from diffsamp import generate
 from diffsamp.models import load as load_model

@@ -7,7 +7,6 @@ import csv
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

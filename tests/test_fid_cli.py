@@ -16,7 +16,7 @@ import diffsamp
 from diffsamp.cli import main
 from diffsamp.images import save_image_folder, save_png
 from diffsamp.metrics.stats import load_stats
-from tests.conftest import assert_one_line_error, tiny_extractor, write_idx
+from tests.conftest import assert_one_line_error, write_idx
 
 
 def _folder(path: Path, n: int, size: int = 32, seed: int = 0) -> Path:

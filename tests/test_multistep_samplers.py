@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import diffsamp
 from diffsamp.models.base import CountingDenoiser
 from diffsamp.models.diffusers_unet import DiffusersUNetDenoiser
 from diffsamp.samplers import Grid, get_sampler, get_schedule

@@ -77,7 +77,7 @@ def sd_dirs(tmp_path_factory):
 
 def _reference(path, scheduler: str, z, steps: int, w: float, negative):
     """Latents of diffusers' StableDiffusionPipeline (float64) from initial noise z (before its scaling)."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float64)
     if scheduler == "euler":

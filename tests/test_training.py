@@ -130,7 +130,6 @@ def test_resume_is_bit_for_bit(tmp_path):
 
 def test_sigterm_writes_a_checkpoint_at_a_step_boundary(tmp_path):
     images = tiny_images()
-    opts = DDPMTrainOptions(**TINY)
     inner = DDPMLoss(linear_alphas_cumprod())
     calls = {"n": 0}
 

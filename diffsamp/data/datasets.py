@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffsamp.images import load_image_folder, to_float, to_uint8
+from diffsamp.images import load_image_folder, to_float
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")

@@ -13,7 +13,6 @@ With ε-prediction it matters most at high σ, where x̂0 = x̄ − σε̂ ampli
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from diffsamp.models.base import Denoiser

@@ -17,9 +17,7 @@ and ``diffsamp.models.load(RUN_DIR)`` samples from it with every diffsamp sample
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

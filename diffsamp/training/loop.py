@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +42,6 @@ from diffsamp.training.checkpoint import (
     CHECKPOINT,
     BatchSource,
     load_checkpoint_into,
-    read_checkpoint,
     save_checkpoint,
 )
 
