@@ -2,8 +2,11 @@
 row's sampler is re-run on its own grid from held-out seeds, and its final samples are compared with a converged
 ODE teacher's from the same noise: squared L2, and the LPIPS-style distance in the MNIST classifier's activations
 (``diffsamp.metrics.classifier.perceptual_distance``; never the FID network's); and, a distribution-level measure,
-the Fréchet distance in the classifier's 64-d fc1 features between ``--num-fd`` samples and as many test images.
-Prints each row's FID (from its cell) beside the three, and each one's Spearman rank correlation with FID.
+the Fréchet distance in the classifier's 64-d fc1 features between ``--num-fd`` samples and as many test images;
+and low-level statistics of the same samples against those images, quantised to uint8 as FID sees them: the
+1-D Wasserstein distance between pixel-value distributions, the fraction of pure-black pixels (the background) and
+the mean |Laplacian| (high-frequency energy), each as |sample − data|. Prints each row's FID (from its cell)
+beside every measure, and each measure's Spearman rank correlation with FID. ``--cache DIR`` keeps the samples.
 
     python benchmarks/objective_vs_fid.py --bench benchmarks/results/bench_mnist-ddpm_n2000_samplers --nfe 5
 """
@@ -13,15 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import spearmanr, wasserstein_distance
 
 import diffsamp
 from diffsamp.data.datasets import load_dataset_uint8
 from diffsamp.metrics.classifier import embed, load_classifier, perceptual_distance
+from diffsamp.images import to_uint8
 from diffsamp.metrics.distances import frechet_distance
 from diffsamp.models import load
 from diffsamp.samplers import Grid, get_sampler
@@ -34,6 +40,26 @@ def _stats(classifier: torch.nn.Module, images: torch.Tensor) -> tuple[np.ndarra
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
+def _cached(cache: Path | None, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, kept in ``cache/key.pt`` when a cache is given."""
+    path = cache / f"{key}.pt" if cache is not None else None
+    if path is not None and path.is_file():
+        return torch.load(path)
+    out = make()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+    return out
+
+
+def _low_level(images: torch.Tensor) -> dict[str, Any]:
+    """uint8 images' pixel values (a subsample), fraction of pure-black pixels and mean |Laplacian|."""
+    x = images.float()
+    lap = (4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:])
+    return {"pixels": x.flatten()[:: 7].numpy(), "black": float((images == 0).float().mean()),
+            "laplacian": float(lap.abs().mean())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", type=Path, required=True, help="A bench directory (its cells/ are read).")
@@ -43,22 +69,26 @@ def main() -> None:
     parser.add_argument("--num-fd", type=int, default=500, help="Samples per row for the classifier-feature FD.")
     parser.add_argument("--teacher-steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="Also write the table here.")
+    parser.add_argument("--cache", type=Path, default=None, help="Keep each row's samples (and the teacher's) here.")
     args = parser.parse_args()
     config = json.loads((args.bench / "config.json").read_text())
     model = load(config["model"])
-    cells = [json.loads(p.read_text()) for p in sorted((args.bench / "cells").glob(f"*-nfe{args.nfe}-*.json"))]
+    cells = [{**json.loads(p.read_text()), "_file": p.name}
+             for p in sorted((args.bench / "cells").glob(f"*-nfe{args.nfe}-*.json"))]
     rows = [c for c in cells if diffsamp.get_sampler(c["sampler"].split(":")[0]).kind == "ode"]
     if len(rows) < 3:
         sys.exit(f"fewer than 3 deterministic rows at NFE {args.nfe} in {args.bench}/cells")
     shape = tuple(model.sample_shape)
     seeds = range(args.seed, args.seed + args.num)
     n = max(args.num, args.num_fd)
-    teacher = diffsamp.generate(model, shape, sampler="heun", schedule="time_uniform", steps=args.teacher_steps,
-                                seeds=seeds, batch_size=args.num).images
+    teacher = _cached(args.cache, f"teacher-heun{args.teacher_steps}-{args.seed}-{args.num}", lambda: diffsamp.generate(
+        model, shape, sampler="heun", schedule="time_uniform", steps=args.teacher_steps, seeds=seeds,
+        batch_size=args.num).images)
     classifier = load_classifier()
     data = load_dataset_uint8("mnist", "test")[: args.num_fd]
     with torch.no_grad():
         data_mu, data_cov = _stats(classifier, data)
+    data_low = _low_level(data)
     table = []
     for cell in rows:
         name = cell["sampler"].split(":")[0]
@@ -72,22 +102,32 @@ def main() -> None:
                 continue
             knobs["predictor"] = load_predictor(cell["predictor"])
         grid = Grid(torch.tensor(cell["grid"], dtype=torch.float64))
-        images = diffsamp.generate(model, shape, sampler=name, grid=grid, seeds=range(args.seed, args.seed + n),
-                                   batch_size=250, **knobs).images
+        key = f"{Path(cell.get('_file', cell['sampler'])).stem}-{args.seed}-{n}"
+        images = _cached(args.cache, key, lambda: diffsamp.generate(
+            model, shape, sampler=name, grid=grid, seeds=range(args.seed, args.seed + n), batch_size=250,
+            **knobs).images)
         with torch.no_grad():
-            l2 = float((images[: args.num] - teacher).pow(2).sum((1, 2, 3)).mean())
-            feat = float(perceptual_distance(classifier, images[: args.num], teacher).mean())
-            fd = frechet_distance(*_stats(classifier, images), data_mu, data_cov)
-        table.append((cell["sampler"], cell["fid"], l2, feat, fd))
+            low = _low_level(to_uint8(images))
+            measures = {
+                "L2 to teacher": float((images[: args.num] - teacher).pow(2).sum((1, 2, 3)).mean()),
+                "classifier-feature distance to teacher": float(
+                    perceptual_distance(classifier, images[: args.num], teacher).mean()),
+                "classifier-feature FD to data": frechet_distance(*_stats(classifier, images), data_mu, data_cov),
+                "pixel-value W1 to data": float(wasserstein_distance(low["pixels"], data_low["pixels"])),
+                "black-pixel fraction gap": abs(low["black"] - data_low["black"]),
+                "|Laplacian| gap": abs(low["laplacian"] - data_low["laplacian"]),
+            }
+        table.append((cell["sampler"], cell["fid"], measures))
     fid = [r[1] for r in table]
+    names = list(table[0][2])
     lines = [f"{config['model']}, NFE {args.nfe}: final samples of {args.num} held-out seeds ({args.seed}…) against "
-             f"heun on {args.teacher_steps} time_uniform steps; FID from the bench cells (N = {rows[0]['num']})", "",
-             "| row | FID | L2 to teacher | classifier-feature distance to teacher | classifier-feature FD to data |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.4f} | {r[4]:.3f} |" for r in sorted(table, key=lambda r: r[1])]
-    lines += ["", f"Spearman ρ with FID: L2 {spearmanr(fid, [r[2] for r in table])[0]:.2f}, "
-                  f"classifier-feature distance {spearmanr(fid, [r[3] for r in table])[0]:.2f}, classifier-feature FD "
-                  f"{spearmanr(fid, [r[4] for r in table])[0]:.2f} ({len(table)} rows; FD on {args.num_fd} samples)"]
+             f"heun on {args.teacher_steps} time_uniform steps, and {n} against as many test images; FID from the "
+             f"bench cells (N = {rows[0]['num']})", "",
+             "| row | FID | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    lines += [f"| {r[0]} | {r[1]:.2f} | " + " | ".join(f"{r[2][k]:.4g}" for k in names) + " |"
+              for r in sorted(table, key=lambda r: r[1])]
+    lines += ["", "Spearman ρ with FID (" + f"{len(table)} rows): " + ", ".join(
+        f"{k} {spearmanr(fid, [r[2][k] for r in table])[0]:.2f}" for k in names)]
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
