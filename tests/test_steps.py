@@ -95,6 +95,10 @@ def test_cli_steps_schedule_samples_and_exports(tiny_model_dir, tmp_path, one_th
     res = CliRunner().invoke(main, ["train", "solver", "--method", "gits", "--model", str(tiny_model_dir), "--nfe",
                                     "3", "--slack", "0.1", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--slack is for --method steps" in res.output
+    for flag in (["--loss", "fd"], ["--fd-data", "mnist:test"]):
+        res = CliRunner().invoke(main, ["train", "solver", "--method", "epd", "--model", str(tiny_model_dir), "--nfe",
+                                        "3", *flag, "--out", str(tmp_path / "x")])
+        assert res.exit_code != 0 and f"{flag[0]} is for --method steps" in res.output, res.output
 
 
 def test_bench_rows_on_a_schedule_file(tiny_model_dir, tmp_path, one_thread):

@@ -114,7 +114,9 @@ def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str
     grid, record, path = _find_schedule(opts, train_steps, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     pool = record["pool_loss"]
-    click.echo(f"steps for {base}, {nfe} intervals, {model_name} ({opts.trajectories} teacher trajectories, "
+    pool_of = f"{opts.trajectories} trajectories, FD to {opts.fd_data}" if loss_kind == "fd" else \
+        f"{opts.trajectories} teacher trajectories, {loss_kind} loss"
+    click.echo(f"steps for {base}, {nfe} intervals, {model_name} ({pool_of}, "
                f"{epochs} epochs, pool loss {pool[0]:.4g} → {min(pool):.4g} kept from epoch {record['kept_epoch']}, "
                f"{record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
 
