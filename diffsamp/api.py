@@ -126,31 +126,14 @@ def integrate(
 
     ``device``/``dtype`` default to the model's, except float16 weights on the CPU: there the sampler's state
     is float32 (the network still runs in float16), since float16 updates on the CPU end in NaN/inf.
-    The model is wrapped in a checking ``CountingDenoiser`` (shape, NaN/inf); a non-finite result is a
-    ValueError. Returns (samples as float32 on CPU, NFE).
+    The model is wrapped in a checking ``CountingDenoiser`` (shape, NaN/inf) unless it is one already (then its
+    ``rows`` count this run's network passes too); a non-finite result is a ValueError. Returns (samples as float32
+    on CPU, NFE).
     """
-    x, counter = _integrate(model, z, sampler=sampler, grid=grid, device=device, dtype=dtype, generator=generator,
-                            callback=callback, knobs=knobs, start=start)
-    return x, counter.calls
-
-
-def _integrate(
-    model: Denoiser,
-    z: Tensor,
-    *,
-    sampler: str | SamplerSpec,
-    grid: Grid,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    generator: Generator = None,
-    callback: Callable[[StepInfo], None] | None = None,
-    knobs: Mapping[str, Any] | None = None,
-    start: Tensor | None = None,
-) -> tuple[Tensor, CountingDenoiser]:
-    """``integrate`` returning its counter: network calls (NFE) and rows evaluated (network passes)."""
     spec = get_sampler(sampler) if isinstance(sampler, str) else sampler
     device = torch.device(model.device if device is None else device)
-    counter = CountingDenoiser(model, check=True)
+    counter = model if isinstance(model, CountingDenoiser) and model.check else CountingDenoiser(model, check=True)
+    calls_before = counter.calls
     scale = prior_scale(model.prior, float(grid.sigmas[0]))
     if dtype is None:
         dtype = torch.float32 if model.dtype == torch.float16 and device.type == "cpu" else model.dtype
@@ -166,7 +149,7 @@ def _integrate(
     if not bool(torch.isfinite(x).all()):
         blame = _knob_blame(spec, knobs) or " and the sampler's knobs"
         raise ValueError(f"sampler {spec.name!r} produced NaN/inf samples; check the model{blame}")
-    return x.float().cpu(), counter
+    return x.float().cpu(), counter.calls - calls_before
 
 
 def _knob_blame(spec: SamplerSpec, knobs: Mapping[str, Any] | None) -> str:
@@ -306,9 +289,10 @@ def generate(
         if run_grid is None:  # strength 0: the image itself
             x, nfe, rows = x_start.float().cpu(), 0, 0
         else:
-            x, counter = _integrate(bound, z, sampler=spec, grid=grid, device=device, generator=gens,
-                                    callback=callback, knobs=knobs, start=x_start)
-            nfe, rows = counter.calls, counter.rows  # rows: stacked points (EPD) count each
+            counter = CountingDenoiser(bound, check=True)
+            x, nfe = integrate(counter, z, sampler=spec, grid=grid, device=device, generator=gens, callback=callback,
+                               knobs=knobs, start=x_start)
+            rows = counter.rows  # network passes: stacked points (EPD) count each
         nfe_per_batch.append(nfe)
         passes_per_batch.append(bound.passes if isinstance(bound, Guided) else
                                 (rows // len(chunk) if run_grid is not None else 0))
