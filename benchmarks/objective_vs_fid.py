@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="Also write the table here.")
     parser.add_argument("--cache", type=Path, default=None, help="Keep each row's samples (and the teacher's) here.")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="Also write a PNG: 12 samples per row (same seeds), rows by FID, the teacher's last.")
     args = parser.parse_args()
     config = json.loads((args.bench / "config.json").read_text())
     model = load(config["model"])
@@ -117,7 +119,7 @@ def main() -> None:
                 "black-pixel fraction gap": abs(low["black"] - data_low["black"]),
                 "|Laplacian| gap": abs(low["laplacian"] - data_low["laplacian"]),
             }
-        table.append((cell["sampler"], cell["fid"], measures))
+        table.append((cell["sampler"], cell["fid"], measures, images[:12]))
     fid = [r[1] for r in table]
     names = list(table[0][2])
     lines = [f"{config['model']}, NFE {args.nfe}: final samples of {args.num} held-out seeds ({args.seed}…) against "
@@ -128,6 +130,11 @@ def main() -> None:
               for r in sorted(table, key=lambda r: r[1])]
     lines += ["", "Spearman ρ with FID (" + f"{len(table)} rows): " + ", ".join(
         f"{k} {spearmanr(fid, [r[2][k] for r in table])[0]:.2f}" for k in names)]
+    if args.grid:
+        ordered = sorted(table, key=lambda r: r[1])
+        diffsamp.save_images(torch.cat([r[3] for r in ordered] + [teacher[:12]]), args.grid, nrow=12)
+        lines += ["", f"{args.grid.name}: rows top to bottom " + ", ".join(f"{r[0]} ({r[1]:.1f})" for r in ordered)
+                  + ", the teacher"]
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
