@@ -43,3 +43,19 @@ def test_settings_known_to_fail_warn_once_with_what_to_use(gaussian, tiny_model_
     assert res.stderr.startswith("warning: euler_maruyama at 10 steps") and res.stderr.count("\n") == 1
     doc = CliRunner().invoke(main, ["samplers", "pc"]).output
     assert "unstable when σ_next/σ < 0.5" in doc and "heun" in doc
+
+
+def test_integrate_counts_on_a_counter_it_is_given_and_reports_only_this_run(gaussian):
+    """``generate`` hands ``integrate`` its own checking counter (one wrapper per call, rows counted there): the NFE
+    returned is this run's, not the counter's total, and the counter's rows grow by calls × batch."""
+    from diffsamp.api import integrate
+    from diffsamp.models.base import CountingDenoiser
+
+    grid = diffsamp.get_schedule("karras", model=gaussian).grid(4)
+    counter = CountingDenoiser(gaussian, check=True)
+    counter(torch.zeros(3, 4), torch.ones(3))  # an earlier call on the same counter
+    x, nfe = integrate(counter, torch.zeros(3, 4), sampler="heun", grid=grid)
+    assert nfe == diffsamp.get_sampler("heun").expected_nfe(grid) == counter.calls - 1
+    assert counter.rows == 3 * counter.calls
+    plain, nfe_plain = integrate(gaussian, torch.zeros(3, 4), sampler="heun", grid=grid)
+    assert nfe_plain == nfe and torch.equal(plain, x)
