@@ -6,6 +6,8 @@ loop is written as its pipelines write it (``scale_model_input``, the UNet, clas
 batch, ``scheduler.step``). Models:
 
 * ``mnist-ddpm``, the shipped model (``diffsamp.models.load``);
+* ``loop``: the loops alone — ``mnist-ddpm``'s shapes and timesteps with an identity network (its output is its
+  input), so a cell's time is each loop's own work per step: σ-space conversions, timestep lookup, update rule;
 * a randomly initialised UNet2DModel of ``google/ddpm-cifar10-32``'s config (35.7 M parameters; no download);
 * a randomly initialised UNet2DConditionModel of Stable Diffusion 1.5's config (860 M parameters) at latent 64×64
   with classifier-free guidance (w = 7.5); the prompt encoder is replaced by fixed random (77, 768) embeddings
@@ -15,7 +17,8 @@ Variants, where CUDA exists: ``eager``; ``compile`` (``diffsamp.models.fast.comp
 first run of each batch size compiles, its time is the "first run" column); ``graphs`` (``cuda_graph_denoiser``:
 the network call replayed from CUDA graphs). Each variant's network serves both loops. "1 call" is one network
 evaluation at that batch (the doubled batch under guidance); "overhead" = loop wall time / (NFE × 1 call), for
-diffsamp and for diffusers. The last row is the FID feature throughput (``diffsamp.metrics.inception``, weights from
+diffsamp and for diffusers; "loop ms/step" = (loop wall time − NFE × 1 call) / NFE, the loop's own cost per step
+(precise on the ``loop`` row, a difference of two large numbers on the others). The last row is the FID feature throughput (``diffsamp.metrics.inception``, weights from
 ``$DIFFSAMP_INCEPTION``). A cell that would not fit in the remaining ``--budget`` is skipped and says so. The table
 and the settings go to ``benchmarks/results/gpu_<device>.txt`` (``gpu_cpu.txt`` on the CPU).
 
@@ -38,6 +41,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -53,7 +57,7 @@ from diffsamp.models.fast import compile_denoiser, cuda_graph_denoiser  # noqa: 
 from diffsamp.models.sd_pipeline import StableDiffusionDenoiser  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = ("mnist", "cifar", "sd")
+MODELS = ("loop", "mnist", "cifar", "sd")
 VARIANTS = ("eager", "graphs", "compile")
 GUIDANCE = 7.5
 
@@ -95,10 +99,23 @@ class Case:
     shape: tuple[int, ...]
     compile_allowance: float  # seconds a first torch.compile of this network may take
     embeds: Callable[[list[str]], torch.Tensor] | None = None
+    loop_only: bool = False  # an identity network: eager only, many timed runs
     params: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.params = sum(p.numel() for p in unwrap(self.model).network.parameters()) / 1e6
+
+
+class IdentityUNet(nn.Module):
+    """A stand-in network whose output is its input, with a UNet's ``config`` and one parameter (for its dtype)."""
+
+    def __init__(self, config: Any, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros((), device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **_: Any) -> Any:
+        return SimpleNamespace(sample=sample)
 
 
 def random_embeddings(dim: int, device: torch.device, dtype: torch.dtype) -> Callable[[list[str]], torch.Tensor]:
@@ -125,10 +142,15 @@ def build_cases(names: list[str], small: bool, device: torch.device, dtype: torc
     gpu = device.type == "cuda"
     for name in names:
         torch.manual_seed(0)
-        if name == "mnist":
+        if name in ("loop", "mnist"):
             model = load("mnist-ddpm", device=device, dtype=dtype)
             cfg = read_json(model_path("mnist-ddpm") / "scheduler" / "scheduler_config.json")
-            cases.append(Case("mnist-ddpm (shipped)", model, cfg, model.sample_shape, 60.0))
+            if name == "loop":
+                model.network = IdentityUNet(model.network.config, device, dtype)
+                cases.append(Case("loop only (identity network, mnist-ddpm shapes)", model, cfg, model.sample_shape,
+                                  0.0, loop_only=True))
+            else:
+                cases.append(Case("mnist-ddpm (shipped)", model, cfg, model.sample_shape, 60.0))
         elif name == "cifar":
             with torch.device(device):
                 unet = UNet2DModel(**CIFAR_UNET)
@@ -254,6 +276,8 @@ def cell_cost(case: Case, variant: str, batch: int, args: argparse.Namespace, ea
     case's allowance for a first compilation."""
     loop = args.steps * eager_call
     repeats = args.repeats if loop < 5.0 else 1
+    if case.loop_only:
+        repeats = max(repeats, 30)
     warmup = 2 * (2 + (4 if variant == "graphs" else 0)) * eager_call
     return 2 * repeats * loop + warmup + (case.compile_allowance if variant == "compile" else 0.0), repeats
 
@@ -300,8 +324,12 @@ def run_cell(case: Case, model: Denoiser, variant: str, batch: int, args: argpar
         "1 call (ms)": f"{one * 1e3:.1f}",
         "overhead diffsamp": f"{a / (nfe_ours * one):.3f}",
         "overhead diffusers": f"{b / (nfe_theirs * one):.3f}",
+        "loop ms/step diffsamp": f"{(a / nfe_ours - one) * 1e3:.3f}",
+        "loop ms/step diffusers": f"{(b / nfe_theirs - one) * 1e3:.3f}",
         "first run (s)": f"{first:.1f}",
     }
+    if case.loop_only:  # the identity call is microseconds: the overhead ratios would only measure noise
+        row.cells.update({"1 call (ms)": f"{one * 1e3:.3f}", "overhead diffsamp": "", "overhead diffusers": ""})
     fallback = getattr(model, "fallback", None)
     if fallback:
         row.note = f"plain call: {fallback}"
@@ -336,7 +364,7 @@ def fid_row(device: torch.device, batch: int, repeats: int) -> Row:
 
 
 COLUMNS = ["NFE", "diffsamp img/s", "diffusers img/s", "ratio", "1 call (ms)", "overhead diffsamp",
-           "overhead diffusers", "first run (s)"]
+           "overhead diffusers", "loop ms/step diffsamp", "loop ms/step diffusers", "first run (s)"]
 
 
 def table(rows: list[Row]) -> list[str]:
@@ -356,7 +384,7 @@ def main() -> None:
                     help="Network and state dtype (default: bfloat16 on CUDA, float32 on the CPU).")
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps = NFE (default 20; --small 5).")
     ap.add_argument("--batches", default=None, help="Comma-separated (default 64,256,1024; --small 4,16).")
-    ap.add_argument("--models", default="mnist,cifar,sd")
+    ap.add_argument("--models", default="loop,mnist,cifar,sd")
     ap.add_argument("--variants", default=None, help="eager,compile,graphs (default: all on CUDA, eager on the CPU).")
     ap.add_argument("--repeats", type=int, default=None, help="Timed runs per loop (default 3; 1 where a loop takes over 5 s).")
     ap.add_argument("--budget", type=float, default=None,
@@ -412,7 +440,7 @@ def main() -> None:
         if gpu:
             torch.cuda.empty_cache()
     order = [v for v in VARIANTS if v in variants]
-    cells = sorted(((c, b, v) for c in cases for b in batches for v in order),  # the cheapest first
+    cells = sorted(((c, b, v) for c in cases for b in batches for v in order if v == "eager" or not c.loop_only),  # the cheapest first
                    key=lambda cell: cell_cost(cell[0], cell[2], cell[1], args, eager_calls[cell[0].name, cell[1]])[0])
     compiled: dict[str, Denoiser] = {}  # one compiled network per model, across batch sizes
     for case, batch, variant in cells:

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsamp.models.base import CountingDenoiser, Denoiser, default_sampler, default_schedule, prior_scale
+from diffsamp.models.base import CountingDenoiser, Denoiser, all_finite, default_sampler, default_schedule, prior_scale
 from diffsamp.models.conditioning import Guidance, Guided, condition_model, encode_conditions, take
 from diffsamp.samplers import Grid, SamplerSpec, get_sampler, get_schedule
-from diffsamp.samplers._util import Generator, StepInfo
+from diffsamp.samplers._util import Generator, StepInfo, randn_per_sample
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def integrate(
             if "NaN/inf" not in str(exc):
                 raise
             raise ValueError(f"{exc}{_knob_blame(spec, knobs)}") from None
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         blame = _knob_blame(spec, knobs) or " and the sampler's knobs"
         raise ValueError(f"sampler {spec.name!r} produced NaN/inf samples; check the model{blame}")
     return x.float().cpu(), counter.calls - calls_before
@@ -280,7 +280,7 @@ def generate(
     for b in range(0, len(seeds), batch_size):
         chunk = seeds[b : b + batch_size]
         gens = [torch.Generator().manual_seed(s) for s in chunk]
-        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        z = randn_per_sample(gens, shape)
         bound = condition_model(model, None if encoded is None else take(encoded, slice(b, b + batch_size)), guidance)
         x_start = None
         if start_x0 is not None:

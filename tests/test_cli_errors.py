@@ -323,6 +323,14 @@ def test_the_deferred_nan_check_names_the_first_bad_evaluation(gaussian):
     fine = CountingDenoiser(gaussian, check=True, defer=True)
     fine(x, torch.ones(2))
     fine.raise_deferred()
+    later = CountingDenoiser(NanFrom(gaussian), check=True, defer=True)  # checked, then used again
+    later(x, torch.ones(2))
+    later.raise_deferred()
+    for _ in range(3):
+        later(x, torch.ones(2))
+    with pytest.raises(ValueError, match="NaN/inf at evaluation 3;"):
+        later.raise_deferred()
+    later.raise_deferred()  # reported once
     with pytest.raises(ValueError, match="NaN/inf at evaluation 3 "):  # on the CPU: at once
         now = CountingDenoiser(NanFrom(gaussian), check=True)
         for _ in range(5):

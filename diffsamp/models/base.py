@@ -204,7 +204,7 @@ def clipping_off(model: Denoiser) -> Iterator[Denoiser]:
         inner.clip_sample = saved  # type: ignore[misc]
 
 
-def _all_finite(out: Tensor) -> bool:
+def all_finite(out: Tensor) -> bool:
     """Whether ``out`` holds no NaN/inf: a sum (NaN and inf survive it) checked on the host, confirmed
     elementwise only when the sum is not finite — several times cheaper than ``isfinite(out).all()``."""
     total = out.sum() if out.dtype in (torch.float32, torch.float64) else out.sum(dtype=torch.float32)
@@ -226,7 +226,8 @@ class CountingDenoiser(Wrapper):
         self.rows = 0  # batch rows evaluated: calls × B, more where a call stacks several points (EPD)
         self.check = check
         self.defer = defer  # None: on CUDA outputs
-        self._first_bad: Tensor | None = None  # deferred: 1-based index of the first non-finite evaluation, or 0
+        self._sums: list[Tensor] = []  # deferred: each pending evaluation's float32 sum, kept on the device
+        self._sums_from = 0  # the 1-based index of the evaluation whose sum is _sums[0]
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         if self.check and (sigma.ndim != 1 or sigma.shape[0] != x.shape[0]):
@@ -240,12 +241,11 @@ class CountingDenoiser(Wrapper):
         if self.check:
             if out.shape != x.shape:
                 raise ValueError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-            if self.defer if self.defer is not None else out.is_cuda:
-                bad = ~torch.isfinite(out).all()
-                first = self._first_bad if self._first_bad is not None else torch.zeros((), dtype=torch.long,
-                                                                                          device=out.device)
-                self._first_bad = torch.where((first == 0) & bad, self.calls, first)
-            elif not _all_finite(out):
+            if self.defer if self.defer is not None else out.is_cuda:  # one reduction, no host sync
+                if not self._sums:
+                    self._sums_from = self.calls
+                self._sums.append(out.sum(dtype=torch.float32))
+            elif not all_finite(out):
                 raise ValueError(
                     f"the model returned NaN/inf at evaluation {self.calls} "
                     f"(sigma={float(sigma.flatten()[0]):.4g}); try --dtype float32 or check the weights"
@@ -253,8 +253,17 @@ class CountingDenoiser(Wrapper):
         return out
 
     def raise_deferred(self) -> None:
-        """The deferred NaN/inf check's verdict (one host synchronisation): a ValueError naming the evaluation."""
-        if self._first_bad is not None and (at := int(self._first_bad)):
+        """The deferred NaN/inf check's verdict (one host synchronisation): a ValueError naming the evaluation.
+
+        NaN and ±inf survive a sum, so the first evaluation whose sum is not finite is the first bad one (an
+        output whose finite values overflow a float32 sum, |Σ| > 3.4e38, is reported too)."""
+        if not self._sums:
+            return
+        sums, first = torch.stack(self._sums), self._sums_from
+        self._sums = []
+        bad = torch.nonzero(~torch.isfinite(sums)).flatten()
+        if len(bad):
+            at = first + int(bad[0])
             raise ValueError(f"the model returned NaN/inf at evaluation {at}; try --dtype float32 or check the weights")
 
 

@@ -20,8 +20,8 @@ from torch import Tensor
 
 
 def x0_from_eps(xbar: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
-    """D = x̄ − σ ε (Karras et al. 2022, EDM Table 1: c_skip = 1, c_out = −σ)."""
-    return xbar - sigma * eps
+    """D = x̄ − σ ε (Karras et al. 2022, EDM Table 1: c_skip = 1, c_out = −σ), one fused pass over the tensors."""
+    return torch.addcmul(xbar, sigma, eps, value=-1)
 
 
 def eps_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ def eps_from_x0(xbar: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
 
 def vp_scale(sigma: Tensor) -> Tensor:
     """a(σ) = √ᾱ = 1/√(1+σ²): x_VP = a·x̄ (EDM Table 1, VP: c_in = 1/√(σ²+1))."""
-    return torch.rsqrt(1 + sigma**2)
+    return torch.as_tensor(sigma).square().add_(1).rsqrt_()  # in place on the new tensor: one allocation
 
 
 def x0_from_v(xbar: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
@@ -142,9 +142,10 @@ class DdpmTimesteps:
 
     def __call__(self, sigma: Tensor, *, quantize: bool = False) -> Tensor:
         if sigma.device.type == "cpu" and not sigma.requires_grad:  # a few µs in numpy, not a dozen tensor ops
-            with np.errstate(divide="ignore"):
-                t = np.interp(np.log(sigma.detach().to(torch.float64).numpy()), self._log_np, self._steps_np)
-            near = np.round(t)
+            s = sigma.detach()
+            s = (s if s.dtype in (torch.float32, torch.float64) else s.to(torch.float64)).numpy().astype(np.float64)
+            t = np.interp(np.log(np.maximum(s, 1e-300)), self._log_np, self._steps_np)  # σ = 0 → the first step
+            near = np.rint(t)
             return torch.from_numpy(near if quantize else np.where(np.abs(t - near) <= 1e-6, near, t))
         log, inv_width = self._on(sigma.device)
         log_s = sigma.to(log.dtype).log().clamp(*self._ends)

@@ -59,9 +59,19 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     gens = list(generator)
     if len(gens) != x.shape[0]:
         raise ValueError(f"got {len(gens)} generators for a batch of {x.shape[0]}: pass one per sample")
-    return torch.stack(
-        [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in gens]
-    ).to(x.device)
+    return randn_per_sample(gens, x.shape[1:], dtype=x.dtype).to(x.device)
+
+
+def randn_per_sample(gens: Sequence[torch.Generator], shape: Sequence[int], *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(len(gens), *shape) standard normal draws, row i from ``gens[i]`` alone (each row's values are what
+    ``torch.randn(shape, generator=gens[i])`` gives), on the generators' device; written in place, row by row."""
+    devices = {g.device for g in gens}
+    if len(devices) > 1:
+        return torch.stack([randn_per_sample([g], shape, dtype=dtype)[0].cpu() for g in gens])
+    out = torch.empty((len(gens), *shape), dtype=dtype, device=devices.pop() if devices else None)
+    for row, g in zip(out, gens):
+        row.normal_(generator=g)
+    return out
 
 
 def final_nfe(grid: Grid, knobs: Mapping[str, Any]) -> int:

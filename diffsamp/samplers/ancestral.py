@@ -58,7 +58,7 @@ def ancestral(
     for i, (s, s_next) in enumerate(grid.intervals()):
         denoised = model(x, sigma_batch(x, s))
         c_eps, noise = ancestral_coefficients(s, s_next, eta, variance)
-        x = denoised + (c_eps / s) * (x - denoised)
+        x = (x - denoised).mul_(c_eps / s).add_(denoised)  # D + (c_eps/σ)·(x̄ − D), one allocation; no FMA
         if noise > 0:
             x = x + noise * randn_like(x, generator)
         if callback is not None:
