@@ -21,6 +21,7 @@ from diffsamp.api import GenerateResult, generate, integrate, make_grid  # noqa:
 from diffsamp.images import save_images, to_float, to_uint8  # noqa: E402
 
 __all__ = [
+    "__version__",
     "AmedPredictor",
     "FixedPredictor",
     "StaticPredictor",

@@ -40,4 +40,5 @@ __all__ = [
     "sampler_aliases",
     "schedule_description",
     "step_start",
+    "suggest_samplers",
 ]
