@@ -18,8 +18,8 @@ first run of each batch size compiles, its time is the "first run" column); ``gr
 the network call replayed from CUDA graphs). Each variant's network serves both loops. "1 call" is one network
 evaluation at that batch (the doubled batch under guidance); "overhead" = loop wall time / (NFE × 1 call), for
 diffsamp and for diffusers; "loop ms/step" = (loop wall time − NFE × 1 call) / NFE, the loop's own cost per step
-(precise on the ``loop`` row, a difference of two large numbers on the others). The last row is the FID feature throughput (``diffsamp.metrics.inception``, weights from
-``$DIFFSAMP_INCEPTION``). A cell that would not fit in the remaining ``--budget`` is skipped and says so. The table
+(precise on the ``loop`` row, a difference of two large numbers on the others). The last row is the FID feature
+throughput (``diffsamp.metrics.inception``, weights from ``$DIFFSAMP_INCEPTION``). A cell that would not fit in the remaining ``--budget`` is skipped and says so. The table
 and the settings go to ``benchmarks/results/gpu_<device>.txt`` (``gpu_cpu.txt`` on the CPU).
 
     python benchmarks/gpu.py                # CUDA: batch 64/256/1024, eager / compile / graphs, ≈ 7 min on an H200
@@ -440,7 +440,8 @@ def main() -> None:
         if gpu:
             torch.cuda.empty_cache()
     order = [v for v in VARIANTS if v in variants]
-    cells = sorted(((c, b, v) for c in cases for b in batches for v in order if v == "eager" or not c.loop_only),  # the cheapest first
+    cells = sorted(((c, b, v) for c in cases for b in batches for v in order  # the cheapest first
+                    if v == "eager" or not c.loop_only),
                    key=lambda cell: cell_cost(cell[0], cell[2], cell[1], args, eager_calls[cell[0].name, cell[1]])[0])
     compiled: dict[str, Denoiser] = {}  # one compiled network per model, across batch sizes
     for case, batch, variant in cells:

@@ -345,3 +345,15 @@ def test_churn_moments(mixture, name):
     se_cov = ((torch.outer(torch.diag(cov), torch.diag(cov)) + cov**2) / N).sqrt()
     assert ((out.mean(0) - mean).abs() < 4 * se_mean + 0.03).all(), f"{name}: mean {out.mean(0)} vs {mean}"
     assert ((torch.cov(out.T) - cov).abs() < 4 * se_cov + 0.03).all(), f"{name}: cov {torch.cov(out.T)} vs {cov}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_per_sample_noise_rows_are_each_generators_own_draws(dtype):
+    """Row i of ``randn_per_sample`` is what ``torch.randn`` gives with generator i alone (image i never depends on
+    the batch it was drawn in), in every dtype."""
+    from diffsamp.samplers._util import randn_per_sample
+
+    seeds = [7, 0, 123456]
+    rows = randn_per_sample([torch.Generator().manual_seed(s) for s in seeds], (2, 5, 3), dtype=dtype)
+    alone = torch.stack([torch.randn((2, 5, 3), generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds])
+    assert rows.shape == (3, 2, 5, 3) and rows.dtype == dtype and torch.equal(rows, alone)

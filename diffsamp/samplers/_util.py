@@ -65,10 +65,7 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
 def randn_per_sample(gens: Sequence[torch.Generator], shape: Sequence[int], *, dtype: torch.dtype = torch.float32) -> Tensor:
     """(len(gens), *shape) standard normal draws, row i from ``gens[i]`` alone (each row's values are what
     ``torch.randn(shape, generator=gens[i])`` gives), on the generators' device; written in place, row by row."""
-    devices = {g.device for g in gens}
-    if len(devices) > 1:
-        return torch.stack([randn_per_sample([g], shape, dtype=dtype)[0].cpu() for g in gens])
-    out = torch.empty((len(gens), *shape), dtype=dtype, device=devices.pop() if devices else None)
+    out = torch.empty((len(gens), *shape), dtype=dtype, device=gens[0].device if gens else None)
     for row, g in zip(out, gens):
         row.normal_(generator=g)
     return out

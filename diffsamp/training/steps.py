@@ -11,7 +11,8 @@ through the whole K-step solve to the teacher's final sample:
   models), over a fixed pool of teacher trajectories (LD3 trains on ~100), epochs over the pool; or, beyond LD3,
   ``loss="fd"``: no teacher, the Fréchet distance between each batch of final samples and a data set's images in
   that classifier's fc1 features (a distribution-level objective; never the FID network's features); Adam on the
-  logits; after each epoch the pool's loss at the current σ's is measured, and the best grid, the initial one included, is kept (never worse than where it started);
+  logits; after each epoch the pool's loss at the current σ's is measured, and the best grid, the initial one
+  included, is kept (never worse than where it started);
 * LD3's soft (slack) variant: each trajectory's student starts from x_T + δ, and δ takes a gradient step on the same
   loss after each update, projected onto ‖δ‖ ≤ slack·‖x_T‖ (LD3 Eq. 9: the student need only reach the teacher's
   output from some nearby noise). slack = 0 is the plain (hard) loss.
