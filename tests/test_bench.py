@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import diffsamp.metrics.scoring
 from diffsamp.cli import main
 from diffsamp.io import save_safetensors
 from diffsamp.metrics.fid import compute_stats, save_stats
-from diffsamp.metrics.bench import bench, plan_cell
+from diffsamp.metrics.bench import bench, plan_cell, training_cost
 from diffsamp.models import load
 from diffsamp.samplers.amed_files import predictor_digest
 from diffsamp.training.amed import AmedTrainOptions, train_amed
@@ -99,6 +100,11 @@ def test_bench_writes_tables_measures_nfe_and_resumes(setup, tiny_model_dir, mon
     for name in ("table.md", "table.csv", "fid_vs_nfe.png", "config.json"):
         assert (tmp / "out" / name).is_file()
     assert "reference: heun (35 NFE)" in table and "| amed |" in table
+    # each learned cell's training cost, read from its predictor's card: wall, trajectories, hardware
+    costs = table.split("Training of the learned rows:", 1)[1]
+    for nfe in (3, 4):
+        assert re.search(rf"\| amed \| {nfe} \| \d+ s \| 8 \| cpu: ", costs), costs
+    assert "| euler |" not in costs
     rows = list(csv.DictReader((tmp / "out" / "table.csv").open()))
     assert len(rows) == 9 and rows[-1]["nfe"] == "35"
 
@@ -268,3 +274,14 @@ def test_budget_passes_compares_at_equal_network_work(setup, tiny_model_dir):
                          predictors=preds, reference_row=False, echo=lambda s: None, budget="passes")
     assert [(c.sampler, c.nfe, c.network_passes) for c in cells] == [("ddim", 4, 4), ("epd", 3, 4)]
     assert "| sampler | passes 4 |" in table and "NFE 3" in table
+
+
+def test_a_schedule_file_states_its_training_cost():
+    """gits/steps records (options, seconds, hardware) and predictor cards (wall_seconds, trajectories_done) give the
+    same three columns; a record without hardware says so with a dash."""
+    steps = {"method": "steps", "options": {"trajectories": 100, "epochs": 10}, "seconds": 703.3, "hardware": "cpu: x"}
+    assert training_cost(steps) == ("703 s", "100 × 10 epochs", "cpu: x")
+    gits = {"method": "gits", "options": {"trajectories": 256}, "seconds": 1108.4, "processes": 2}
+    assert training_cost(gits) == ("1108 s", "256", "—, 2 processes")
+    card = {"wall_seconds": 882.3, "trajectories_done": 2048, "trajectories": 2048, "hardware": "cuda: H200"}
+    assert training_cost(card) == ("882 s", "2048", "cuda: H200")

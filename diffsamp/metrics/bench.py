@@ -66,6 +66,7 @@ class CellPlan:
     predictor_digest: str | None = None  # of the predictor's weights: a retrained predictor is a new cell
     row_knobs: str = ""  # knobs set for the row on top of the plan's own, e.g. "max_order=3"
     final_step: str = "sigma_min"  # "zero": the last interval is a denoising step to σ = 0; "sigma_min": ends there
+    training: dict[str, Any] | None = None  # a learned row's training record (predictor card, schedule file)
 
 
 def split_row(row: str) -> tuple[str, str | None]:
@@ -145,7 +146,7 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
         end = "the last to 0" if grid.ends_at_zero else "to σ_min"
         setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind}"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest,
-                        final_step="zero" if grid.ends_at_zero else "sigma_min")
+                        final_step="zero" if grid.ends_at_zero else "sigma_min", training=cfg.get("training"))
     schedule = schedules.get(sampler) or planning.default_schedule or default_schedule(model)
     if is_schedule_file(schedule):  # a learned schedule (GITS, learned steps): its σ's, whatever the NFE asks
         return _plan_from_file(sampler, nfe, schedule, knobs)
@@ -185,7 +186,8 @@ def _plan_from_file(sampler: str, nfe: int, path: str, knobs: Mapping[str, Any])
     end = "the last to 0" if grid.ends_at_zero else "ending at σ_min"
     return CellPlan(sampler, nfe, base, grid, {}, str(path),
                     f"{how} schedule {Path(path).name}, {len(grid)} steps, {end}",
-                    final_step="zero" if grid.ends_at_zero else "sigma_min")
+                    final_step="zero" if grid.ends_at_zero else "sigma_min",
+                    training={k: v for k, v in doc.items() if k in ("method", "options", "seconds", "hardware", "processes")})
 
 
 def _plan_to_zero(sampler: str, nfe: int, sched: Any, schedule: str, knobs: Mapping[str, Any]) -> CellPlan:
@@ -343,6 +345,29 @@ def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[
         kid = f" ({1e3 * floor[1]:.1f})" if floor[1] is not None else ""
         lines.append("| data floor (train vs test) | " + " | ".join([f"{floor[0]:.2f}{kid}"] * len(nfes)) + " | — |")
     return "\n".join(lines) + "\n"
+
+
+def training_cost(training: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(wall time, teacher trajectories, hardware) of a learned row's training, from its predictor card
+    (``train amed``/``train solver --method amed|epd|adasde``) or its schedule file's record (gits, steps)."""
+    opts = training.get("options", {})
+    seconds = training.get("wall_seconds", training.get("seconds"))
+    trajectories = training.get("trajectories_done", opts.get("trajectories", training.get("trajectories")))
+    epochs = f" × {opts['epochs']} epochs" if "epochs" in opts else ""
+    processes = training.get("processes") or 1
+    hw = training.get("hardware") or "—"
+    return ("—" if seconds is None else f"{seconds:.0f} s", "—" if trajectories is None else f"{trajectories}{epochs}",
+            hw + (f", {processes} processes" if processes > 1 else ""))
+
+
+def format_training(plans: Sequence[CellPlan]) -> str:
+    """Markdown: what each learned cell's training cost (wall, trajectories, hardware), one line per (row, NFE)."""
+    lines = [f"| {p.sampler} | {p.nfe} | " + " | ".join(training_cost(p.training)) + " |"
+             for p in plans if p.training]
+    if not lines:
+        return ""
+    return ("\nTraining of the learned rows:\n\n| row | NFE | wall | teacher trajectories | hardware |\n|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n")
 
 
 def write_csv(cells: Sequence[CellResult], path: Path) -> None:
@@ -509,7 +534,9 @@ def bench(
                             cached_only=cached_only, cond=cond, guidance=guidance)
         if ref_cell is not None:
             ref_cell.nfe_target = None
-    table = format_table(cells, nfes, floor, ref_cell, budget)
+    done = {(c.sampler, c.nfe_target) for c in cells}
+    table = format_table(cells, nfes, floor, ref_cell, budget) + format_training(
+        [p for p in plans if (p.sampler, p.nfe) in done])
     conditioning = ""
     if classes is not None:
         w = guidance.scale if guidance is not None else 1.0

@@ -210,11 +210,11 @@ class Guided(Wrapper):
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         g = self.guidance
-        inside = torch.ones_like(sigma, dtype=torch.bool)
+        inside = None  # no interval: guided everywhere, with no host sync on the σ's
         if g.interval is not None:
             inside = (sigma >= g.interval[0]) & (sigma <= g.interval[1])
         copies = stacked_copies(x, self.cond)
-        if self.both is None or not bool(inside.any()):
+        if self.both is None or (inside is not None and not bool(inside.any())):
             self.passes += copies
             return self.conditional(x, sigma)
         self.passes += 2 * copies
@@ -224,10 +224,10 @@ class Guided(Wrapper):
                 self._stacked[copies] = bind(self.inner, concat(tile(self.cond, copies), tile(self.uncond, copies)))
             both = self._stacked[copies]
         d_c, d_u = both(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
-        d = d_u + g.scale * (d_c - d_u)
+        d = (d_c - d_u).mul_(g.scale).add_(d_u)  # D_u + w·(D_c − D_u), one temporary
         if g.rescale > 0:
             d = _rescaled(x, d, d_c, sigma, g.rescale)
-        if g.interval is not None:
+        if inside is not None:
             d = torch.where(inside.view(-1, *([1] * (x.ndim - 1))), d, d_c)
         return d
 

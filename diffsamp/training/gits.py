@@ -30,6 +30,7 @@ from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, prior_scale
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers._util import StepInfo
+from diffsamp.training.cards import hardware
 from diffsamp.samplers.schedule_file import SCHEDULE_FORMAT, export_schedule, read_schedule  # noqa: F401 (re-exported)
 
 
@@ -131,7 +132,8 @@ def search_schedule(model: Denoiser, sample_shape: tuple[int, ...], opts: GitsOp
     grid = Grid(fine.sigmas[path])
     record = {"method": "gits", "options": asdict(opts), "fine_sigmas": fine.sigmas.tolist(), "path": path,
               "cost": float(sum(cost[a, b] for a, b in zip(path[:-1], path[1:]))),
-              "seconds": round(time.perf_counter() - t0, 2), "processes": dist.world_size()}
+              "seconds": round(time.perf_counter() - t0, 2), "processes": dist.world_size(),
+              "hardware": hardware(torch.device(model.device))}
     return grid, record
 
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from diffsamp.models.base import Denoiser, prior_scale
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.ode import dpmpp_update
+from diffsamp.training.cards import hardware
 
 BASES = {"ddim": 1, "euler": 1, "dpmpp2m": 2, "dpmpp3m": 3}  # the solver the σ's are trained for → its order
 LOSSES = ("l2", "features", "fd")
@@ -246,5 +247,6 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     grid = Grid(best[2].to(torch.float64))  # never worse than the initial grid on the pool
     record = {"method": "steps", "options": asdict(opts), "init": init.tolist(),
               "loss_per_epoch": [round(v, 6) for v in losses], "pool_loss": [round(v, 6) for v in evaluated],
-              "kept_epoch": best[1], "seconds": round(time.perf_counter() - t0, 1), "network_sigma_gradient": grad_net}
+              "kept_epoch": best[1], "seconds": round(time.perf_counter() - t0, 1), "network_sigma_gradient": grad_net,
+              "hardware": hardware(device)}
     return grid, record
