@@ -5,7 +5,9 @@ ODE teacher's from the same noise: squared L2, and the LPIPS-style distance in t
 the Fréchet distance in the classifier's 64-d fc1 features between ``--num-fd`` samples and as many test images;
 and low-level statistics of the same samples against those images, quantised to uint8 as FID sees them: the
 1-D Wasserstein distance between pixel-value distributions, the fraction of pure-black pixels (the background) and
-the mean |Laplacian| (high-frequency energy), each as |sample − data|. Prints each row's FID (from its cell)
+the mean |Laplacian| (high-frequency energy), each as |sample − data|; and a classifier two-sample test (Lopez-Paz &
+Oquab, ICLR 2017): the held-out accuracy of a small CNN critic trained to tell the row's samples from the test images
+(0.5: indistinguishable; mean of 3 random 80/20 splits). Prints each row's FID (from its cell)
 beside every measure, and each measure's Spearman rank correlation with FID. ``--cache DIR`` keeps the samples.
 
     python benchmarks/objective_vs_fid.py --bench benchmarks/results/bench_mnist-ddpm_n2000_samplers --nfe 5
@@ -60,6 +62,39 @@ def _low_level(images: torch.Tensor) -> dict[str, Any]:
             "laplacian": float(lap.abs().mean())}
 
 
+def _critic_accuracy(fake: torch.Tensor, real: torch.Tensor, splits: int = 3, epochs: int = 15) -> float:
+    """Classifier two-sample test (Lopez-Paz & Oquab 2017): held-out accuracy of a 3-layer CNN trained to separate
+    uint8 ``fake`` from ``real`` (equal counts), averaged over ``splits`` random 80/20 splits (seeds 0, 1, …)."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    n = min(len(fake), len(real))
+    x = torch.cat([real[:n], fake[:n]]).float() / 127.5 - 1
+    y = torch.cat([torch.ones(n), torch.zeros(n)])
+    accs = []
+    for seed in range(splits):
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(2 * n, generator=g)
+        cut = int(0.8 * 2 * n)
+        train, test = perm[:cut], perm[cut:]
+        torch.manual_seed(seed)
+        critic = nn.Sequential(nn.Conv2d(x.shape[1], 16, 3, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(16, 32, 3, 2, 1),
+                               nn.LeakyReLU(0.2), nn.Conv2d(32, 64, 3, 2, 1), nn.LeakyReLU(0.2),
+                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1))
+        opt = torch.optim.Adam(critic.parameters(), 1e-3)
+        for _ in range(epochs):
+            order = train[torch.randperm(len(train), generator=g)]
+            for b in range(0, len(order), 64):
+                i = order[b : b + 64]
+                loss = F.binary_cross_entropy_with_logits(critic(x[i]).squeeze(1), y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            accs.append(float(((critic(x[test]).squeeze(1) > 0).float() == y[test]).float().mean()))
+    return sum(accs) / len(accs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", type=Path, required=True, help="A bench directory (its cells/ are read).")
@@ -108,6 +143,7 @@ def main() -> None:
         images = _cached(args.cache, key, lambda: diffsamp.generate(
             model, shape, sampler=name, grid=grid, seeds=range(args.seed, args.seed + n), batch_size=250,
             **knobs).images)
+        critic = _critic_accuracy(to_uint8(images), data)
         with torch.no_grad():
             low = _low_level(to_uint8(images))
             measures = {
@@ -118,6 +154,7 @@ def main() -> None:
                 "pixel-value W1 to data": float(wasserstein_distance(low["pixels"], data_low["pixels"])),
                 "black-pixel fraction gap": abs(low["black"] - data_low["black"]),
                 "|Laplacian| gap": abs(low["laplacian"] - data_low["laplacian"]),
+                "critic accuracy (two-sample test)": critic,
             }
         table.append((cell["sampler"], cell["fid"], measures, images[:12]))
     fid = [r[1] for r in table]

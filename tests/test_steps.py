@@ -119,6 +119,16 @@ def test_bench_rows_on_a_schedule_file(tiny_model_dir, tmp_path, one_thread):
     assert row.sampler == "dpmpp2m:learned" and row.method == "dpmpp2m" and torch.equal(row.grid.sigmas, grid.sigmas)
     plain = plan_cell(model, str(tiny_model_dir), "dpmpp2m", 3, schedules={"dpmpp2m:learned": str(path)})
     assert plain.schedule == "logsnr" and plain.method == "dpmpp2m"  # the plain row keeps its own grid
+    # ROW:N=FILE: one file per NFE for one row; an NFE without its file has no cell (not the default schedule)
+    grid4 = diffsamp.Grid(torch.tensor([80.0, 9.0, 2.0, 0.3, 0.0], dtype=torch.float64))
+    path4 = write_schedule(tmp_path / "s4", model, str(tiny_model_dir), grid4, {"method": "gits"})
+    per_nfe = {"dpmpp2m:learned:3": str(path), "dpmpp2m:learned:4": str(path4)}
+    for nfe, want_grid in ((3, grid), (4, grid4)):
+        cell = plan_cell(model, str(tiny_model_dir), "dpmpp2m:learned", nfe, schedules=per_nfe)
+        assert cell.nfe == nfe and torch.equal(cell.grid.sigmas, want_grid.sigmas)
+    with pytest.raises(NoGridError, match="no schedule for NFE 5"):
+        plan_cell(model, str(tiny_model_dir), "dpmpp2m:learned", 5, schedules=per_nfe)
+    assert plan_cell(model, str(tiny_model_dir), "dpmpp2m", 4, schedules=per_nfe).schedule == "logsnr"
     res = diffsamp.generate(model, model.sample_shape, sampler=plan.method, schedule=plan.schedule, grid=plan.grid,
                             seeds=[0, 1], **plan.knobs)
     want = diffsamp.generate(model, model.sample_shape, sampler="dpmpp2m", grid=grid, seeds=[0, 1])

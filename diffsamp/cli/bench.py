@@ -89,7 +89,8 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--ref", "reference", default="mnist:test", show_default=True, help="DATASET:SPLIT (its first N images) or a stats .npz.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bench directory (created): table.md, table.csv, fid_vs_nfe.png, cells/.")
 @click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: the model's own, karras or rf; logsnr for dpmpp*), or "
-                   "SAMPLER=FILE, a learned schedule (train solver --method gits|steps): its cell is at the NFE its σ's give.")
+                   "SAMPLER=FILE, a learned schedule (train solver --method gits|steps): its cell is at the NFE its σ's give; "
+                   "SAMPLER:N=FILE: that row's schedule at NFE N only (one learned file per NFE).")
 @click.option("--predictor", "predictors", multiple=True, help="[ROW:]NFE=PATH for a learned sampler's row (default: the shipped <model>/<row>-nfe<N>).")
 @click.option("--knob", "knobs", multiple=True, metavar="ROW:NAME=VALUE",
               help="A sampler knob for one row (repeatable), e.g. ipndm:max_order=3; named in the row's setting.")

@@ -94,7 +94,7 @@ def plan_cell(
     final = (row_final_steps or {}).get(sampler, final_step)
     extra = dict((knobs or {}).get(sampler, {}))
     base, variant = split_row(sampler)
-    if variant and base not in learned_samplers() and not extra and sampler not in (schedules or {}):
+    if variant and base not in learned_samplers() and not extra and not _row_schedules(sampler, schedules or {}):
         raise ValueError(f"row {sampler!r}: a built-in sampler's :VARIANT labels a row with its own settings; give "
                          f"--schedule {sampler}=… or --knob {sampler}:NAME=VALUE")
     typed = {}
@@ -147,7 +147,10 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
         setting = f"{cfg['schedule']}, {len(grid)} steps {end}, AFS {'on' if cfg['afs'] else 'off'}, {kind}"
         return CellPlan(sampler, nfe, method, grid, knobs, cfg["schedule"], setting, str(path), pred.digest,
                         final_step="zero" if grid.ends_at_zero else "sigma_min", training=cfg.get("training"))
-    schedule = schedules.get(sampler) or planning.default_schedule or default_schedule(model)
+    schedule = schedules.get(f"{sampler}:{nfe}") or schedules.get(sampler)
+    if schedule is None and _row_schedules(sampler, schedules):
+        raise NoGridError(f"{sampler} has no schedule for NFE {nfe} (give --schedule {sampler}:{nfe}=FILE)")
+    schedule = schedule or planning.default_schedule or default_schedule(model)
     if is_schedule_file(schedule):  # a learned schedule (GITS, learned steps): its σ's, whatever the NFE asks
         return _plan_from_file(sampler, nfe, schedule, knobs)
     sched = get_schedule(schedule, model=model)
@@ -171,6 +174,12 @@ def _default_plan(model: Denoiser, model_name: str, sampler: str, nfe: int, sche
         raise ValueError(f"{sampler} has no grid of NFE {nfe} ending at σ_min (declared {declared} for {nfe} steps)")
     return CellPlan(sampler, nfe, base, grid, {}, schedule, f"{schedule}, {nfe} steps to σ_min",
                     final_step="sigma_min")
+
+
+def _row_schedules(row: str, schedules: Mapping[str, str]) -> list[str]:
+    """The keys of ``schedules`` that set ``row``'s schedule: ``ROW`` (every NFE) and ``ROW:N`` (NFE N only, e.g.
+    one learned schedule file per NFE)."""
+    return [k for k in schedules if k == row or (k.rpartition(":")[0] == row and k.rpartition(":")[2].isdigit())]
 
 
 def _plan_from_file(sampler: str, nfe: int, path: str, knobs: Mapping[str, Any]) -> CellPlan:
