@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from diffsamp.cli._common import load_or_fail, main, resolve_device, writable_folder
+from diffsamp.cli._seeds import parse_class_list
 from diffsamp.cli.train import train
 
 METHODS = ("gits", "steps", "amed", "epd", "adasde")
@@ -49,11 +50,14 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
               help="Teacher trajectories (default: 256 for gits, 10 000 for amed/epd).")
 @click.option("--batch", default=None, type=click.IntRange(min=1), help="Default: 64 for gits, 128 for amed/epd.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--classes", default=None, help="Class-conditional models: classes cycled over the trajectories, e.g. 0-9.")
+@click.option("--cfg", "cfg_scale", default=1.0, show_default=True, type=float,
+              help="With --classes: the guidance scale the teacher and student run at (recorded with the result).")
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
 def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: str, fine_steps: int, base: str,
                epochs: int, slack: float, loss_kind: str, fd_data: str, sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None,
-               batch: int | None, seed: int, device: str) -> None:
+               batch: int | None, seed: int, classes: str | None, cfg_scale: float, device: str) -> None:
     """Learn a few-step solver for a model: a schedule (gits: plain σ's, and timesteps, in OUT/schedule.json) or
     a predictor (amed, epd, adasde: OUT/predictor.json, used with `diffsamp sample --predictor OUT`).
 
@@ -80,20 +84,25 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
                             ("--batch", batch)):
             if value is not None:
                 args += [flag, str(value)]
+        if classes is not None:
+            args += ["--classes", classes, "--cfg", str(cfg_scale)]
         ctx.invoke(train_amed_cmd, **_parsed(train_amed_cmd, [*args, *ctx.args]))
         return
+    class_list = parse_class_list(classes)
+    if class_list is None and cfg_scale != 1.0:
+        raise click.UsageError("--cfg guides a class-conditional model: give --classes too")
     if ctx.args:
         raise click.UsageError(f"--method {method} takes no {ctx.args[0]}")
     if method == "steps":
         _learn_steps(model_name, nfe, out, fine_steps, base, epochs, slack, loss_kind, fd_data, sigma_grad, schedule,
-                     teacher, trajectories, batch, seed, device)
+                     teacher, trajectories, batch, seed, device, class_list, cfg_scale)
         return
     schedule, teacher = schedule or "time_uniform", teacher or "heun"
     trajectories, batch = trajectories or 256, batch or 64
     from diffsamp.training.gits import GitsOptions, search_schedule
 
     opts = GitsOptions(steps=nfe, fine_steps=fine_steps, schedule=schedule, teacher=teacher,
-                       trajectories=trajectories, batch=batch, seed=seed)
+                       trajectories=trajectories, batch=batch, seed=seed, classes=class_list, guidance=cfg_scale)
     grid, record, path = _find_schedule(opts, search_schedule, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     click.echo(f"{method} schedule of {nfe} steps for {model_name} ({trajectories} teacher trajectories on "
@@ -102,14 +111,14 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
 
 def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str, epochs: int, slack: float,
                  loss_kind: str, fd_data: str, sigma_grad: str, schedule: str | None, teacher: str | None, trajectories: int | None, batch: int | None, seed: int,
-                 device: str) -> None:
+                 device: str, classes: list[int] | None = None, guidance: float = 1.0) -> None:
     """``--method steps``: LD3-style learned σ's, written as a schedule file like GITS's."""
     from diffsamp.training.steps import StepsOptions, train_steps
 
     opts = StepsOptions(steps=nfe, base=base, schedule=schedule or "time_uniform", teacher=teacher or "heun",
                         teacher_steps=fine_steps, trajectories=trajectories or (256 if loss_kind == "fd" else 100),
                         batch=batch or (128 if loss_kind == "fd" else 25), epochs=epochs, slack=slack, seed=seed,
-                        loss=loss_kind, fd_data=fd_data,
+                        loss=loss_kind, fd_data=fd_data, classes=classes, guidance=guidance,
                         network_sigma_grad=sigma_grad == "on")
     grid, record, path = _find_schedule(opts, train_steps, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())

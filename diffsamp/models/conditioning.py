@@ -242,6 +242,19 @@ def _rescaled(x: Tensor, d: Tensor, d_c: Tensor, sigma: Tensor, phi: float) -> T
     return x - s * eps
 
 
+def trajectory_model(model: Denoiser, classes: Sequence[int] | None, guidance: float,
+                     indices: Sequence[int]) -> Denoiser:
+    """The plain D(x, σ) a solver trainer runs for the trajectories ``indices``: ``model`` itself when ``classes`` is
+    None (a conditional model then fails in one line), else bound to ``classes[i mod len]`` for trajectory i and
+    guided at scale ``guidance`` (classifier-free guidance, Ho & Salimans 2022; w = 1 is the conditional model)."""
+    n = len(indices)
+    if classes is None:
+        encode_conditions(model, None, n)
+        return model
+    labels = [classes[i % len(classes)] for i in indices]
+    return condition_model(model, encode_conditions(model, labels, n), Guidance(guidance))
+
+
 def condition_model(model: Denoiser, cond: Encoded | None, guidance: Guidance | None) -> Denoiser:
     """The plain D(x, σ) the samplers run for one batch: ``model`` itself (unconditional), bound to ``cond``,
     or guided (``Guided``) when ``guidance`` has a scale other than 1."""

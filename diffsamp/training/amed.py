@@ -27,7 +27,7 @@ from torch import Tensor
 
 from diffsamp import dist
 from diffsamp.models.base import Denoiser, prior_scale
-from diffsamp.models.conditioning import Guidance, condition_model, encode_conditions
+from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import available_samplers, get_sampler, get_schedule
 from diffsamp.samplers.registry import learned_samplers
 from diffsamp.samplers._util import StepInfo
@@ -284,11 +284,7 @@ def _train(model: Denoiser, sample_shape: tuple[int, ...], opts: AmedTrainOption
 
     def conditioned(first: int, n: int) -> Denoiser:
         """The model for trajectories first…first+n−1: bound to their classes, guided at the stated scale."""
-        if opts.classes is None:
-            encode_conditions(model, None, n)  # a conditional model needs classes: one line, before training
-            return model
-        labels = [opts.classes[(first + j) % len(opts.classes)] for j in range(n)]
-        return condition_model(model, encode_conditions(model, labels, n), Guidance(opts.guidance))
+        return trajectory_model(model, opts.classes, opts.guidance, range(first, first + n))
 
     probe = torch.randn((1, *sample_shape), generator=torch.Generator().manual_seed(0)).to(device, dtype) * scale
     with torch.no_grad():

@@ -28,6 +28,7 @@ from torch import Tensor
 from diffsamp import dist
 from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers._util import StepInfo
 from diffsamp.training.cards import hardware
@@ -47,6 +48,9 @@ class GitsOptions:
     trajectories: int = 256
     batch: int = 64
     seed: int = 0
+    # a class-conditional model: classes cycled over the trajectories, guided at this scale (teacher and schedule)
+    classes: list[int] | None = None
+    guidance: float = 1.0
 
     def check(self) -> None:
         if self.steps < 1:
@@ -56,6 +60,8 @@ class GitsOptions:
                              "to choose")
         if self.trajectories < 1 or self.batch < 1:
             raise ValueError("trajectories and batch must be positive")
+        if self.classes is None and self.guidance != 1.0:
+            raise ValueError("guidance needs a class-conditional model and its classes")
         spec = get_sampler(self.teacher)
         if spec.kind != "ode" or spec.expected_nfe(Grid(torch.tensor([2.0, 1.0, 0.0]))) is None:
             raise ValueError(f"the teacher must be a deterministic ODE solver with fixed steps, not {self.teacher!r}")
@@ -83,10 +89,12 @@ def cost_matrix(model: Denoiser, sample_shape: tuple[int, ...], fine: Grid, opts
     scale = prior_scale(model.prior, sig[0])
     mine = dist.shard_indices(opts.trajectories, opts.batch)
     for b in range(0, len(mine), opts.batch):
-        seeds = [opts.seed + k for k in mine[b : b + opts.batch]]
+        rows = mine[b : b + opts.batch]
+        seeds = [opts.seed + k for k in rows]
         z = torch.stack([torch.randn(sample_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x0 = z.to(model.device, model.dtype) * scale
-        points, slopes = teacher_trajectory(model, x0, fine, opts.teacher)
+        bound = trajectory_model(model, opts.classes, opts.guidance, rows)
+        points, slopes = teacher_trajectory(bound, x0, fine, opts.teacher)
         xs = torch.stack([p.double().flatten(1) for p in points])  # (M + 1, B, D)
         for i in range(m):
             d = slopes[i].double().flatten(1)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.ode import dpmpp_update
 from diffsamp.training.cards import hardware
@@ -107,6 +108,9 @@ class StepsOptions:
     loss: str = "l2"
     fd_data: str = "mnist:train"
     fd_images: int = 10_000
+    # a class-conditional model: classes cycled over the pool's trajectories, guided at this scale (teacher, student)
+    classes: list[int] | None = None
+    guidance: float = 1.0
 
     def check(self) -> None:
         """A ValueError naming the first option out of range."""
@@ -119,6 +123,8 @@ class StepsOptions:
         for name in ("trajectories", "batch", "epochs", "teacher_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.classes is None and self.guidance != 1.0:
+            raise ValueError("guidance needs a class-conditional model and its classes")
         if self.slack < 0 or self.lr <= 0:
             raise ValueError("slack must be ≥ 0 and lr > 0")
         if self.loss == "fd" and self.slack > 0:
@@ -185,6 +191,9 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     device, dtype = torch.device(model.device), torch.float32
     z = torch.randn((opts.trajectories, *sample_shape), generator=gen).to(device, dtype)
     z = z * prior_scale(model.prior, sigma_max)
+    batches = range(0, opts.trajectories, opts.batch)
+    bound = {b: trajectory_model(model, opts.classes, opts.guidance, range(b, min(b + opts.batch, opts.trajectories)))
+             for b in batches}  # each batch's model: bound to its trajectories' classes, guided
     # the objective, checked for this model before the teacher runs: a batch's loss and the pool's value
     if opts.loss == "fd":
         fd = reference_fd(opts, sample_shape, device)
@@ -198,8 +207,7 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     else:
         distance = final_distance(opts.loss, sample_shape, device)
         with torch.no_grad():
-            target = torch.cat([get_sampler(opts.teacher)(model, z[b : b + opts.batch], fine)
-                                for b in range(0, opts.trajectories, opts.batch)])
+            target = torch.cat([get_sampler(opts.teacher)(bound[b], z[b : b + opts.batch], fine) for b in batches])
 
         def batch_loss(out: Tensor, rows: slice) -> Tensor:
             return distance(out, target[rows]).mean()
@@ -215,18 +223,18 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
         """The pool's loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
         with torch.no_grad():
             sig = steps()
-            return pool_value([student_solve(model, z[b : b + opts.batch], sig, order, network_sigma_grad=False)
-                               for b in range(0, opts.trajectories, opts.batch)])
+            return pool_value([student_solve(bound[b], z[b : b + opts.batch], sig, order, network_sigma_grad=False)
+                               for b in batches])
 
     best = (pool_loss(), 0, steps().detach().clone())  # epoch 0: the initial grid
     evaluated = [best[0]]
     losses: list[float] = []
     for epoch in range(opts.epochs):
         epoch_loss = 0.0
-        for b in range(0, opts.trajectories, opts.batch):
+        for b in batches:
             rows = slice(b, b + opts.batch)
             d = delta[rows].clone().requires_grad_(opts.slack > 0)
-            out = student_solve(model, z[rows] + d, steps(), order, network_sigma_grad=grad_net)
+            out = student_solve(bound[b], z[rows] + d, steps(), order, network_sigma_grad=grad_net)
             loss = batch_loss(out, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
