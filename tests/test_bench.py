@@ -285,3 +285,18 @@ def test_a_schedule_file_states_its_training_cost():
     assert training_cost(gits) == ("1108 s", "256", "—, 2 processes")
     card = {"wall_seconds": 882.3, "trajectories_done": 2048, "trajectories": 2048, "hardware": "cuda: H200"}
     assert training_cost(card) == ("882 s", "2048", "cuda: H200")
+
+
+def test_a_row_whose_cells_differ_in_setting_says_so():
+    """A row with one learned schedule per NFE names the first and points to table.csv; a row on one schedule
+    names it."""
+    from diffsamp.metrics.bench import CellResult, format_table
+
+    def cell(nfe: int, setting: str) -> CellResult:
+        return CellResult("ddim:steps", nfe, nfe, 30.0, None, None, 10, "0-9", 1.0, 1.0, setting, "on", [1.0, 0.0])
+
+    table = format_table([cell(3, "steps schedule a3, 3 steps"), cell(5, "steps schedule a5, 5 steps")], [3, 5],
+                         None, None)
+    assert "| steps schedule a3, … (one per NFE: table.csv) |" in table
+    same = format_table([cell(3, "karras, 3 steps"), cell(5, "karras, 5 steps")], [3, 5], None, None)
+    assert same.splitlines()[-1].endswith("| karras |")

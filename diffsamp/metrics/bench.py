@@ -345,7 +345,9 @@ def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[
                   else f"{first.network_passes / first.nfe:g} network passes per NFE")
         if budget == "passes":
             passes = ", ".join(f"NFE {c.nfe}" for n in nfes if (c := by.get((s, n))) is not None)
-        setting = ", ".join(filter(None, [first.setting.split(", ", 1)[0], first.extra.get("knobs"), passes]))
+        heads = list(dict.fromkeys(c.setting.split(", ", 1)[0] for c in cells if c.sampler == s))
+        head = heads[0] if len(heads) == 1 else f"{heads[0]}, … (one per NFE: table.csv)"
+        setting = ", ".join(filter(None, [head, first.extra.get("knobs"), passes]))
         lines.append(f"| {s} | " + " | ".join(row) + f" | {setting} |")
     if reference is not None:
         lines.append(f"| reference: {reference.sampler} ({reference.nfe} NFE) | "
