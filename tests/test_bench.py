@@ -300,3 +300,10 @@ def test_a_row_whose_cells_differ_in_setting_says_so():
     assert "| steps schedule a3, … (one per NFE: table.csv) |" in table
     same = format_table([cell(3, "karras, 3 steps"), cell(5, "karras, 5 steps")], [3, 5], None, None)
     assert same.splitlines()[-1].endswith("| karras |")
+
+
+def test_a_record_without_network_passes_counts_its_nfe_in_the_passes_table():
+    from diffsamp.metrics.bench import CellResult, format_table
+
+    old = CellResult("amed", 7, 7, 55.6, None, None, 10, "0-9", 1.0, 1.0, "tu, 4 steps", "on", [1.0, 0.0])
+    assert "| amed | 55.60 |" in format_table([old], [7], None, None, budget="passes")

@@ -331,7 +331,8 @@ def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[
     """Markdown: one row per sampler, FID (KID×10³) per NFE (``budget="passes"``: per network passes per image);
     then the reference row and the data floor."""
     samplers = list(dict.fromkeys(c.sampler for c in cells))
-    by = {(c.sampler, c.network_passes if budget == "passes" else c.nfe_target): c for c in cells}
+    # a record written before network passes were stated counts its NFE (as the plot does)
+    by = {(c.sampler, (c.network_passes or c.nfe) if budget == "passes" else c.nfe_target): c for c in cells}
     label = "passes" if budget == "passes" else "NFE"
     lines = ["| sampler | " + " | ".join(f"{label} {n}" for n in nfes) + " | setting |",
              "|---|" + "---|" * len(nfes) + "---|"]
