@@ -57,6 +57,8 @@ def test_gits_costs_follow_each_trajectory_class_and_the_guidance(cond_model):
     assert not torch.allclose(unguided[upper], cost[upper], rtol=1e-3)
     with pytest.raises(ValueError, match="conditional"):
         cost_matrix(cond_model, SHAPE, fine, GitsOptions(steps=2, fine_steps=6, trajectories=2, batch=2))
+    with pytest.raises(ValueError, match="guidance needs a class-conditional model"):  # a scale without classes
+        train_steps(cond_model, SHAPE, StepsOptions(steps=3, schedule="karras", trajectories=2, batch=2, guidance=2.0))
 
 
 def test_learned_steps_pool_loss_is_the_guided_solvers_distance(cond_model):

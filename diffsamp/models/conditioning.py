@@ -249,6 +249,8 @@ def trajectory_model(model: Denoiser, classes: Sequence[int] | None, guidance: f
     guided at scale ``guidance`` (classifier-free guidance, Ho & Salimans 2022; w = 1 is the conditional model)."""
     n = len(indices)
     if classes is None:
+        if guidance != 1.0:
+            raise ValueError("guidance needs a class-conditional model and its classes")
         encode_conditions(model, None, n)
         return model
     labels = [classes[i % len(classes)] for i in indices]

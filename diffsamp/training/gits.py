@@ -31,8 +31,8 @@ from diffsamp.models.base import Denoiser, prior_scale
 from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers._util import StepInfo
-from diffsamp.training.cards import hardware
 from diffsamp.samplers.schedule_file import SCHEDULE_FORMAT, export_schedule, read_schedule  # noqa: F401 (re-exported)
+from diffsamp.training.cards import hardware
 
 
 
@@ -60,8 +60,6 @@ class GitsOptions:
                              "to choose")
         if self.trajectories < 1 or self.batch < 1:
             raise ValueError("trajectories and batch must be positive")
-        if self.classes is None and self.guidance != 1.0:
-            raise ValueError("guidance needs a class-conditional model and its classes")
         spec = get_sampler(self.teacher)
         if spec.kind != "ode" or spec.expected_nfe(Grid(torch.tensor([2.0, 1.0, 0.0]))) is None:
             raise ValueError(f"the teacher must be a deterministic ODE solver with fixed steps, not {self.teacher!r}")

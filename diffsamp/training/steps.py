@@ -123,8 +123,6 @@ class StepsOptions:
         for name in ("trajectories", "batch", "epochs", "teacher_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.classes is None and self.guidance != 1.0:
-            raise ValueError("guidance needs a class-conditional model and its classes")
         if self.slack < 0 or self.lr <= 0:
             raise ValueError("slack must be ≥ 0 and lr > 0")
         if self.loss == "fd" and self.slack > 0:
