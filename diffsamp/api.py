@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from diffsamp.models.base import CountingDenoiser, Denoiser, all_finite, default_sampler, default_schedule, prior_scale
-from diffsamp.models.conditioning import Guidance, Guided, condition_model, encode_conditions, take
+from diffsamp.models.conditioning import Guidance, Guided, condition_model, encode_conditions, guidance_mismatch, take
 from diffsamp.samplers import Grid, SamplerSpec, get_sampler, get_schedule
 from diffsamp.samplers._util import Generator, StepInfo, randn_per_sample
 
@@ -264,11 +264,9 @@ def generate(
         run_grid, start_x0 = _img2img_start(model, grid, init, strength, len(seeds), device)
         grid = run_grid if run_grid is not None else grid
     trained = getattr(knobs.get("predictor"), "config", None) or {}
-    if "guidance" in trained and encoded is not None:
-        w = guidance.scale if guidance is not None else 1.0
-        if w != trained["guidance"]:
-            warnings.warn(f"the AMED predictor was trained under guidance w = {trained['guidance']:g}; sampling at "
-                          f"w = {w:g}", UserWarning, stacklevel=2)
+    mismatch = guidance_mismatch(trained, guidance.scale if guidance is not None else 1.0, "the predictor")
+    if mismatch and encoded is not None:
+        warnings.warn(mismatch, UserWarning, stacklevel=2)
     for text in setting_warnings(spec, grid, dtype=model.dtype, device=device, regrid=regrid):
         warnings.warn(text, UserWarning, stacklevel=2)
     outs: list[Tensor] = []

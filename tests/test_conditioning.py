@@ -308,3 +308,55 @@ def test_amed_trains_on_a_guided_model_reading_the_conditional_half(cond_dir, tm
     with pytest.raises(ValueError, match="give one condition per seed"):
         train_amed(model, model.sample_shape, AmedTrainOptions(nfe=3, trajectories=4, batch=4), tmp_path / "x",
                    model_name=str(cond_dir))
+
+
+def test_a_schedule_learned_under_guidance_warns_at_another_scale(cond_dir, tmp_path, monkeypatch):
+    """A GITS schedule found along trajectories guided at w = 2: `sample --sigmas` and `bench --schedule` say so at
+    w = 3, before sampling, and stay quiet at w = 2 (and for the same file without classes in its record)."""
+
+    from click.testing import CliRunner
+
+    import diffsamp.metrics.fid
+    from diffsamp.cli import main
+    from diffsamp.metrics.fid import compute_stats, save_stats
+    from diffsamp.models.conditioning import guidance_mismatch
+    from tests.conftest import tiny_extractor
+
+    sched = tmp_path / "gits"
+    res = CliRunner().invoke(main, ["train", "solver", "--method", "gits", "--model", str(cond_dir), "--nfe", "2",
+                                    "--fine-steps", "6", "--trajectories", "3", "--batch", "3", "--classes", "0-2",
+                                    "--cfg", "2", "--out", str(sched)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((sched / "schedule.json").read_text())
+    assert guidance_mismatch(doc, 2.0, "s") is None
+    assert guidance_mismatch(doc, 3.0, "s") == "s was trained under guidance w = 2; sampling at w = 3"
+    assert guidance_mismatch({**doc, "options": {**doc["options"], "classes": None}}, 3.0, "s") is None
+    assert guidance_mismatch({"classes": [0], "guidance": 1.5}, 1.0, "p") is not None  # a predictor's config
+
+    def sample(w: str):
+        return CliRunner().invoke(main, ["sample", "--model", str(cond_dir), "--sampler", "ddim", "--sigmas",
+                                         str(sched), "--classes", "0-2", "--cfg", w, "--seeds", "0-1", "--out",
+                                         str(tmp_path / f"g{w}.png")])
+
+    res = sample("3")  # the CLI prints each warning as one line
+    assert res.exit_code == 0 and f"the schedule {sched} was trained under guidance w = 2; sampling at w = 3" in \
+        res.output, res.output
+    res = sample("2")
+    assert res.exit_code == 0 and "trained under guidance" not in res.output, res.output
+
+    ext = tiny_extractor()
+    ref = compute_stats(torch.zeros((4, 1, 8, 8), dtype=torch.uint8), extractor=ext, padding=0, progress=False)
+    save_stats(ref, tmp_path / "ref.npz")
+    monkeypatch.setattr(diffsamp.metrics.fid, "load_extractor", lambda *a, **k: ext)
+    monkeypatch.setattr("diffsamp.metrics.inception.load_extractor", lambda *a, **k: ext)
+
+    def bench(w: str):
+        return CliRunner().invoke(main, ["bench", "--model", str(cond_dir), "--ref", str(tmp_path / "ref.npz"),
+                                         "--out", str(tmp_path / "b"), "--num", "3", "--no-reference", "--cached-only",
+                                         "--samplers", "ddim", "--schedule", f"ddim={sched}", "--nfe", "2",
+                                         "--classes", "0-2", "--cfg", w])
+
+    res = bench("3")
+    assert res.exit_code == 0 and f"warning: the schedule {sched} was trained under guidance w = 2" in res.output
+    res = bench("2")
+    assert res.exit_code == 0 and "warning" not in res.output, res.output

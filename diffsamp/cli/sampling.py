@@ -475,6 +475,7 @@ def _schedule_file(ctx: click.Context, path: str, predictor: str | None, model_n
     """The grid of a ``--sigmas`` schedule file; --steps/--schedule/--predictor that would set it too are refused."""
     import warnings
 
+    from diffsamp.models.conditioning import guidance_mismatch
     from diffsamp.samplers.schedule_file import read_schedule
 
     clash = [f"--{n.replace('_', '-')}" for n in ("steps", "schedule", "sigma_min", "sigma_max", "rho")
@@ -487,6 +488,10 @@ def _schedule_file(ctx: click.Context, path: str, predictor: str | None, model_n
         raise click.BadParameter(str(exc), param_hint="--sigmas") from None
     if doc.get("model") and doc["model"] != model_name:
         warnings.warn(f"the schedule {path} was found for {doc['model']}, not {model_name}", UserWarning, stacklevel=2)
+    scale = ctx.params.get("cfg_scale")
+    mismatch = guidance_mismatch(doc, 1.0 if scale is None else scale, f"the schedule {path}")
+    if mismatch and (ctx.params.get("classes") or ctx.params.get("class_label") is not None):
+        warnings.warn(mismatch, UserWarning, stacklevel=2)
     return grid
 
 

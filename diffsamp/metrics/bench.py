@@ -31,7 +31,7 @@ import torch
 from diffsamp import dist
 from diffsamp.io import write_text
 from diffsamp.models.base import Denoiser, default_schedule
-from diffsamp.models.conditioning import Guidance
+from diffsamp.models.conditioning import Guidance, guidance_mismatch
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import FixedPredictor
 from diffsamp.samplers.registry import describe_knobs, learned_samplers
@@ -425,7 +425,8 @@ def plot_fid_vs_cfg(results: Mapping[float, Sequence[CellResult]], nfe: int, flo
     ax.set_ylabel("FID")
     ax.set_title(f"{title}, NFE {nfe}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no cell is cached yet
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save_figure(fig, path)
 
@@ -455,7 +456,8 @@ def plot_fid_vs_nfe(cells: Sequence[CellResult], floor: float | None, reference:
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no cell is cached yet
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save_figure(fig, path)
 
@@ -505,6 +507,12 @@ def bench(
                 if not skip_missing:
                     raise
                 echo(f"{s:>12} NFE {n:>2}: {exc} — left out")
+    w = guidance.scale if guidance is not None else 1.0
+    for plan in plans:  # a learned schedule fitted to other guided trajectories: said before any cell samples
+        mismatch = guidance_mismatch(plan.training or {}, w, f"the schedule {plan.schedule}") \
+            if classes is not None and plan.predictor is None else None
+        if mismatch:
+            echo(f"{plan.sampler:>12} NFE {plan.nfe:>2}: warning: {mismatch}")
     ref = resolve_reference(reference, num=num, image_size=shape[-1], extractor=extractor, data_dir=data_dir,
                             progress=progress)
     parts = cache_parts(model_name, reference, clip, shape)
@@ -551,7 +559,6 @@ def bench(
         [p for p in plans if (p.sampler, p.nfe) in done])
     conditioning = ""
     if classes is not None:
-        w = guidance.scale if guidance is not None else 1.0
         conditioning = f"; classes {classes} cycled over the seeds, guidance w = {w:g}"
     head = (f"{model_name}: FID (KID×10³) of N = {num} samples (seeds 0–{num - 1}) vs {reference}; "
             f"x̂0 clipping: {clip}{conditioning}\n\n")

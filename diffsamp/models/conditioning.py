@@ -15,7 +15,7 @@ alone elsewhere) and the rescale of Lin et al. 2024 (Alg. 2, on the guided ε̂ 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -240,6 +240,26 @@ def _rescaled(x: Tensor, d: Tensor, d_c: Tensor, sigma: Tensor, phi: float) -> T
     std, std_c = eps.std(dim=dims, keepdim=True), eps_c.std(dim=dims, keepdim=True)
     eps = phi * eps * (std_c / std) + (1 - phi) * eps
     return x - s * eps
+
+
+def trained_guidance(record: Mapping[str, Any]) -> float | None:
+    """The guidance scale a learned solver was trained under, from its predictor config (``guidance``) or schedule
+    file (``options``: ``classes`` and ``guidance``); None when it was trained without classes."""
+    opts = record.get("options")
+    opts = opts if isinstance(opts, Mapping) else record
+    if opts.get("classes") is None:
+        return None
+    return float(opts.get("guidance", 1.0))
+
+
+def guidance_mismatch(record: Mapping[str, Any], scale: float, what: str) -> str | None:
+    """A one-line warning when ``what`` (a learned predictor or schedule, trained along guided teacher trajectories)
+    runs at another classifier-free guidance scale than it was trained at (Ho & Salimans 2022): the trajectories it
+    was fitted to change with w. None when the scales agree or it was trained without classes."""
+    trained = trained_guidance(record)
+    if trained is None or trained == scale:
+        return None
+    return f"{what} was trained under guidance w = {trained:g}; sampling at w = {scale:g}"
 
 
 def trajectory_model(model: Denoiser, classes: Sequence[int] | None, guidance: float,
