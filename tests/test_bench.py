@@ -307,3 +307,70 @@ def test_a_record_without_network_passes_counts_its_nfe_in_the_passes_table():
 
     old = CellResult("amed", 7, 7, 55.6, None, None, 10, "0-9", 1.0, 1.0, "tu, 4 steps", "on", [1.0, 0.0])
     assert "| amed | 55.60 |" in format_table([old], [7], None, None, budget="passes")
+
+
+def test_vs_start_scores_each_learned_cell_against_where_it_started(setup, tiny_model_dir, tmp_path):
+    """--vs-start: an AMED predictor's start is the predictor reset to its base (DPM-Solver-2's step) on its grid,
+    sampled and scored as ROW:start; learned steps start from their ``init`` σ's, which here are the plain dpmpp2m
+    row already planned (that cell is reused, not a new one); the closing section keeps the lower FID. (The AMED
+    predictor is moved far from its base: on this tiny random model a short training barely moves the images.)"""
+    from diffsamp.metrics.bench import format_vs_start, start_plan
+    from diffsamp.metrics.fid import frechet_distance
+    from diffsamp.samplers.amed_files import load_predictor, save_predictor, start_of
+    from diffsamp.training.gits import write_schedule
+    from diffsamp.training.steps import StepsOptions, train_steps
+
+    model, ext, tmp, _ = setup
+    trained = load_predictor(train_amed(model, model.sample_shape, AmedTrainOptions(nfe=3, trajectories=8, batch=8),
+                                        tmp_path / "amed3", model_name=str(tiny_model_dir), guard=False))
+    with torch.no_grad():  # far from its base, so the two cells differ on this tiny random model
+        trained.heads.bias.add_(2.0)
+    preds = {"amed:3": str(save_predictor(trained, tmp_path / "amed3-far", trained.config))}
+    grid, record = train_steps(model, model.sample_shape, StepsOptions(steps=3, schedule="karras", teacher_steps=8,
+                                                                       trajectories=4, batch=2, epochs=2))
+    sched = write_schedule(tmp_path / "steps3", model, str(tiny_model_dir), grid, {"method": "steps", **record})
+    kw = dict(samplers=["amed", "dpmpp2m:steps", "dpmpp2m"], nfes=[3], num=6, reference=str(tmp / "ref.npz"),
+              out=tmp_path / "b", extractor=ext, batch_size=6, predictors=preds, reference_row=False,
+              schedules={"dpmpp2m:steps": str(sched), "dpmpp2m": "karras"}, echo=lambda s: None)
+    cells, table = bench(model, str(tiny_model_dir), vs_start=True, **kw)
+    fid = {c.sampler: c.fid for c in cells}
+    assert set(fid) == {"amed", "dpmpp2m:steps", "dpmpp2m", "amed:start"}  # the steps' start is the dpmpp2m row
+
+    pred = load_predictor(preds["amed:3"])
+    base = start_of(pred)
+    assert base.digest != pred.digest and any(not torch.equal(a, b) for a, b in
+                                              zip(pred.state_dict().values(), base.state_dict().values()))
+    images = diffsamp.generate(model, model.sample_shape, sampler="amed", predictor=base, afs=pred.config["afs"],
+                               grid=diffsamp.Grid(pred.grid_sigmas), seeds=range(6)).images.clamp(-1, 1)
+    ref = diffsamp.metrics.fid.load_stats(tmp / "ref.npz")
+    mine = compute_stats(images, extractor=ext, padding=0, progress=False)
+    assert fid["amed:start"] == pytest.approx(max(frechet_distance(mine.mu, mine.sigma, ref.mu, ref.sigma), 0),
+                                              rel=1e-4)
+    assert fid["amed:start"] != fid["amed"]
+
+    section = table.split("Learned rows against the plain solver they start from", 1)[1]
+    for row, start in (("amed", "amed:start"), ("dpmpp2m:steps", "dpmpp2m")):
+        keep = "learned" if fid[row] < fid[start] else "start: the learned solver scores worse"
+        assert f"| {row} | 3 | {fid[row]:.2f} | {start} | {fid[start]:.2f} | {keep}" in section, section
+    plans = [plan_cell(model, str(tiny_model_dir), r, 3, schedules=kw["schedules"], predictors=preds)
+             for r in kw["samplers"]]
+    steps_start = start_plan(model, plans[1], plans)
+    assert steps_start is plans[2] and torch.allclose(steps_start.grid.sigmas,
+                                                       torch.tensor(record["init"], dtype=torch.float64))
+    alone = start_plan(model, plans[1], plans[:2])  # no plain row planned: a row of its own on the init σ's
+    assert alone.sampler == "dpmpp2m:steps:start" and torch.equal(alone.grid.sigmas, steps_start.grid.sigmas)
+    assert start_plan(model, plans[2], plans) is None  # a plain row learned nothing
+
+    # the keep column follows the FIDs either way
+    worse = [type(cells[0])(**{**cells[0].__dict__, "sampler": "x", "fid": 9.0}),
+             type(cells[0])(**{**cells[0].__dict__, "sampler": "x:start", "fid": 5.0})]
+    pair = [(replace_plan(plans[0], "x"), replace_plan(plans[0], "x:start"))]
+    assert "| x | 3 | 9.00 | x:start | 5.00 | start: the learned solver scores worse" in format_vs_start(pair, worse)
+    worse[0].fid = 4.0
+    assert "| x | 3 | 4.00 | x:start | 5.00 | learned |" in format_vs_start(pair, worse)
+
+
+def replace_plan(plan, name):
+    from dataclasses import replace
+
+    return replace(plan, sampler=name)

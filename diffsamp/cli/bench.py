@@ -105,6 +105,9 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--no-reference", is_flag=True, help="Skip the heun 35-NFE reference row.")
 @click.option("--cached-only", is_flag=True, help="Only write the tables from the cells already cached (others show —).")
 @click.option("--skip-missing", is_flag=True, help="A learned row without a predictor, or a row without a grid, at some NFE shows — there.")
+@click.option("--vs-start", is_flag=True,
+              help="Also score each learned cell's starting point (the predictor reset to its base solver, or the "
+                   "grid a learned schedule started from) as ROW:start, and say which of the two to keep.")
 @click.option("--inception", default=None, type=click.Path(dir_okay=False), help="FID network (else $DIFFSAMP_INCEPTION).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (else $DIFFSAMP_DATA).")
 @click.option("--device", default="auto", show_default=True)
@@ -116,7 +119,7 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--cfg", "cfg_scales", default=None, help="Guidance scales, e.g. 1,2,4: one table per scale (DIR/cfg-W/) and DIR/fid_vs_cfg.png.")
 def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
               predictors: tuple[str, ...], knobs: tuple[str, ...], budget: str, final_steps: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
-              cached_only: bool, skip_missing: bool,
+              cached_only: bool, skip_missing: bool, vs_start: bool,
               inception: str | None, data_dir: str | None, device: str, dtype: str, compile: bool,  # noqa: A002
               cuda_graphs: bool, quiet: bool, classes: str | None, cfg_scales: str | None) -> None:
     """Score each sampler at each NFE; cached cells make an interrupted bench resume.
@@ -177,7 +180,8 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
                                  knobs=row_knobs, clip=clip_text, reference_row=not no_reference, echo=click.echo,
                                  progress=not quiet, skip_missing=skip_missing, cached_only=cached_only,
                                  classes=class_list, guidance=None if class_list is None else Guidance(w),
-                                 final_step=final_step, row_final_steps=row_final_steps, budget=budget)
+                                 final_step=final_step, row_final_steps=row_final_steps, budget=budget,
+                                 vs_start=vs_start)
             results[w] = cells
             tables.append(table)
         if len(scales) > 1 and dist.is_main():

@@ -36,7 +36,7 @@ from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.amed import FixedPredictor
 from diffsamp.samplers.registry import describe_knobs, learned_samplers
 from diffsamp.samplers.amed_files import (PredictorNotFoundError, check_predictor_model, describe_predictor,
-                                          load_predictor, sampling_settings)
+                                          load_predictor, sampling_settings, start_of)
 from diffsamp.samplers.epd import epd_network_passes
 from diffsamp.samplers.schedule_file import is_schedule_file, read_schedule
 
@@ -196,7 +196,8 @@ def _plan_from_file(sampler: str, nfe: int, path: str, knobs: Mapping[str, Any])
     return CellPlan(sampler, nfe, base, grid, {}, str(path),
                     f"{how} schedule {Path(path).name}, {len(grid)} steps, {end}",
                     final_step="zero" if grid.ends_at_zero else "sigma_min",
-                    training={k: v for k, v in doc.items() if k in ("method", "options", "seconds", "hardware", "processes")})
+                    training={k: v for k, v in doc.items()
+                              if k in ("method", "options", "seconds", "hardware", "processes", "init")})
 
 
 def _plan_to_zero(sampler: str, nfe: int, sched: Any, schedule: str, knobs: Mapping[str, Any]) -> CellPlan:
@@ -359,6 +360,55 @@ def format_table(cells: Sequence[CellResult], nfes: Sequence[int], floor: tuple[
     return "\n".join(lines) + "\n"
 
 
+def start_plan(model: Denoiser, plan: CellPlan, plans: Sequence[CellPlan]) -> CellPlan | None:
+    """The plain solver a learned row starts from, on its own grid — the cell it must beat: a predictor reset to its
+    base (``start_of``: AMED's DPM-Solver-2 step, EPD's untrained table) on the predictor's grid; for a learned
+    schedule (gits, steps) its sampler on the grid training started from (the ``init`` σ's, else the K-step grid of
+    the schedule the search ran on, the last step to 0). A plain row of ``plans`` with that method, grid and knobs
+    is that cell itself; None for a row that learned nothing."""
+    if not plan.training:
+        return None
+    if plan.predictor is not None:
+        pred = start_of(plan.knobs["predictor"])
+        return replace(plan, sampler=f"{plan.sampler}:start", knobs={**plan.knobs, "predictor": pred},
+                       predictor=f"{plan.predictor} (reset to its base)", predictor_digest=pred.digest,
+                       setting=f"{plan.setting}, reset to the solver it starts from", training=None)
+    opts = plan.training.get("options", {})
+    if plan.training.get("init") is not None:
+        grid = Grid(torch.tensor(plan.training["init"], dtype=torch.float64))
+    else:
+        grid = get_schedule(opts.get("schedule") or default_schedule(model), model=model).grid(
+            len(plan.grid) - 1, final_zero=True) if plan.grid.ends_at_zero else None
+        if grid is None:
+            return None
+    knobs = {k: v for k, v in plan.knobs.items() if k != "grid"}
+    for other in plans:
+        if (other.predictor is None and not other.training and other.method == plan.method and other.nfe == plan.nfe
+                and len(other.grid) == len(grid) and torch.allclose(other.grid.sigmas, grid.sigmas, rtol=1e-6)
+                and {k: v for k, v in other.knobs.items() if k != "grid"} == knobs):
+            return other
+    name = opts.get("schedule") or "init"
+    return replace(plan, sampler=f"{plan.sampler}:start", grid=grid, schedule=name, training=None,
+                   setting=f"{name}, {len(grid)} steps, the last to 0 (where {plan.sampler}'s training started)")
+
+
+def format_vs_start(pairs: Sequence[tuple[CellPlan, CellPlan]], cells: Sequence[CellResult]) -> str:
+    """Markdown: each learned cell against the plain solver it starts from on its own grid (``start_plan``), and
+    which one to keep — the learned one only where its FID is lower."""
+    by = {(c.sampler, c.nfe_target): c for c in cells}
+    lines = []
+    for learned, start in pairs:
+        a, b = by.get((learned.sampler, learned.nfe)), by.get((start.sampler, start.nfe))
+        if a is None or b is None:
+            continue
+        keep = "learned" if a.fid < b.fid else "start: the learned solver scores worse than where it started"
+        lines.append(f"| {learned.sampler} | {learned.nfe} | {a.fid:.2f} | {start.sampler} | {b.fid:.2f} | {keep} |")
+    if not lines:
+        return ""
+    return ("\nLearned rows against the plain solver they start from (same grid, same seeds):\n\n"
+            "| row | NFE | FID | start | start FID | keep |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def training_cost(training: Mapping[str, Any]) -> tuple[str, str, str]:
     """(wall time, teacher trajectories, hardware) of a learned row's training, from its predictor card
     (``train amed``/``train solver --method amed|epd|adasde``) or its schedule file's record (gits, steps)."""
@@ -469,7 +519,7 @@ def bench(
     reference_row: bool = True, echo: Callable[[str], None] = print, progress: bool = False, skip_missing: bool = False,
     knobs: Mapping[str, Mapping[str, Any]] | None = None, cached_only: bool = False,
     classes: Sequence[int] | None = None, guidance: Guidance | None = None, final_step: str = "zero",
-    row_final_steps: Mapping[str, str] | None = None, budget: str = "nfe",
+    row_final_steps: Mapping[str, str] | None = None, budget: str = "nfe", vs_start: bool = False,
 ) -> tuple[list[CellResult], str]:
     """Run (or resume) every cell, write ``table.md``, ``table.csv``, ``fid_vs_nfe.png`` and ``config.json``.
 
@@ -479,7 +529,9 @@ def bench(
     cache (the others show "—"; nothing is sampled), e.g. while another process is filling them. A class-conditional
     model takes ``classes``, cycled over the seeds (seed i gets ``classes[i mod len]``), and ``guidance``.
     ``budget="passes"``: ``nfes`` are network passes per image, each row at the NFE that makes that many
-    (EPD's K points per step count K passes, guidance doubles them): methods compared at equal network work."""
+    (EPD's K points per step count K passes, guidance doubles them): methods compared at equal network work.
+    ``vs_start``: each learned cell also beside the plain solver it starts from on its own grid (``start_plan``), in
+    a row ``ROW:start`` (or the plain row already planned) and a closing section saying which one to keep."""
     from diffsamp.metrics.scoring import data_floor, resolve_reference
 
     out = Path(out)
@@ -507,6 +559,14 @@ def bench(
                 if not skip_missing:
                     raise
                 echo(f"{s:>12} NFE {n:>2}: {exc} — left out")
+    pairs = []
+    if vs_start:  # each learned cell beside the plain solver it starts from (the cell it must beat)
+        for plan in list(plans):
+            start = start_plan(model, plan, plans)
+            if start is not None:
+                pairs.append((plan, start))
+                if all(start is not p for p in plans):
+                    plans.append(start)
     w = guidance.scale if guidance is not None else 1.0
     for plan in plans:  # a learned schedule fitted to other guided trajectories: said before any cell samples
         mismatch = guidance_mismatch(plan.training or {}, w, f"the schedule {plan.schedule}") \
@@ -532,7 +592,7 @@ def bench(
               "final_step": final_step, "row_final_steps": dict(row_final_steps or {}), "budget": budget,
               "torch": torch.__version__, "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "cached_only": cached_only, "classes": list(classes) if classes is not None else None,
+              "cached_only": cached_only, "vs_start": vs_start, "classes": list(classes) if classes is not None else None,
               "guidance": guidance.record() if guidance is not None else None}
     config["processes"] = dist.world_size()
     if dist.is_main():
@@ -556,7 +616,7 @@ def bench(
             ref_cell.nfe_target = None
     done = {(c.sampler, c.nfe_target) for c in cells}
     table = format_table(cells, nfes, floor, ref_cell, budget) + format_training(
-        [p for p in plans if (p.sampler, p.nfe) in done])
+        [p for p in plans if (p.sampler, p.nfe) in done]) + format_vs_start(pairs, cells)
     conditioning = ""
     if classes is not None:
         conditioning = f"; classes {classes} cycled over the seeds, guidance w = {w:g}"

@@ -151,3 +151,34 @@ def sampling_settings(predictor: Any) -> tuple[str, Grid, dict[str, Any]]:
     cfg = predictor.config
     knobs = {"predictor": predictor, "afs": bool(cfg["afs"]), **cfg.get("knobs", {})}
     return cfg["sampler"], Grid(predictor.grid_sigmas), knobs
+
+
+def reset_to_base(predictor: torch.nn.Module) -> None:
+    """Set ``predictor`` to the plain solver it starts from: logits 0 (r = ½, c = a = 1: DPM-Solver-2's step for
+    ``amed``) for AMED predictors; the untrained table (r_k = k/(K+1), λ_k = 1/K) for EPD and AdaSDE."""
+    with torch.no_grad():
+        if isinstance(predictor, EpdTable):
+            fresh = type(predictor)(predictor.num_steps, predictor.num_points)
+            predictor.logits.copy_(fresh.logits)
+            if isinstance(predictor, AdaSdeTable):
+                predictor.gamma_logits.zero_()
+        elif isinstance(predictor, StaticPredictor):
+            predictor.logits.zero_()
+        else:  # AmedPredictor: every head's output 0
+            predictor.heads.weight.zero_()
+            predictor.heads.bias.zero_()
+            for extra in (predictor.step_logits, predictor.first_logits):
+                if extra is not None:
+                    extra.zero_()
+
+
+def start_of(predictor: Predictor) -> Predictor:
+    """A copy of a loaded ``predictor`` reset to the plain solver its training started from (``reset_to_base``), with
+    the same ``.config`` and grid: the point a learned solver must beat on its own grid (its ``.digest`` gets a
+    ``-start`` suffix, so a cache tells the two apart)."""
+    import copy
+
+    base = copy.deepcopy(predictor)
+    reset_to_base(base)
+    base.digest = f"{getattr(predictor, 'digest', 'unsaved')}-start"  # type: ignore[attr-defined]
+    return base

@@ -39,7 +39,7 @@ from diffsamp.samplers.amed import (
     feature_dim,
     step_start,
 )
-from diffsamp.samplers.amed_files import save_predictor
+from diffsamp.samplers.amed_files import reset_to_base, save_predictor  # noqa: F401 (re-exported)
 from diffsamp.samplers.epd import AdaSdeTable, EpdTable
 from diffsamp.samplers.grid import Grid
 from diffsamp.io import read_state_file, save_state_file
@@ -416,25 +416,6 @@ def _train(model: Denoiser, sample_shape: tuple[int, ...], opts: AmedTrainOption
 
 
 GUARD_SEED = 999_983  # held-out trajectories: noise seeds no training iteration draws
-
-
-def reset_to_base(predictor: torch.nn.Module) -> None:
-    """Set ``predictor`` to the plain solver it starts from: logits 0 (r = ½, c = a = 1: DPM-Solver-2's step for
-    ``amed``) for AMED predictors; the untrained table (r_k = k/(K+1), λ_k = 1/K) for EPD and AdaSDE."""
-    with torch.no_grad():
-        if isinstance(predictor, EpdTable):
-            fresh = type(predictor)(predictor.num_steps, predictor.num_points)
-            predictor.logits.copy_(fresh.logits)
-            if isinstance(predictor, AdaSdeTable):
-                predictor.gamma_logits.zero_()
-        elif isinstance(predictor, StaticPredictor):
-            predictor.logits.zero_()
-        else:  # AmedPredictor: every head's output 0
-            predictor.heads.weight.zero_()
-            predictor.heads.bias.zero_()
-            for extra in (predictor.step_logits, predictor.first_logits):
-                if extra is not None:
-                    extra.zero_()
 
 
 def keep_the_better(predictor: torch.nn.Module, opts: AmedTrainOptions, conditioned: Callable[[int, int], Denoiser],
