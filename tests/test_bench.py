@@ -360,6 +360,15 @@ def test_vs_start_scores_each_learned_cell_against_where_it_started(setup, tiny_
     alone = start_plan(model, plans[1], plans[:2])  # no plain row planned: a row of its own on the init σ's
     assert alone.sampler == "dpmpp2m:steps:start" and torch.equal(alone.grid.sigmas, steps_start.grid.sigmas)
     assert start_plan(model, plans[2], plans) is None  # a plain row learned nothing
+    gits = tmp_path / "gits"  # GITS records no init: its start is its sampler on the searched schedule's K steps
+    res = CliRunner().invoke(main, ["train", "solver", "--method", "gits", "--model", str(tiny_model_dir), "--nfe",
+                                    "3", "--fine-steps", "6", "--trajectories", "2", "--batch", "2", "--out", str(gits)])
+    assert res.exit_code == 0, res.output
+    g = plan_cell(model, str(tiny_model_dir), "ipndm:gits", 3, schedules={"ipndm:gits": str(gits)})
+    g_start = start_plan(model, g, [g])
+    want = diffsamp.get_schedule("time_uniform", model=model).grid(3, final_zero=True)
+    assert g_start.method == "ipndm" and g_start.nfe == 3 and torch.equal(g_start.grid.sigmas, want.sigmas)
+    assert not torch.equal(g.grid.sigmas, want.sigmas)
 
     # the keep column follows the FIDs either way
     worse = [type(cells[0])(**{**cells[0].__dict__, "sampler": "x", "fid": 9.0}),

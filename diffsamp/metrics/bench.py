@@ -378,7 +378,7 @@ def start_plan(model: Denoiser, plan: CellPlan, plans: Sequence[CellPlan]) -> Ce
         grid = Grid(torch.tensor(plan.training["init"], dtype=torch.float64))
     else:
         grid = get_schedule(opts.get("schedule") or default_schedule(model), model=model).grid(
-            len(plan.grid) - 1, final_zero=True) if plan.grid.ends_at_zero else None
+            len(plan.grid), final_zero=True) if plan.grid.ends_at_zero else None
         if grid is None:
             return None
     knobs = {k: v for k, v in plan.knobs.items() if k != "grid"}
