@@ -208,3 +208,29 @@ def test_the_fd_loss_fits_the_steps_to_data_without_a_teacher(tmp_path, monkeypa
         StepsOptions(loss="fd", slack=0.1, batch=128, trajectories=128).check()
     with pytest.raises(ValueError, match="at least 128"):
         StepsOptions(loss="fd", batch=25).check()
+
+
+def test_learned_solvers_start_on_a_flows_own_grid(tiny_model_dir, tmp_path, one_thread):
+    """Without --schedule, GITS's fine grid, the learned steps' initial grid and an EPD table's grid are the flow's
+    own rf grid on a rectified flow (a diffusion model's time-uniform grid would spend a 3-interval solve on
+    σ = 999 → 5.5 → 0.001 → 0 there), and time_uniform on a diffusion model."""
+    from diffsamp.models import load
+    from diffsamp.samplers.amed_files import load_predictor
+    from diffsamp.training.amed import AmedTrainOptions, train_amed
+    from diffsamp.training.gits import GitsOptions, search_schedule
+
+    flow, ddpm = load("mnist-rf"), load(tiny_model_dir)
+    rf = diffsamp.get_schedule("rf", model=flow)
+    _, rec = search_schedule(flow, flow.sample_shape, GitsOptions(steps=2, fine_steps=4, trajectories=1, batch=1))
+    assert rec["options"]["schedule"] == "rf" and rec["fine_sigmas"] == rf.grid(4, final_zero=True).sigmas.tolist()
+    _, rec = train_steps(flow, flow.sample_shape, StepsOptions(steps=2, teacher_steps=4, trajectories=1, batch=1,
+                                                               epochs=1))
+    assert rec["options"]["schedule"] == "rf" and rec["init"] == rf.grid(2, final_zero=True).sigmas.tolist()
+    pred = load_predictor(train_amed(flow, flow.sample_shape, AmedTrainOptions(sampler="epd", nfe=5, trajectories=1,
+                                                                               batch=1), tmp_path / "epd",
+                                        model_name="mnist-rf"))
+    assert pred.config["schedule"] == "rf"  # two learned intervals, [999, ≈1 (t = ½), σ_min], then the step to 0
+    assert float(pred.grid_sigmas[1]) == pytest.approx(float(rf.grid(2).sigmas[1]), rel=0.01)  # time_uniform: 0.001
+    assert len(pred.grid_sigmas) == 4 and pred.grid_sigmas[-1] == 0
+    _, rec = search_schedule(ddpm, ddpm.sample_shape, GitsOptions(steps=2, fine_steps=4, trajectories=1, batch=1))
+    assert rec["options"]["schedule"] == "time_uniform"

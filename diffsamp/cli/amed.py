@@ -15,7 +15,7 @@ from diffsamp.samplers.grid import available_schedules
 @click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
 @click.option("--sampler", default="amed", show_default=True, type=click.Choice(learned_samplers()), help="The student.")
 @click.option("--nfe", default=5, show_default=True, type=click.IntRange(min=1), help="Student NFE = 2·steps − AFS, + 1 with --final-step zero.")
-@click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="Default: time_uniform for amed, logsnr for dpmpp+amed, karras otherwise (AMED §4.1).")
+@click.option("--schedule", default=None, type=click.Choice(available_schedules()), help="Default: time_uniform for amed, logsnr for dpmpp+amed, karras otherwise (AMED §4.1); rf on a rectified flow.")
 @click.option("--afs/--no-afs", default=None, help="Analytical first step (default: on for odd NFE).")
 @click.option("--teacher", default=None, help="Teacher sampler (default: heun for amed, the base solver for plugins).")
 @click.option("--teacher-m", default=None, type=click.IntRange(min=0), help="Points inserted per interval for the teacher (default 1 for amed/dpm2, 2 otherwise).")

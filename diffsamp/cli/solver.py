@@ -43,8 +43,8 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
               help="steps --loss fd: DATASET:SPLIT whose images the samples are fitted to.")
 @click.option("--sigma-grad", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="steps: the network's σ input in the gradient (off: through the solver's coefficients only).")
-@click.option("--schedule", default=None, help="gits: the fine grid's schedule (default time_uniform); amed/epd: "
-              "the student's (default: the method's).")
+@click.option("--schedule", default=None, help="gits: the fine grid's schedule, steps: the initial one (default "
+              "time_uniform); amed/epd: the student's (default: the method's). A rectified flow's default is rf.")
 @click.option("--teacher", default=None, help="The teacher's ODE solver (default: heun).")
 @click.option("--trajectories", default=None, type=click.IntRange(min=1),
               help="Teacher trajectories (default: 256 for gits, 10 000 for amed/epd).")
@@ -97,7 +97,7 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
         _learn_steps(model_name, nfe, out, fine_steps, base, epochs, slack, loss_kind, fd_data, sigma_grad, schedule,
                      teacher, trajectories, batch, seed, device, class_list, cfg_scale)
         return
-    schedule, teacher = schedule or "time_uniform", teacher or "heun"
+    teacher = teacher or "heun"
     trajectories, batch = trajectories or 256, batch or 64
     from diffsamp.training.gits import GitsOptions, search_schedule
 
@@ -106,7 +106,7 @@ def solver_cmd(ctx: click.Context, method: str, model_name: str, nfe: int, out: 
     grid, record, path = _find_schedule(opts, search_schedule, model_name, device, out)
     sigmas = ", ".join(f"{s:.4g}" for s in grid.sigmas.tolist())
     click.echo(f"{method} schedule of {nfe} steps for {model_name} ({trajectories} teacher trajectories on "
-               f"{fine_steps} {schedule} steps, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
+               f"{fine_steps} {record['options']['schedule']} steps, {record['seconds']:.0f} s): σ = [{sigmas}] -> {path}")
 
 
 def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str, epochs: int, slack: float,
@@ -115,7 +115,7 @@ def _learn_steps(model_name: str, nfe: int, out: str, fine_steps: int, base: str
     """``--method steps``: LD3-style learned σ's, written as a schedule file like GITS's."""
     from diffsamp.training.steps import StepsOptions, train_steps
 
-    opts = StepsOptions(steps=nfe, base=base, schedule=schedule or "time_uniform", teacher=teacher or "heun",
+    opts = StepsOptions(steps=nfe, base=base, schedule=schedule, teacher=teacher or "heun",
                         teacher_steps=fine_steps, trajectories=trajectories or (256 if loss_kind == "fd" else 100),
                         batch=batch or (128 if loss_kind == "fd" else 25), epochs=epochs, slack=slack, seed=seed,
                         loss=loss_kind, fd_data=fd_data, classes=classes, guidance=guidance,

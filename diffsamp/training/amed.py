@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from diffsamp import dist
-from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.base import Denoiser, learned_solver_schedule, prior_scale
 from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import available_samplers, get_sampler, get_schedule
 from diffsamp.samplers.registry import learned_samplers
@@ -255,6 +255,8 @@ def train_amed(
     ``guard``: once training is finished, the predictor is kept only if it ends closer to the teacher than the
     solver it starts from (``keep_the_better``); the verdict is in the card's ``guard``.
     """
+    if opts.schedule is None:
+        opts = replace(opts, schedule=learned_solver_schedule(model, opts.resolved().schedule))
     opts = opts.resolved()
     if opts.r_gradient is None:
         opts = replace(opts, r_gradient="autograd" if model.timestep_sigmas is None else "smoothed")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from diffsamp import dist
 from diffsamp.io import write_text
-from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.base import Denoiser, learned_solver_schedule, prior_scale
 from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers._util import StepInfo
@@ -43,7 +43,7 @@ class GitsOptions:
 
     steps: int
     fine_steps: int = 100
-    schedule: str = "time_uniform"
+    schedule: str | None = None  # None: time_uniform, or a flow's own rf grid (learned_solver_schedule)
     teacher: str = "heun"
     trajectories: int = 256
     batch: int = 64
@@ -131,6 +131,7 @@ def dp_path(cost: Tensor | np.ndarray, steps: int) -> list[int]:
 def search_schedule(model: Denoiser, sample_shape: tuple[int, ...], opts: GitsOptions) -> tuple[Grid, dict[str, Any]]:
     """The GITS schedule of ``opts.steps`` intervals for ``model`` and a record of how it was found."""
     opts.check()
+    opts = replace(opts, schedule=opts.schedule or learned_solver_schedule(model, "time_uniform"))
     t0 = time.perf_counter()
     fine = get_schedule(opts.schedule, model=model).grid(opts.fine_steps, final_zero=True)
     cost = cost_matrix(model, tuple(sample_shape), fine, opts)

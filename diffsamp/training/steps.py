@@ -27,13 +27,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffsamp.models.base import Denoiser, prior_scale
+from diffsamp.models.base import Denoiser, learned_solver_schedule, prior_scale
 from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.ode import dpmpp_update
@@ -91,7 +91,7 @@ class StepsOptions:
 
     steps: int = 5
     base: str = "dpmpp2m"
-    schedule: str = "time_uniform"
+    schedule: str | None = None  # None: time_uniform, or a flow's own rf grid (learned_solver_schedule)
     teacher: str = "heun"
     teacher_steps: int = 100
     trajectories: int = 100
@@ -179,6 +179,7 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
                 progress: Any = None) -> tuple[Grid, dict[str, Any]]:
     """Learn ``opts.steps`` σ's for ``opts.base`` on ``model``; returns the grid and a record of the run."""
     opts.check()
+    opts = replace(opts, schedule=opts.schedule or learned_solver_schedule(model, "time_uniform"))
     t0 = time.perf_counter()
     sched = get_schedule(opts.schedule, model=model)
     init = sched.grid(opts.steps, final_zero=True).sigmas
