@@ -212,8 +212,7 @@ def test_the_fd_loss_fits_the_steps_to_data_without_a_teacher(tmp_path, monkeypa
 
 def test_learned_solvers_start_on_a_flows_own_grid(tiny_model_dir, tmp_path, one_thread):
     """Without --schedule, GITS's fine grid, the learned steps' initial grid and an EPD table's grid are the flow's
-    own rf grid on a rectified flow (a diffusion model's time-uniform grid would spend a 3-interval solve on
-    σ = 999 → 5.5 → 0.001 → 0 there), and time_uniform on a diffusion model."""
+    own rf grid on a rectified flow (as the plain samplers' default there), and time_uniform on a diffusion model."""
     from diffsamp.models import load
     from diffsamp.samplers.amed_files import load_predictor
     from diffsamp.training.amed import AmedTrainOptions, train_amed

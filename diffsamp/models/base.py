@@ -297,9 +297,8 @@ def default_schedule(model: Denoiser) -> str:
 
 def learned_solver_schedule(model: Denoiser, method_default: str) -> str:
     """The grid a learned solver (AMED, EPD, AdaSDE, GITS's fine grid, learned steps) starts from when none is given:
-    the method's own (``time_uniform`` for AMED/EPD, AMED §4.1) on diffusion models, and the flow's own ``rf`` grid
-    on rectified flows, where a diffusion model's time-uniform grid (uniform in its DDPM timestep, mapped to σ)
-    would spend a 3-interval solve on σ = 999 → 5.5 → 0.001 → 0."""
+    the method's own (``time_uniform`` for AMED/EPD, AMED §4.1) on diffusion models, and on rectified flows the
+    flow's own ``rf`` grid (uniform in RF time t), as ``default_schedule`` gives the plain samplers there."""
     return "rf" if model.prior == "rf" else method_default
 
 
