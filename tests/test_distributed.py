@@ -33,6 +33,12 @@ def one_process(*args: str) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------ in-process gloo workers
+def _steps_options():
+    from diffsamp.training.steps import StepsOptions
+
+    return StepsOptions(steps=3, schedule="karras", teacher_steps=6, trajectories=6, batch=3, epochs=2, slack=0.05)
+
+
 def _worker(rank: int, world: int, init_file: str, out: str, model_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)})
@@ -84,6 +90,11 @@ def _worker(rank: int, world: int, init_file: str, out: str, model_dir: str) -> 
         dist.barrier()
         results["amed_rows"] = rows
         results["amed_losses"] = load_predictor(path).config["training"]["loss_per_iteration"]
+
+        from diffsamp.training.steps import train_steps
+
+        grid, rec = train_steps(model, model.sample_shape, _steps_options())  # batches of 3 split 2 / 1 over the ranks
+        results["steps_sigmas"], results["steps_record"] = grid.sigmas, rec
 
         net.zero_grad()  # gradients of half batches averaged over ranks: the full batch's
         half = slice(4 * rank, 4 * rank + 4)
@@ -166,6 +177,24 @@ def test_an_amed_predictor_trains_on_two_ranks_as_in_one_process(gloo_results, t
     for r in gloo_results:
         assert set(r["amed_rows"]) == {2}  # half of each batch of 4
         assert r["amed_losses"][0] == pytest.approx(one["loss_per_iteration"][0], rel=1e-4)
+
+
+def test_learned_steps_train_on_two_ranks_as_in_one_process(gloo_results, tiny_model_dir):
+    """Each rank runs the teacher and the solve on its part of every batch (2 and 1 rows of 3), its loss a sum over
+    those rows divided by the batch's size, gradients summed over ranks: the pool losses, per-epoch losses and the
+    learned σ's of one process (float rounding of the sums aside), with LD3's slack on."""
+    from diffsamp.models import load
+    from diffsamp.training.steps import train_steps
+
+    model = load(tiny_model_dir)
+    grid, one = train_steps(model, model.sample_shape, _steps_options())
+    for r in gloo_results:
+        rec = r["steps_record"]
+        assert rec["processes"] == 2 and one["processes"] == 1
+        assert rec["pool_loss"] == pytest.approx(one["pool_loss"], rel=1e-4)
+        assert rec["loss_per_epoch"] == pytest.approx(one["loss_per_epoch"], rel=1e-4)
+        torch.testing.assert_close(r["steps_sigmas"], grid.sigmas, rtol=1e-4, atol=1e-6)
+    assert one["pool_loss"][-1] != one["pool_loss"][0]  # the σ's moved
 
 
 def test_gradients_averaged_over_ranks_are_the_full_batch_gradient(gloo_results):

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffsamp import dist
 from diffsamp.models.base import Denoiser, learned_solver_schedule, prior_scale
 from diffsamp.models.conditioning import trajectory_model
 from diffsamp.samplers import Grid, get_sampler, get_schedule
@@ -175,6 +176,13 @@ def student_solve(model: Denoiser, x: Tensor, sigmas: Tensor, order: int, *, net
     return x
 
 
+def _my_rows(lo: int, hi: int, world: int) -> slice:
+    """This rank's contiguous part of the batch of trajectories lo…hi−1 (all of it in one process)."""
+    cuts = [lo + (hi - lo) * k // world for k in range(world + 1)]
+    r = dist.rank()
+    return slice(cuts[r], cuts[r + 1])
+
+
 def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptions,
                 progress: Any = None) -> tuple[Grid, dict[str, Any]]:
     """Learn ``opts.steps`` σ's for ``opts.base`` on ``model``; returns the grid and a record of the run."""
@@ -190,15 +198,21 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     device, dtype = torch.device(model.device), torch.float32
     z = torch.randn((opts.trajectories, *sample_shape), generator=gen).to(device, dtype)
     z = z * prior_scale(model.prior, sigma_max)
+    # under torchrun each rank takes a contiguous part of every batch (rows[b]); the losses below are sums over a
+    # rank's rows divided by the whole batch's size, so gradients summed over ranks are the one-process gradients
+    world = dist.world_size()
+    if world > 1 and opts.loss == "fd":
+        raise ValueError("--loss fd scores each batch's samples together: run it in one process, not under torchrun")
     batches = range(0, opts.trajectories, opts.batch)
-    bound = {b: trajectory_model(model, opts.classes, opts.guidance, range(b, min(b + opts.batch, opts.trajectories)))
+    rows = {b: _my_rows(b, min(b + opts.batch, opts.trajectories), world) for b in batches}
+    bound = {b: trajectory_model(model, opts.classes, opts.guidance, range(rows[b].start, rows[b].stop))
              for b in batches}  # each batch's model: bound to its trajectories' classes, guided
     # the objective, checked for this model before the teacher runs: a batch's loss and the pool's value
     if opts.loss == "fd":
         fd = reference_fd(opts, sample_shape, device)
         target = None
 
-        def batch_loss(out: Tensor, rows: slice) -> Tensor:
+        def batch_loss(out: Tensor, r: slice, n: int) -> Tensor:
             return fd(out)
 
         def pool_value(outs: list[Tensor]) -> float:
@@ -206,13 +220,17 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     else:
         distance = final_distance(opts.loss, sample_shape, device)
         with torch.no_grad():
-            target = torch.cat([get_sampler(opts.teacher)(bound[b], z[b : b + opts.batch], fine) for b in batches])
+            target = torch.zeros_like(z)
+            for b in batches:
+                target[rows[b]] = get_sampler(opts.teacher)(bound[b], z[rows[b]], fine)
 
-        def batch_loss(out: Tensor, rows: slice) -> Tensor:
-            return distance(out, target[rows]).mean()
+        def batch_loss(out: Tensor, r: slice, n: int) -> Tensor:
+            return distance(out, target[r]).sum() / n
 
         def pool_value(outs: list[Tensor]) -> float:
-            return float(distance(torch.cat(outs), target).mean())
+            mine = torch.cat(outs)
+            local = distance(mine, torch.cat([target[rows[b]] for b in batches])).double().sum()
+            return float(dist.all_reduce_sum(local)) / opts.trajectories
     delta = torch.zeros_like(z)
     optimizer = torch.optim.Adam(steps.parameters(), lr=opts.lr)
     order = BASES[opts.base]
@@ -222,30 +240,36 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
         """The pool's loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
         with torch.no_grad():
             sig = steps()
-            return pool_value([student_solve(bound[b], z[b : b + opts.batch], sig, order, network_sigma_grad=False)
+            return pool_value([student_solve(bound[b], z[rows[b]], sig, order, network_sigma_grad=False)
                                for b in batches])
 
     best = (pool_loss(), 0, steps().detach().clone())  # epoch 0: the initial grid
     evaluated = [best[0]]
     losses: list[float] = []
     for epoch in range(opts.epochs):
-        epoch_loss = 0.0
+        epoch_loss = torch.zeros((), dtype=torch.float64)
         for b in batches:
-            rows = slice(b, b + opts.batch)
-            d = delta[rows].clone().requires_grad_(opts.slack > 0)
-            out = student_solve(bound[b], z[rows] + d, steps(), order, network_sigma_grad=grad_net)
-            loss = batch_loss(out, rows)
+            r, n = rows[b], min(b + opts.batch, opts.trajectories) - b
+            d = delta[r].clone().requires_grad_(opts.slack > 0)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if r.stop > r.start:
+                out = student_solve(bound[b], z[r] + d, steps(), order, network_sigma_grad=grad_net)
+                loss = batch_loss(out, r, n)
+                loss.backward()
+                epoch_loss += float(loss.detach()) * n  # this rank's share of the batch's summed loss
+            if world > 1:  # the sum over ranks of per-rank sums / n: the whole batch's mean gradient
+                dist.average_gradients(list(steps.parameters()))
+                for prm in steps.parameters():
+                    if prm.grad is not None:
+                        prm.grad.mul_(world)
             optimizer.step()
-            if opts.slack > 0:  # LD3's slack: the start moves toward noise the student maps onto the target
+            if opts.slack > 0 and r.stop > r.start:  # LD3's slack: the start moves toward noise the student maps onto the target
                 with torch.no_grad():
                     moved = d - opts.slack_lr * d.grad
-                    radius = opts.slack * z[rows].reshape(len(d), -1).norm(dim=1)
+                    radius = opts.slack * z[r].reshape(len(d), -1).norm(dim=1)
                     norm = moved.reshape(len(d), -1).norm(dim=1).clamp_min(1e-12)
-                    delta[rows] = moved * (radius / norm).clamp(max=1.0).view(-1, *[1] * (d.ndim - 1))
-            epoch_loss += float(loss.detach()) * out.shape[0]
-        losses.append(epoch_loss / opts.trajectories)
+                    delta[r] = moved * (radius / norm).clamp(max=1.0).view(-1, *[1] * (d.ndim - 1))
+        losses.append(float(dist.all_reduce_sum(epoch_loss)) / opts.trajectories)
         evaluated.append(pool_loss())
         if evaluated[-1] < best[0]:
             best = (evaluated[-1], epoch + 1, steps().detach().clone())
@@ -255,5 +279,5 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     record = {"method": "steps", "options": asdict(opts), "init": init.tolist(),
               "loss_per_epoch": [round(v, 6) for v in losses], "pool_loss": [round(v, 6) for v in evaluated],
               "kept_epoch": best[1], "seconds": round(time.perf_counter() - t0, 1), "network_sigma_gradient": grad_net,
-              "hardware": hardware(device)}
+              "hardware": hardware(device), "processes": world}
     return grid, record
