@@ -381,11 +381,10 @@ def start_plan(model: Denoiser, plan: CellPlan, plans: Sequence[CellPlan]) -> Ce
             len(plan.grid), final_zero=True) if plan.grid.ends_at_zero else None
         if grid is None:
             return None
-    knobs = {k: v for k, v in plan.knobs.items() if k != "grid"}
     for other in plans:
         if (other.predictor is None and not other.training and other.method == plan.method and other.nfe == plan.nfe
                 and len(other.grid) == len(grid) and torch.allclose(other.grid.sigmas, grid.sigmas, rtol=1e-6)
-                and {k: v for k, v in other.knobs.items() if k != "grid"} == knobs):
+                and other.knobs == plan.knobs):
             return other
     name = opts.get("schedule") or "init"
     return replace(plan, sampler=f"{plan.sampler}:start", grid=grid, schedule=name, training=None,
