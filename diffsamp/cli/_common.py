@@ -37,7 +37,10 @@ class _Group(click.Group):
         from diffsamp import dist
 
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if ctx.parent is None:  # every rank finished (rank 0's last writes too) before any leaves the group
+                dist.barrier()
+            return result
         except dist.RankFailedError as exc:
             raise click.ClickException(str(exc)) from None
         except torch.distributed.DistError as exc:  # a collective inside torch (DDP's all-reduce) lost its peer
