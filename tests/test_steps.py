@@ -34,6 +34,40 @@ def test_the_differentiable_solve_is_the_registered_sampler(mixture2d, base, ord
     assert sig.grad is not None and bool(sig.grad[1:-1].abs().gt(0).all())  # every inner σ moves the result
 
 
+def test_the_ancestral_solve_is_euler_ancestral_given_the_same_draws(mixture2d):
+    grid = diffsamp.get_schedule("karras", model=mixture2d).grid(6, final_zero=True)
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 20
+    want = diffsamp.get_sampler("euler_ancestral")(mixture2d, x, grid, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the sampler draws one batch of noise per step before the step to 0
+    noise = torch.stack([torch.randn(16, 2, dtype=torch.float64, generator=g) for _ in range(5)], dim=1)
+    sig = grid.sigmas.clone().requires_grad_(True)
+    got = student_solve(mixture2d, x, sig, 1, network_sigma_grad=True, noise=noise)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert not torch.allclose(got, student_solve(mixture2d, x, grid.sigmas, 1, network_sigma_grad=True))
+    got.sum().backward()
+    assert bool(sig.grad[1:-1].abs().gt(0).all())
+
+
+def test_ancestral_steps_train_on_their_own_draws():
+    model = GaussianMixtureDenoiser(**MIX)
+    opts = StepsOptions(steps=3, base="euler_ancestral", schedule="karras", teacher_steps=20, trajectories=16,
+                        batch=8, epochs=3, lr=0.05)
+    grid, record = train_steps(model, (2,), opts)
+    assert record["options"]["base"] == "euler_ancestral" and len(grid) == 3 and grid.ends_at_zero
+    # the initial pool loss is Euler ancestral's, on the draws after x_T from the seed, against the teacher
+    from diffsamp.models.base import prior_scale
+
+    init = diffsamp.get_schedule("karras", model=model).grid(3, final_zero=True)
+    gen = torch.Generator().manual_seed(opts.seed)
+    z = torch.randn(16, 2, generator=gen) * prior_scale(model.prior, float(init.sigmas[0]))
+    noise = torch.randn(16, 2, 2, generator=gen)
+    target = diffsamp.get_sampler("heun")(model, z, diffsamp.get_schedule("karras", model=model).grid(20, final_zero=True))
+    out = student_solve(model, z, init.sigmas, 1, network_sigma_grad=False, noise=noise)
+    want = (out - target).pow(2).sum(1).mean().item()
+    assert record["pool_loss"][0] == pytest.approx(want, rel=1e-4)
+    assert record["pool_loss"][0] != record["pool_loss"][-1]  # the σ's moved the stochastic solve's loss
+
+
 def test_learned_steps_beat_their_initial_grid_and_keep_the_slack_in_its_ball(monkeypatch):
     model = GaussianMixtureDenoiser(**MIX)
     opts = StepsOptions(steps=4, base="dpmpp2m", schedule="karras", teacher_steps=80, trajectories=64, batch=32,

@@ -30,8 +30,10 @@ METHODS = ("gits", "steps", "amed", "epd", "adasde")
               help="Folder for schedule.json.")
 @click.option("--fine-steps", default=100, show_default=True, type=click.IntRange(min=2),
               help="gits, steps: intervals of the teacher's fine grid (gits chooses the schedule among its points).")
-@click.option("--base", default="dpmpp2m", show_default=True, type=click.Choice(["ddim", "euler", "dpmpp2m", "dpmpp3m"]),
-              help="steps: the solver the σ's are learned for.")
+@click.option("--base", default="dpmpp2m", show_default=True,
+              type=click.Choice(["ddim", "euler", "dpmpp2m", "dpmpp3m", "euler_ancestral"]),
+              help="steps: the solver the σ's are learned for (euler_ancestral: η = 1, a fixed draw of noise per "
+                   "trajectory and step; best with --loss fd, which scores the samples' distribution).")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="steps: passes over the pool.")
 @click.option("--slack", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="steps: LD3's soft loss, the start may move within slack·‖x_T‖ (0: the plain L2).")

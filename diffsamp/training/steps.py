@@ -40,7 +40,8 @@ from diffsamp.samplers import Grid, get_sampler, get_schedule
 from diffsamp.samplers.ode import dpmpp_update
 from diffsamp.training.cards import hardware
 
-BASES = {"ddim": 1, "euler": 1, "dpmpp2m": 2, "dpmpp3m": 3}  # the solver the σ's are trained for → its order
+BASES = {"ddim": 1, "euler": 1, "dpmpp2m": 2, "dpmpp3m": 3, "euler_ancestral": 1}  # the solver → its order
+ANCESTRAL = ("euler_ancestral",)  # stochastic bases: trained with fixed noise per trajectory and step
 LOSSES = ("l2", "features", "fd")
 FD_DIM = 64  # the MNIST classifier's fc1 width, the space the fd loss measures in
 
@@ -156,11 +157,28 @@ class LearnedSteps(nn.Module):
         return torch.cat([top, inner, inner.new_zeros(1)])
 
 
-def student_solve(model: Denoiser, x: Tensor, sigmas: Tensor, order: int, *, network_sigma_grad: bool) -> Tensor:
+def student_solve(model: Denoiser, x: Tensor, sigmas: Tensor, order: int, *, network_sigma_grad: bool,
+                  noise: Tensor | None = None) -> Tensor:
     """DPM-Solver++ of ``order`` (1: DDIM) on ``sigmas`` (ending at 0), differentiable in the σ's and in x; the same
     update ``dpmpp_update`` the registered samplers use, so it equals ``diffsamp``'s ``ddim``/``dpmpp2m``/
-    ``dpmpp3m`` on that grid (tested)."""
+    ``dpmpp3m`` on that grid (tested). With ``noise`` (N, K − 1, …: a standard normal draw per sample and step
+    before the step to 0) it is Euler ancestral at η = 1 instead (EDM; DDIM Eq. 16 in σ-space): x' = D +
+    (σ_down/σ)(x − D) + σ_up·z with σ_down = σ'²/σ, σ_up = σ'·√(1 − σ'²/σ²), the registered ``euler_ancestral``
+    given the same draws (tested)."""
     total = sigmas.numel() - 1
+    if noise is not None:
+        if order != 1 or noise.shape[:2] != (x.shape[0], total - 1):
+            raise ValueError(f"Euler ancestral takes first order and noise of shape ({x.shape[0]}, {total - 1}, …)")
+        for i in range(total):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            net_s = (s if network_sigma_grad else s.detach()).to(x.dtype).expand(x.shape[0])
+            denoised = model(x, net_s)
+            if i == total - 1:
+                return denoised
+            ratio = (s_next / s).to(x.dtype)
+            up = s_next.to(x.dtype) * (1 - ratio**2).clamp_min(0).sqrt()
+            x = denoised + ratio**2 * (x - denoised) + up * noise[:, i]
+        return x
     history: list[tuple[Any, Tensor, Tensor]] = []
     for i in range(total):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -198,6 +216,9 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
     device, dtype = torch.device(model.device), torch.float32
     z = torch.randn((opts.trajectories, *sample_shape), generator=gen).to(device, dtype)
     z = z * prior_scale(model.prior, sigma_max)
+    noise = None  # a stochastic base's draws, fixed per trajectory and step (drawn after z, from the same seed)
+    if opts.base in ANCESTRAL:
+        noise = torch.randn((opts.trajectories, opts.steps - 1, *sample_shape), generator=gen).to(device, dtype)
     # under torchrun each rank takes a contiguous part of every batch (rows[b]); the losses below are sums over a
     # rank's rows divided by the whole batch's size, so gradients summed over ranks are the one-process gradients
     world = dist.world_size()
@@ -240,8 +261,8 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
         """The pool's loss at the current σ's, from the noise itself (no slack): what picks the kept grid."""
         with torch.no_grad():
             sig = steps()
-            return pool_value([student_solve(bound[b], z[rows[b]], sig, order, network_sigma_grad=False)
-                               for b in batches])
+            return pool_value([student_solve(bound[b], z[rows[b]], sig, order, network_sigma_grad=False,
+                                             noise=None if noise is None else noise[rows[b]]) for b in batches])
 
     best = (pool_loss(), 0, steps().detach().clone())  # epoch 0: the initial grid
     evaluated = [best[0]]
@@ -253,7 +274,8 @@ def train_steps(model: Denoiser, sample_shape: tuple[int, ...], opts: StepsOptio
             d = delta[r].clone().requires_grad_(opts.slack > 0)
             optimizer.zero_grad(set_to_none=True)
             if r.stop > r.start:
-                out = student_solve(bound[b], z[r] + d, steps(), order, network_sigma_grad=grad_net)
+                out = student_solve(bound[b], z[r] + d, steps(), order, network_sigma_grad=grad_net,
+                                    noise=None if noise is None else noise[r])
                 loss = batch_loss(out, r, n)
                 loss.backward()
                 epoch_loss += float(loss.detach()) * n  # this rank's share of the batch's summed loss
