@@ -163,6 +163,31 @@ def test_bench_cli_errors_are_one_line(setup, tiny_model_dir, monkeypatch):
     assert len(cells) == 2 and cells[0]["fid"] != cells[1]["fid"]  # the network really ran in bfloat16
 
 
+def test_bench_compares_with_the_models_own_data_set(setup, tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from diffsamp.metrics import bench as bench_mod
+
+    _, ext, tmp, _ = setup
+    monkeypatch.setattr("diffsamp.metrics.inception.load_extractor", lambda *a, **k: ext)
+    args = ["--samplers", "euler", "--nfe", "2", "--num", "6", "--quiet", "--no-reference"]
+    res = CliRunner().invoke(main, ["bench", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a"), *args])
+    assert res.exit_code != 0 and "does not record the data set" in res.output and "--ref" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "a" / "cells").exists()  # before any sampling
+    named = tmp_path / "fashion"
+    shutil.copytree(tiny_model_dir, named)
+    (named / "card.json").write_text(json.dumps({"dataset": "fashion-mnist"}))
+    seen = {}
+
+    def spy(*a, **kw):
+        seen["reference"] = kw["reference"]
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(bench_mod, "bench", spy)
+    res = CliRunner().invoke(main, ["bench", "--model", str(named), "--out", str(tmp_path / "b"), *args])
+    assert seen["reference"] == "fashion-mnist:test", res.output  # not MNIST's test split
+
+
 def test_a_row_knob_reaches_the_sampler_is_named_and_keys_its_own_cell(setup, tiny_model_dir, monkeypatch):
     model, ext, tmp, _ = setup
     plain = plan_cell(model, str(tiny_model_dir), "ipndm", 5)

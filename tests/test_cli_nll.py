@@ -52,6 +52,19 @@ def test_nll_ode_and_one_line_errors(tiny_model_dir, image_folder, tmp_path, one
     assert noisy.exit_code != 0 and noisy.output.startswith("Error:")
 
 
+def test_nll_reads_the_data_set_the_model_was_trained_on(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    res = CliRunner().invoke(main, ["nll", "--model", str(tiny_model_dir), "--num", "2", "--quiet"])
+    assert res.exit_code != 0 and "--dataset" in res.output and "Traceback" not in res.output
+    named = tmp_path / "fashion"
+    shutil.copytree(tiny_model_dir, named)
+    (named / "card.json").write_text(json.dumps({"dataset": "fashion-mnist"}))
+    monkeypatch.setenv("DIFFSAMP_DATA", str(tmp_path / "empty"))
+    res = CliRunner().invoke(main, ["nll", "--model", str(named), "--num", "2", "--quiet"])
+    assert res.exit_code != 0 and "fashion" in res.output.lower() and "Traceback" not in res.output, res.output
+
+
 def test_the_printed_standard_errors_are_the_per_image_spread_over_root_n(tiny_model_dir, tmp_path, one_thread):
     """bits/dim ± its standard error, over the model's 8×8 = 64 values and over the unpadded 6×6 = 36 pixels (the
     28×28 figure of padded MNIST), and the interior terms' figure: each written out from the per-image values

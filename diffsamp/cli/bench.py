@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -80,13 +81,26 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
     return class_list, scales
 
 
+def _default_reference(model_name: str, model: Any) -> str:
+    """The test split of the data set the model was trained on (its card), the reference FID compares with."""
+    from diffsamp.models.zoo import model_dataset
+
+    dataset = model_dataset(model_name, model)
+    if not dataset:
+        raise ValueError(f"{model_name} does not record the data set it was trained on: name the FID reference "
+                         "with --ref DATASET:SPLIT or --ref STATS.npz")
+    return f"{dataset}:test"
+
+
 @main.command("bench")
 @click.option("--model", "model_name", required=True, help="Zoo name, local model/run directory or Hub id.")
 @click.option("--samplers", default="ddim,heun,dpm2,dpmpp3m,ipndm,amed,ipndm+amed", show_default=True,
               help="Rows; a learned sampler may carry a variant, amed:static → predictor <model>/amed-static-nfe<N>.")
 @click.option("--nfe", "nfes", default="3,5,7,9", show_default=True, help="Target NFEs.")
 @click.option("--num", "-n", "num", default=2000, show_default=True, type=click.IntRange(min=2), help="Samples per cell (seeds 0…N−1).")
-@click.option("--ref", "reference", default="mnist:test", show_default=True, help="DATASET:SPLIT (its first N images) or a stats .npz.")
+@click.option("--ref", "reference", default=None,
+              help="DATASET:SPLIT (its first N images) or a stats .npz  [default: the test split of the data set the "
+                   "model's card names, e.g. fashion-mnist:test]")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bench directory (created): table.md, table.csv, fid_vs_nfe.png, cells/.")
 @click.option("--schedule", "schedules", multiple=True, help="SAMPLER=SCHEDULE, e.g. ipndm=logsnr (default: the model's own, karras or rf; logsnr for dpmpp*), or "
                    "SAMPLER=FILE, a learned schedule (train solver --method gits|steps): its cell is at the NFE its σ's give; "
@@ -117,7 +131,7 @@ def _conditioning(classes: str | None, cfg_scales: str | None) -> tuple[list[int
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--classes", default=None, help="Class-conditional models: classes cycled over the seeds, e.g. 0-9 (class-balanced).")
 @click.option("--cfg", "cfg_scales", default=None, help="Guidance scales, e.g. 1,2,4: one table per scale (DIR/cfg-W/) and DIR/fid_vs_cfg.png.")
-def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str, out: str, schedules: tuple[str, ...],
+def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: str | None, out: str, schedules: tuple[str, ...],
               predictors: tuple[str, ...], knobs: tuple[str, ...], budget: str, final_steps: tuple[str, ...], clip: bool | None, batch_size: int, no_reference: bool,
               cached_only: bool, skip_missing: bool, vs_start: bool,
               inception: str | None, data_dir: str | None, device: str, dtype: str, compile: bool,  # noqa: A002
@@ -162,6 +176,7 @@ def bench_cmd(model_name: str, samplers: str, nfes: str, num: int, reference: st
     try:
         model = apply_fast(load_or_fail(model_name, device=device, clip=clip, dtype=network_dtype(dtype)), compile,
                            cuda_graphs, device)
+        reference = reference or _default_reference(model_name, model)
         extractor = load_extractor(inception, device)
         if class_list is not None:
             from diffsamp.models.conditioning import encode_conditions

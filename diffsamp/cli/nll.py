@@ -68,7 +68,8 @@ def _plot(path: Path, x: list[float], y: list[float], *, xlabel: str, ylabel: st
 
 @main.command("nll")
 @click.option("--model", "model_name", required=True, help="Zoo name (mnist-ddpm, mnist-rf, …), local model/run directory, or Hub id.")
-@click.option("--dataset", default="mnist", show_default=True, help="mnist, fashion-mnist, cifar10, or a folder of images.")
+@click.option("--dataset", default=None, help="mnist, fashion-mnist, cifar10, or a folder of images  [default: the data "
+                                               "set the model's card names]")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the data set files are (default $DIFFSAMP_DATA).")
 @click.option("--num", "-n", "num", default=100, show_default=True, type=click.IntRange(min=1), help="Use the first NUM images.")
@@ -86,7 +87,7 @@ def _plot(path: Path, x: list[float], y: list[float], *, xlabel: str, ylabel: st
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Write terms.csv, terms.png, per_image.csv and config.json here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num: int, pad_to: int | None, method: str,
+def nll_cmd(model_name: str, dataset: str | None, split: str, data_dir: str | None, num: int, pad_to: int | None, method: str,
             steps: int | None, variance: str, t_samples: int | None, probes: int, rtol: float, atol: float,
             sigma_min: float | None, seed: int, batch_size: int, device: str, out: str | None, quiet: bool) -> None:
     """Negative log-likelihood of data images in bits/dim (8-bit data), with its standard error.
@@ -110,8 +111,11 @@ def nll_cmd(model_name: str, dataset: str, split: str, data_dir: str | None, num
     from diffsamp.io import write_text as atomic_write_text
     from diffsamp.data import DataNotFoundError, load_dataset_uint8, pad_images
     from diffsamp.metrics.likelihood import LN2, elbo, merge_over_ranks, ode_nll, per_step_rows
-    from diffsamp.models.zoo import load, sample_shape
+    from diffsamp.models.zoo import load, model_dataset, sample_shape
 
+    dataset = dataset or model_dataset(model_name)
+    if not dataset:
+        raise click.UsageError(f"{model_name} does not record the data set it was trained on: name it with --dataset")
     if method == "ode" and (steps is not None or t_samples is not None):
         raise click.UsageError("--steps and --t-samples belong to --method elbo")
     dev = _device(device)
