@@ -267,3 +267,21 @@ def test_learned_solvers_start_on_a_flows_own_grid(tiny_model_dir, tmp_path, one
     assert len(pred.grid_sigmas) == 4 and pred.grid_sigmas[-1] == 0
     _, rec = search_schedule(ddpm, ddpm.sample_shape, GitsOptions(steps=2, fine_steps=4, trajectories=1, batch=1))
     assert rec["options"]["schedule"] == "time_uniform"
+
+
+def test_a_shipped_schedule_is_found_by_name_and_listed():
+    from click.testing import CliRunner
+
+    from diffsamp.cli import main
+    from diffsamp.samplers.schedule_file import SCHEDULES_DIR, is_schedule_file, read_schedule, shipped_schedules
+
+    name = "mnist-ddpm/euler_ancestral-fd-nfe5"
+    assert name in shipped_schedules() and is_schedule_file(name) and not is_schedule_file("mnist-ddpm/nope")
+    grid, doc = read_schedule(name)
+    want = json.loads((SCHEDULES_DIR / f"{name}.json").read_text())
+    assert grid.sigmas.tolist() == want["sigmas"] and grid.ends_at_zero and len(grid) == 5
+    assert doc["options"]["base"] == "euler_ancestral" and doc["fid"]["fid"] < doc["fid"]["start_fid"]  # won its cell
+    with pytest.raises(FileNotFoundError, match="shipped: .*euler_ancestral-fd-nfe5"):
+        read_schedule("mnist-ddpm/nope")
+    res = CliRunner().invoke(main, ["models"])
+    assert res.exit_code == 0 and f"{name}  steps for euler_ancestral, loss fd, NFE 5" in res.output

@@ -592,6 +592,7 @@ def models_cmd(verbose: bool) -> None:
         bits.extend(_quality_summary(card))
         click.echo(f"{name:<{width}}  {'; '.join(bits)}")
     _list_predictors()
+    _list_schedules()
 
 
 def _list_predictors() -> None:
@@ -610,6 +611,26 @@ def _list_predictors() -> None:
         fid_txt = f"; FID {fid['fid']:.2f} (N = {fid['num']})" if isinstance(fid, dict) else ""
         click.echo(f"{name:<{width}}  {cfg['sampler']}, NFE {cfg['nfe']}, {cfg['schedule']}, {kind}, "
                    f"{cfg['training']['trajectories_done']} trajectories{fid_txt}")
+
+
+def _list_schedules() -> None:
+    """The shipped learned schedules: the sampler, NFE and loss they were learned with (use with --sigmas NAME)."""
+    from diffsamp.samplers.schedule_file import read_schedule, shipped_schedules
+
+    names = shipped_schedules()
+    if not names:
+        return
+    click.echo("\nLearned schedules (diffsamp sample --model MODEL --sampler S --sigmas NAME):")
+    width = max(len(n) for n in names)
+    for name in names:
+        grid, doc = read_schedule(name)
+        opts = doc.get("options", {})
+        how = f"{doc.get('method')} for {opts.get('base', 'ipndm')}, loss {opts.get('loss', 'l2')}"
+        fid = doc.get("fid")
+        fid_txt = (f"; FID {fid['fid']:.2f} against {fid['start_fid']:.2f} on its starting grid (N = {fid['num']})"
+                   if isinstance(fid, dict) else "")
+        click.echo(f"{name:<{width}}  {how}, NFE {len(grid)}, from {opts.get('schedule')}, "
+                   f"{opts.get('trajectories')} trajectories{fid_txt}")
 
 
 def _quality_summary(card: dict) -> list[str]:
