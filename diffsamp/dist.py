@@ -67,13 +67,8 @@ def init() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (at the end of a command). Objects that hold the group (DistributedDataParallel's
-    reducer, in a reference cycle) are freed first, while the interpreter is whole: freed at its exit instead,
-    gloo's threads can end the process with SIGABRT."""
+    """Leave the process group (at the end of a command; the command group has waited for every rank first)."""
     if tdist.is_initialized():
-        import gc
-
-        gc.collect()
         tdist.destroy_process_group()
 
 
