@@ -312,3 +312,20 @@ def test_torchrun_reflow_pairs_writes_the_shards_one_process_writes(tiny_model_d
         assert files[0].metadata() == files[1].metadata() and files[0].keys() == files[1].keys()
         for k in files[0].keys():
             assert torch.equal(files[0].get_tensor(k), files[1].get_tensor(k)), (i, k)
+
+
+def test_every_rank_waits_for_the_others_when_a_command_succeeds(monkeypatch):
+    """Under torchrun a rank that is done must not leave the process group while rank 0 still writes its files
+    (a peer torn down mid-write ended a CI run with SIGABRT): the command group ends with a barrier, on success
+    only (a failed rank leaves at once and the others see it in their next collective)."""
+    from click.testing import CliRunner
+
+    from diffsamp import dist
+    from diffsamp.cli import main
+
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append(1))
+    assert CliRunner().invoke(main, ["schedules"]).exit_code == 0
+    assert calls == [1]
+    assert CliRunner().invoke(main, ["samplers", "no-such-sampler"]).exit_code != 0
+    assert calls == [1]
