@@ -126,15 +126,18 @@ def test_sample_picks_the_models_grid(tiny_model, tmp_path):
 
 
 def test_ctrl_c_keeps_finished_pngs_exits_130_and_skip_existing_continues(tiny_model_dir, tmp_path):
-    out = tmp_path / "imgs"
-    n = 60  # enough work that the run is still going when the signal lands, even on a fast or loaded machine
-    cmd = [sys.executable, "-m", "diffsamp", "sample", "--model", str(tiny_model_dir), "--sampler", "heun",
-           "--steps", "40", "--seeds", f"0-{n - 1}", "--batch-size", "4", "--outdir", str(out), "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
-    pngs = lambda: sorted(p.name for p in out.glob("*.png") if not p.name.startswith("."))  # noqa: E731 - not temporaries
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(pngs()) < 2:
-        time.sleep(0.02)
+    for n in (60, 400):  # enough work that the run is still going when the signal lands; more if it was not
+        out = tmp_path / f"imgs{n}"
+        cmd = [sys.executable, "-m", "diffsamp", "sample", "--model", str(tiny_model_dir), "--sampler", "heun",
+               "--steps", "40", "--seeds", f"0-{n - 1}", "--batch-size", "4", "--outdir", str(out), "-q"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        pngs = lambda: sorted(p.name for p in out.glob("*.png") if not p.name.startswith("."))  # noqa: E731
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(pngs()) < 2:
+            time.sleep(0.02)
+        if proc.poll() is None:
+            break
+        proc.communicate()  # it finished before the signal could land: again with more work
     proc.send_signal(signal.SIGINT)
     stdout, err = proc.communicate(timeout=120)
     kept = pngs()
