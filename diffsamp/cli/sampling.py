@@ -595,42 +595,45 @@ def models_cmd(verbose: bool) -> None:
     _list_schedules()
 
 
+def _echo_listing(title: str, rows: dict[str, str]) -> None:
+    """A titled block of ``name  description`` lines, names aligned (nothing when there are no rows)."""
+    if not rows:
+        return
+    click.echo(f"\n{title}:")
+    width = max(len(n) for n in rows)
+    for name, text in rows.items():
+        click.echo(f"{name:<{width}}  {text}")
+
+
 def _list_predictors() -> None:
     """The shipped learned-solver predictors, with what they were trained for (use with --predictor NAME)."""
     from diffsamp.samplers.amed_files import describe_predictor, load_predictor, shipped_predictors
 
-    names = shipped_predictors()
-    if not names:
-        return
-    click.echo("\nLearned-solver predictors (diffsamp sample --model MODEL --sampler S --predictor NAME):")
-    width = max(len(n) for n in names)
-    for name in names:
+    rows = {}
+    for name in shipped_predictors():
         cfg = load_predictor(name).config
         kind = describe_predictor(cfg["predictor"])
         fid = cfg.get("fid")
         fid_txt = f"; FID {fid['fid']:.2f} (N = {fid['num']})" if isinstance(fid, dict) else ""
-        click.echo(f"{name:<{width}}  {cfg['sampler']}, NFE {cfg['nfe']}, {cfg['schedule']}, {kind}, "
-                   f"{cfg['training']['trajectories_done']} trajectories{fid_txt}")
+        rows[name] = (f"{cfg['sampler']}, NFE {cfg['nfe']}, {cfg['schedule']}, {kind}, "
+                      f"{cfg['training']['trajectories_done']} trajectories{fid_txt}")
+    _echo_listing("Learned-solver predictors (diffsamp sample --model MODEL --sampler S --predictor NAME)", rows)
 
 
 def _list_schedules() -> None:
     """The shipped learned schedules: the sampler, NFE and loss they were learned with (use with --sigmas NAME)."""
     from diffsamp.samplers.schedule_file import read_schedule, shipped_schedules
 
-    names = shipped_schedules()
-    if not names:
-        return
-    click.echo("\nLearned schedules (diffsamp sample --model MODEL --sampler S --sigmas NAME):")
-    width = max(len(n) for n in names)
-    for name in names:
+    rows = {}
+    for name in shipped_schedules():
         grid, doc = read_schedule(name)
         opts = doc.get("options", {})
-        how = f"{doc.get('method')} for {opts.get('base', 'ipndm')}, loss {opts.get('loss', 'l2')}"
         fid = doc.get("fid")
         fid_txt = (f"; FID {fid['fid']:.2f} against {fid['start_fid']:.2f} on its starting grid (N = {fid['num']})"
                    if isinstance(fid, dict) else "")
-        click.echo(f"{name:<{width}}  {how}, NFE {len(grid)}, from {opts.get('schedule')}, "
-                   f"{opts.get('trajectories')} trajectories{fid_txt}")
+        rows[name] = (f"{doc.get('method')} for {opts.get('base', 'ipndm')}, loss {opts.get('loss', 'l2')}, "
+                      f"NFE {len(grid)}, from {opts.get('schedule')}, {opts.get('trajectories')} trajectories{fid_txt}")
+    _echo_listing("Learned schedules (diffsamp sample --model MODEL --sampler S --sigmas NAME)", rows)
 
 
 def _quality_summary(card: dict) -> list[str]:
